@@ -1,0 +1,228 @@
+"""`Captioner`: the one object that loads a model and captions images.
+
+    from captioner import Captioner
+    model = Captioner.default()                      # or Captioner.from_checkpoint("run/best.pt")
+    result = model.caption("photo.jpg", num_beams=3, num_return_sequences=3)
+    result.text, result.sequences[1].log_prob
+
+The CLI, the folder command, evaluation and the HTTP service all load through `from_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from PIL import Image
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .decoder import Decoder, DecoderConfig
+from .decoding import DecodeConfig, Hypothesis, generate
+from .encoder import Encoder, EncoderConfig
+from .images import DEFAULT_MAX_PIXELS, ImageSource
+from .preprocessing import Preprocessing
+from .vocab import Vocabulary
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "default.pt"
+
+
+@dataclass
+class Caption:
+    """One generated sentence. `attention` is (T, H', W'), one map per word (then <eos>)."""
+
+    text: str
+    words: list[str]
+    log_prob: float
+    score: float
+    token_log_probs: list[float]
+    finished: bool
+    attention: torch.Tensor | None = field(default=None, repr=False)
+
+    def to_dict(self, *, attention: bool = False) -> dict[str, Any]:
+        data = {"text": self.text, "log_prob": self.log_prob, "score": self.score,
+                "token_log_probs": self.token_log_probs, "finished": self.finished}
+        if attention and self.attention is not None:
+            data["attention"] = [[round(v, 4) for v in row] for row in self.attention.flatten(1).tolist()]
+            data["attention_shape"] = list(self.attention.shape)
+        return data
+
+
+@dataclass
+class CaptionResult:
+    """The n-best captions of one image, best first."""
+
+    sequences: list[Caption]
+
+    @property
+    def text(self) -> str:
+        return self.sequences[0].text
+
+    @property
+    def score(self) -> float:
+        return self.sequences[0].score
+
+    @property
+    def attention(self) -> torch.Tensor | None:
+        return self.sequences[0].attention
+
+    def to_dict(self, *, attention: bool = False) -> dict[str, Any]:
+        return {"caption": self.text, "score": self.score,
+                "sequences": [s.to_dict(attention=attention) for s in self.sequences]}
+
+
+class Captioner:
+    def __init__(
+        self,
+        encoder: Encoder,
+        decoder: Decoder,
+        vocabulary: Vocabulary,
+        preprocessing: Preprocessing,
+        *,
+        provenance: dict[str, Any] | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        if decoder.config.vocab_size != len(vocabulary):
+            raise ValueError(f"decoder has {decoder.config.vocab_size} words, vocabulary {len(vocabulary)}")
+        self.device = torch.device(device)
+        self.encoder = encoder.to(self.device).eval()
+        self.encoder.to(memory_format=torch.channels_last)  # faster convolutions on CPU (oneDNN)
+        self.decoder = decoder.to(self.device).eval()
+        self.vocabulary = vocabulary
+        self.preprocessing = preprocessing
+        self.provenance = provenance or {}
+        self.checkpoint_sha256: str | None = None
+
+    # -- loading and saving ----------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Captioner":
+        payload = load_checkpoint(path)
+        try:
+            encoder_config = EncoderConfig.from_dict({**payload["encoder"], "pretrained": False, "weights_path": None})
+            preprocessing = Preprocessing.from_dict(payload["preprocessing"])
+            encoder = Encoder(encoder_config, image_size=preprocessing.size)
+            decoder = Decoder(DecoderConfig.from_dict(payload["decoder"]))
+            vocabulary = Vocabulary.from_dict(payload["vocabulary"])
+            state = payload["state_dict"]
+            encoder.load_state_dict(_prefixed(state, "encoder."), strict=True)
+            decoder.load_state_dict(_prefixed(state, "decoder."), strict=True)
+        except (TypeError, KeyError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{path}: checkpoint does not describe a valid model ({error})") from error
+        model = cls(encoder, decoder, vocabulary, preprocessing, provenance=payload.get("provenance"), device=device)
+        model.checkpoint_sha256 = _sha256(path)
+        return model
+
+    @classmethod
+    def default(cls, device: str | torch.device = "cpu") -> "Captioner":
+        """The model bundled with the package (see MODEL_CARD.md)."""
+        if not DEFAULT_CHECKPOINT.is_file():
+            raise FileNotFoundError(
+                f"the bundled model {DEFAULT_CHECKPOINT} is missing; reinstall captioner or pass a checkpoint"
+            )
+        return cls.from_checkpoint(DEFAULT_CHECKPOINT, device=device)
+
+    def checkpoint_payload(self) -> dict[str, Any]:
+        """Everything `from_checkpoint` needs, for `save_checkpoint` (training adds its state)."""
+        state = {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
+        state.update({f"decoder.{k}": v for k, v in self.decoder.state_dict().items()})
+        return {
+            "encoder": self.encoder.config.to_dict(),
+            "decoder": self.decoder.config.to_dict(),
+            "vocabulary": self.vocabulary.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "provenance": self.provenance,
+            "state_dict": {k: v.detach().cpu().contiguous() for k, v in state.items()},
+        }
+
+    def save(self, path: str | os.PathLike, *, half: bool = False) -> None:
+        save_checkpoint(self.checkpoint_payload(), path, half=half)
+
+    # -- captioning ------------------------------------------------------------------------------
+
+    def load_pixels(self, image: ImageSource | torch.Tensor, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """One image (path, bytes, PIL image, or (3, H, W) tensor) -> (3, S, S) uint8."""
+        if isinstance(image, torch.Tensor):
+            return self.preprocessing.from_tensor(image)
+        return self.preprocessing.load(image, max_pixels=max_pixels)
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) uint8 -> regions (B, P, E), pooled (B, E)."""
+        return self.encoder.extract(self.preprocessing.normalize(pixels.to(self.device)))
+
+    @torch.inference_mode()
+    def caption_pixels(self, pixels: torch.Tensor, config: DecodeConfig | None = None) -> list[CaptionResult]:
+        """(B, 3, S, S) uint8 preprocessed images -> one result per image."""
+        config = config or DecodeConfig()
+        regions, pooled = self.encode(pixels)
+        v = self.vocabulary
+        hypotheses = generate(self.decoder, regions, pooled, config, bos_id=v.bos_id, eos_id=v.eos_id,
+                              banned_ids=(v.pad_id, v.bos_id, v.unk_id))
+        return [CaptionResult([self._caption(h) for h in hyps]) for hyps in hypotheses]
+
+    def caption(
+        self,
+        images: ImageSource | torch.Tensor | Sequence[ImageSource | torch.Tensor],
+        *,
+        batch_size: int = 16,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        **decode_options: Any,
+    ) -> CaptionResult | list[CaptionResult]:
+        """Caption one image or a list of them (paths, bytes, PIL images, (3, H, W) tensors, or a
+        (B, 3, H, W) tensor). Decoding options are those of `DecodeConfig` (Hugging Face names).
+        One image gives one `CaptionResult`; a list or batch tensor gives a list."""
+        config = DecodeConfig.from_kwargs(**decode_options)
+        single = not _is_batch(images)
+        items = [images] if single else list(images)
+        results: list[CaptionResult] = []
+        for start in range(0, len(items), batch_size):
+            pixels = torch.stack([self.load_pixels(x, max_pixels=max_pixels) for x in items[start:start + batch_size]])
+            results.extend(self.caption_pixels(pixels, config))
+        return results[0] if single else results
+
+    def _caption(self, hypothesis: Hypothesis) -> Caption:
+        words = [self.vocabulary.words[i] for i in hypothesis.tokens]
+        attention = None
+        if hypothesis.attention is not None:
+            attention = hypothesis.attention.view(-1, *self.encoder.grid_size)  # (T, H', W')
+        return Caption(" ".join(words), words, hypothesis.log_prob, hypothesis.score,
+                       hypothesis.token_log_probs, hypothesis.finished, attention)
+
+    def describe(self) -> dict[str, Any]:
+        """What `captioner info` and the service's /v1/model report."""
+        return {
+            "backbone": self.encoder.config.backbone,
+            "attention": self.decoder.config.attention,
+            "cell": self.decoder.config.cell,
+            "num_layers": self.decoder.config.num_layers,
+            "hidden_dim": self.decoder.config.hidden_dim,
+            "vocabulary_size": len(self.vocabulary),
+            "feature_grid": list(self.encoder.grid_size),
+            "preprocessing": self.preprocessing.to_dict(),
+            "parameters": sum(p.numel() for p in self.encoder.parameters())
+            + sum(p.numel() for p in self.decoder.parameters()),
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "provenance": self.provenance,
+        }
+
+
+def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _is_batch(images: object) -> bool:
+    if isinstance(images, torch.Tensor):
+        return images.ndim == 4
+    return isinstance(images, Iterable) and not isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image))
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

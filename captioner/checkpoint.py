@@ -1,0 +1,75 @@
+"""The checkpoint format: one self-describing file, loadable with `weights_only=True`.
+
+    {
+      "format": "captioner", "format_version": 1,
+      "encoder": EncoderConfig dict, "decoder": DecoderConfig dict,
+      "vocabulary": {"words": [...]}, "preprocessing": Preprocessing dict,
+      "provenance": {...}   # how it was trained: config, data, metrics, time
+      "state_dict": {"encoder.…": tensor, "decoder.…": tensor},
+      "training": {...}     # optional resume state (optimiser, schedule, RNG); not needed to caption
+    }
+
+Only plain containers, strings, numbers and tensors: no pickled classes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "captioner"
+FORMAT_VERSION = 1
+REQUIRED = ("encoder", "decoder", "vocabulary", "preprocessing", "state_dict")
+
+
+class CheckpointError(ValueError):
+    """A file is not a usable captioner checkpoint."""
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike, *, half: bool = False) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then rename, so a crash
+    never leaves a corrupt checkpoint. `half` stores floating-point weights as fp16."""
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    if half:
+        payload["state_dict"] = {
+            k: v.half() if v.is_floating_point() else v for k, v in payload["state_dict"].items()
+        }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and validate a checkpoint; floating-point weights come back as fp32."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated zip, random bytes, disallowed pickled objects
+        raise CheckpointError(f"{path}: not a readable captioner checkpoint ({type(error).__name__}: {error})") from error
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a captioner checkpoint (no 'format': '{FORMAT}' entry)")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version}; this captioner reads {FORMAT_VERSION}")
+    missing = [key for key in REQUIRED if key not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    payload["state_dict"] = {
+        k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()
+    }
+    return payload

@@ -1,0 +1,244 @@
+"""Recurrent word decoder with optional soft attention (Show, Attend and Tell).
+
+Shapes: B images, K sequences per image (beams or samples), N = B*K sequences, P regions,
+E encoder feature dim, F projected feature dim, A attention dim, D hidden dim, L layers,
+G gate width (4D for LSTM, 3D for GRU, D for a tanh RNN), T tokens, V vocabulary.
+
+Every step, the first layer receives [word embedding, pooled image vector, attended context];
+the pooled image vector is a constant input. Everything that does not change per step is computed
+once per image in `init_state` (the region projection, its attention projection, and the image's
+contribution to the first layer's gates) and shared by the image's K sequences by broadcasting,
+so beams never copy it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as nnf
+from torch import nn
+
+CELLS = {"lstm": 4, "gru": 3, "rnn": 1}  # gate width in units of D
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    feature_dim: int = 1280  # E, from the encoder
+    embed_dim: int = 256
+    hidden_dim: int = 512  # D
+    memory_dim: int = 256  # F
+    attention: bool = True
+    attention_dim: int = 256  # A
+    cell: str = "lstm"
+    num_layers: int = 1
+    dropout: float = 0.5
+    tie_embeddings: bool = True  # output = (W h) . embedding: fewer weights to read per step
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {sorted(CELLS)}, not {self.cell!r}")
+        if not 1 <= self.num_layers <= 4:
+            raise ValueError(f"num_layers must be between 1 and 4, not {self.num_layers}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DecoderConfig":
+        return cls(**data)
+
+
+@dataclass
+class DecoderState:
+    """Per-sequence recurrent state and per-image constants."""
+
+    h: torch.Tensor  # (L, N, D)
+    c: torch.Tensor | None  # (L, N, D), LSTM only
+    image_gates: torch.Tensor  # (B, G): the pooled vector's constant share of layer 0's gates
+    memory: torch.Tensor | None  # (B, P, F) projected regions, attention only
+    memory_att: torch.Tensor | None  # (B, P, A) their attention projection
+
+    @property
+    def group_size(self) -> int:  # K
+        return self.h.shape[1] // self.image_gates.shape[0]
+
+    def repeat(self, k: int) -> "DecoderState":
+        """K copies of each image's sequence state, adjacent: rows b*K .. b*K+K-1."""
+        c = None if self.c is None else self.c.repeat_interleave(k, dim=1)
+        return replace(self, h=self.h.repeat_interleave(k, dim=1), c=c)
+
+    def reorder(self, rows: torch.Tensor) -> "DecoderState":
+        """Pick sequence rows (N,) (beam reordering); rows must stay within their image."""
+        c = None if self.c is None else self.c.index_select(1, rows)
+        return replace(self, h=self.h.index_select(1, rows), c=c)
+
+    def select_images(self, images: torch.Tensor) -> "DecoderState":
+        """Keep only the given images (B',) and their sequences."""
+        k = self.group_size
+        rows = (images[:, None] * k + torch.arange(k, device=images.device)).flatten()
+        state = self.reorder(rows)
+        pick = lambda t: None if t is None else t.index_select(0, images)  # noqa: E731
+        return replace(
+            state, image_gates=pick(self.image_gates), memory=pick(self.memory), memory_att=pick(self.memory_att)
+        )
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        gates = CELLS[c.cell] * c.hidden_dim  # G
+        self.feature_proj = nn.Linear(c.feature_dim, c.memory_dim)
+        self.feature_dropout = nn.Dropout(c.dropout)
+        self.init_h = nn.Linear(c.memory_dim, c.num_layers * c.hidden_dim)
+        self.init_c = nn.Linear(c.memory_dim, c.num_layers * c.hidden_dim) if c.cell == "lstm" else None
+        self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)
+        # Layer 0's input weights, split by input so that constant parts are applied once.
+        self.word_gates = nn.Linear(c.embed_dim, gates, bias=False)
+        self.image_gates = nn.Linear(c.memory_dim, gates)
+        self.context_gates = nn.Linear(c.memory_dim, gates, bias=False) if c.attention else None
+        # Layers 1..L-1 take the layer below's output.
+        self.input_gates = nn.ModuleList(nn.Linear(c.hidden_dim, gates) for _ in range(c.num_layers - 1))
+        self.hidden_gates = nn.ModuleList(nn.Linear(c.hidden_dim, gates) for _ in range(c.num_layers))
+        if c.attention:
+            self.memory_att = nn.Linear(c.memory_dim, c.attention_dim)
+            self.hidden_att = nn.Linear(c.hidden_dim, c.attention_dim, bias=False)
+            self.att_score = nn.Linear(c.attention_dim, 1, bias=False)
+            self.context_gate = nn.Linear(c.hidden_dim, c.memory_dim)  # the "beta" gate
+        self.dropout = nn.Dropout(c.dropout)
+        if c.tie_embeddings:
+            self.output_proj = nn.Linear(c.hidden_dim, c.embed_dim, bias=False)
+            self.output_bias = nn.Parameter(torch.zeros(c.vocab_size))
+        else:
+            self.output = nn.Linear(c.hidden_dim, c.vocab_size)
+        self._word_table: tuple[tuple, torch.Tensor] | None = None
+
+    # -- the step API used by every decoding method ---------------------------------------------
+
+    def init_state(self, regions: torch.Tensor, pooled: torch.Tensor) -> DecoderState:
+        """regions (B, P, E), pooled (B, E) -> state with one sequence per image."""
+        c = self.config
+        image = self.feature_dropout(self.feature_proj(pooled))  # (B, F)
+        h = torch.tanh(self.init_h(image)).view(-1, c.num_layers, c.hidden_dim).transpose(0, 1)  # (L, B, D)
+        cell = None
+        if self.init_c is not None:
+            cell = torch.tanh(self.init_c(image)).view(-1, c.num_layers, c.hidden_dim).transpose(0, 1)
+        memory = memory_att = None
+        if c.attention:
+            memory = self.feature_dropout(self.feature_proj(regions))  # (B, P, F)
+            memory_att = self.memory_att(memory)  # (B, P, A)
+        return DecoderState(h.contiguous(), None if cell is None else cell.contiguous(),
+                            self.image_gates(image), memory, memory_att)
+
+    def step(
+        self, tokens: torch.Tensor, state: DecoderState
+    ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
+        """tokens (N,) -> logits (N, V), next state, attention weights (N, P) or None."""
+        logits, state, alpha = self._advance(self._word_gates(tokens), state)
+        return logits, state, alpha
+
+    # -- training --------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        regions: torch.Tensor,
+        pooled: torch.Tensor,
+        tokens: torch.Tensor,
+        *,
+        sample_prob: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher forcing. regions (B, P, E), pooled (B, E); tokens (N, T) are the inputs
+        (<bos> w1 ... wn, padded) of N = B*K captions, K per image, adjacent. With `sample_prob`
+        > 0 (scheduled sampling), each input after the first is replaced, with that probability,
+        by the model's own previous prediction. Returns logits (N, T, V) and attention weights
+        (N, T, P) or None."""
+        state = self.init_state(regions, pooled)
+        k = tokens.shape[0] // pooled.shape[0]
+        if k > 1:
+            state = state.repeat(k)
+        word_gates = self.word_gates(self.embedding(tokens))  # (N, T, G), all steps at once
+        logits, alphas = [], []
+        for t in range(tokens.shape[1]):
+            gates = word_gates[:, t]
+            if sample_prob > 0 and t > 0:
+                own = self.word_gates(self.embedding(logits[-1].detach().argmax(dim=-1)))
+                swap = torch.rand(tokens.shape[0], 1, device=tokens.device) < sample_prob
+                gates = torch.where(swap, own, gates)
+            step_logits, state, alpha = self._advance(gates, state)
+            logits.append(step_logits)
+            alphas.append(alpha)
+        stacked_alphas = torch.stack(alphas, dim=1) if self.config.attention else None
+        return torch.stack(logits, dim=1), stacked_alphas
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _word_gates(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N,) -> (N, G). In inference, a lookup in the precomputed (V, G) table."""
+        if self.training or torch.is_grad_enabled():
+            return self.word_gates(self.embedding(tokens))
+        key = (self.embedding.weight._version, self.word_gates.weight._version,
+               self.embedding.weight.data_ptr(), self.word_gates.weight.data_ptr())
+        if self._word_table is None or self._word_table[0] != key:
+            self._word_table = (key, self.word_gates(self.embedding.weight))  # (V, G)
+        return self._word_table[1].index_select(0, tokens)
+
+    def _advance(
+        self, word_gates: torch.Tensor, state: DecoderState
+    ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
+        c = self.config
+        b, k = state.image_gates.shape[0], state.group_size
+        gates_in = (word_gates.view(b, k, -1) + state.image_gates[:, None]).view(b * k, -1)  # (N, G)
+        alpha = None
+        if c.attention:
+            context, alpha = self._attend(state.h[-1], state)  # (N, F), (N, P)
+            gates_in = torch.addmm(gates_in, context, self.context_gates.weight.t())
+        hs, cs = [], []
+        layer_input = None
+        for layer in range(c.num_layers):
+            if layer > 0:
+                gates_in = self.input_gates[layer - 1](self.dropout(layer_input))
+            h_prev = state.h[layer]
+            c_prev = None if state.c is None else state.c[layer]
+            h_new, c_new = self._cell(gates_in, self.hidden_gates[layer](h_prev), h_prev, c_prev)
+            hs.append(h_new)
+            cs.append(c_new)
+            layer_input = h_new
+        logits = self._logits(self.dropout(layer_input))  # (N, V)
+        new_state = replace(state, h=torch.stack(hs), c=None if state.c is None else torch.stack(cs))
+        return logits, new_state, alpha
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.config.tie_embeddings:
+            return nnf.linear(self.output_proj(h), self.embedding.weight, self.output_bias)
+        return self.output(h)
+
+    def _attend(self, query: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, torch.Tensor]:
+        """query (N, D) -> gated context (N, F), weights (N, P)."""
+        b, k = state.memory.shape[0], state.group_size
+        query_att = self.hidden_att(query).view(b, k, 1, -1)  # (B, K, 1, A)
+        energy = torch.tanh(state.memory_att[:, None] + query_att)  # (B, K, P, A)
+        scores = self.att_score(energy).squeeze(-1)  # (B, K, P)
+        alpha = scores.softmax(dim=-1)
+        context = torch.bmm(alpha, state.memory).view(b * k, -1)  # (N, F)
+        gate = torch.sigmoid(self.context_gate(query))  # (N, F)
+        return gate * context, alpha.view(b * k, -1)
+
+    def _cell(
+        self, gx: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """gx, gh: (N, G) input and hidden contributions -> (h', c')."""
+        kind = self.config.cell
+        if kind == "lstm":
+            i, f, g, o = (gx + gh).chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(c), c
+        if kind == "gru":
+            xr, xz, xn = gx.chunk(3, dim=1)
+            hr, hz, hn = gh.chunk(3, dim=1)
+            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+            n = torch.tanh(xn + r * hn)
+            return (1 - z) * n + z * h, None
+        return torch.tanh(gx + gh), None

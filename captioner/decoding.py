@@ -1,0 +1,333 @@
+"""Decoding: greedy, sampling and beam search, batched over images and beams.
+
+All methods talk to the decoder only through `init_state` / `step` / `DecoderState`, so a fix
+lands once. Parameter names follow Hugging Face `generate`.
+
+Shapes: B images, K beams (or samples) per image, N = B*K, V vocabulary, T generated tokens,
+P regions, R returned sequences per image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+from .decoder import Decoder, DecoderState
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class DecodeConfig:
+    num_beams: int = 3
+    num_return_sequences: int = 1
+    max_new_tokens: int = 20  # words, not counting <eos>
+    min_new_tokens: int = 1
+    length_penalty: float = 1.0  # score = log_prob / length ** length_penalty; 0 ranks by log_prob
+    no_repeat_ngram_size: int = 3  # 0 disables
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0
+    seed: int | None = None
+    return_attention: bool = False
+
+    LIMITS = {"num_beams": (1, 16), "num_return_sequences": (1, 16), "max_new_tokens": (1, 100),
+              "min_new_tokens": (0, 100), "no_repeat_ngram_size": (0, 10), "top_k": (0, 100_000)}
+
+    def __post_init__(self) -> None:
+        for name, (low, high) in self.LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        if not isinstance(self.temperature, (int, float)) or not 0 < self.temperature <= 100:
+            raise ValueError(f"temperature must be in (0, 100], got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.length_penalty, (int, float)) or not -5 <= self.length_penalty <= 5:
+            raise ValueError(f"length_penalty must be in [-5, 5], got {self.length_penalty!r}")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("min_new_tokens must not exceed max_new_tokens")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.do_sample:
+            if self.num_beams != 1:
+                raise ValueError("sampling draws independent sequences: use num_beams=1 with do_sample=True")
+        elif self.num_return_sequences > self.num_beams:
+            raise ValueError("num_return_sequences must not exceed num_beams (or use do_sample=True)")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "DecodeConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown decoding option(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Hypothesis:
+    """One generated sequence. `tokens` excludes <eos>; `token_log_probs` has one entry per token
+    plus one for <eos> when `finished`; `attention` is (len(token_log_probs), P) or None."""
+
+    tokens: list[int]
+    token_log_probs: list[float]
+    log_prob: float
+    score: float  # log_prob / length ** length_penalty, the ranking score
+    finished: bool
+    attention: torch.Tensor | None = field(default=None, repr=False)
+
+
+@torch.no_grad()
+def generate(
+    decoder: Decoder,
+    regions: torch.Tensor,
+    pooled: torch.Tensor,
+    config: DecodeConfig,
+    *,
+    bos_id: int,
+    eos_id: int,
+    banned_ids: tuple[int, ...] = (),
+) -> list[list[Hypothesis]]:
+    """Caption a batch of encoded images: regions (B, P, E), pooled (B, E) -> for each image,
+    `num_return_sequences` hypotheses, best first. `banned_ids` (<pad>, <bos>, <unk>) are never
+    generated."""
+    rules = _Rules(config, eos_id, banned_ids)
+    state = decoder.init_state(regions, pooled)
+    if config.num_beams > 1:
+        return _beam_search(decoder, state, bos_id, rules)
+    return _sample(decoder, state, bos_id, rules)
+
+
+@dataclass
+class _Rules:
+    config: DecodeConfig
+    eos: int
+    banned: tuple[int, ...]
+
+    def log_probs(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """logits (N, V), history (N, t) generated so far -> (N, V) log-probs, -inf where banned:
+        special tokens, <eos> before min_new_tokens, tokens that would repeat an n-gram."""
+        logp = logits.float().log_softmax(dim=-1)
+        if self.banned:
+            logp[:, list(self.banned)] = NEG_INF
+        if history.shape[1] < self.config.min_new_tokens:
+            logp[:, self.eos] = NEG_INF
+        n = self.config.no_repeat_ngram_size
+        if n == 1 and history.shape[1]:
+            logp.scatter_(1, history, NEG_INF)
+        elif n > 1 and history.shape[1] >= n:
+            windows = history.unfold(1, n, 1)  # (N, W, n): every n-gram so far
+            suffix = history[:, history.shape[1] - n + 1:]  # (N, n-1)
+            seen = (windows[:, :, :-1] == suffix[:, None]).all(dim=-1)  # (N, W)
+            penalty = torch.zeros(seen.shape, dtype=logp.dtype, device=logp.device).masked_fill_(seen, NEG_INF)
+            logp.scatter_add_(1, windows[:, :, -1], penalty)
+        return logp
+
+    def score(self, log_prob: torch.Tensor, length: int | torch.Tensor) -> torch.Tensor:
+        penalty = self.config.length_penalty
+        if penalty == 0:
+            return log_prob
+        if not isinstance(length, torch.Tensor):
+            length = torch.tensor(float(length), device=log_prob.device)
+        return log_prob / length.to(log_prob.dtype).clamp(min=1) ** penalty
+
+
+def _hypothesis(tokens: torch.Tensor, logps: torch.Tensor, attention, length: int, finished: bool,
+                penalty: float) -> Hypothesis:
+    """Row of generated ids (length of them valid, the last being <eos> when finished)."""
+    token_logps = logps[:length].tolist()
+    log_prob = float(sum(token_logps))
+    words = tokens[: length - 1 if finished else length].tolist()
+    score = log_prob / max(length, 1) ** penalty if penalty else log_prob
+    return Hypothesis(words, token_logps, log_prob, score, finished,
+                      None if attention is None else attention[:length].clone())
+
+
+# -- greedy and sampling -----------------------------------------------------------------------
+
+def _sample(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules) -> list[list[Hypothesis]]:
+    config = rules.config
+    b, k = state.image_gates.shape[0], config.num_return_sequences
+    state = state.repeat(k) if k > 1 else state
+    n, device = b * k, state.h.device
+    generator = None
+    if config.do_sample and config.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+    tokens = torch.full((n,), bos, dtype=torch.long, device=device)
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    length = torch.zeros(n, dtype=torch.long, device=device)
+    history = torch.empty(n, 0, dtype=torch.long, device=device)
+    step_logps, alphas = [], []
+    for _ in range(config.max_new_tokens):
+        logits, state, alpha = decoder.step(tokens, state)
+        logp = rules.log_probs(logits, history)  # (N, V)
+        tokens = _draw(logits, logp, config, generator) if config.do_sample else logp.argmax(dim=-1)
+        tokens = tokens.masked_fill(finished, rules.eos)  # finished rows idle on <eos>
+        step_logps.append(logp.gather(1, tokens[:, None]).squeeze(1).masked_fill(finished, 0.0))
+        if config.return_attention and alpha is not None:
+            alphas.append(alpha)
+        length += (~finished).long()
+        history = torch.cat([history, tokens[:, None]], dim=1)
+        finished |= tokens == rules.eos
+        if bool(finished.all()):
+            break
+    token_logps = torch.stack(step_logps, dim=1).cpu()  # (N, T)
+    attention = torch.stack(alphas, dim=1).cpu() if alphas else None  # (N, T, P)
+    history, length, finished = history.cpu(), length.tolist(), finished.tolist()
+    results = []
+    for image in range(b):
+        hyps = [_hypothesis(history[row], token_logps[row], None if attention is None else attention[row],
+                            length[row], finished[row], config.length_penalty)
+                for row in range(image * k, image * k + k)]
+        hyps.sort(key=lambda h: h.score, reverse=True)
+        results.append(hyps)
+    return results
+
+
+def _draw(logits: torch.Tensor, logp: torch.Tensor, config: DecodeConfig, generator) -> torch.Tensor:
+    """Sample (N,) tokens from temperature / top-k / top-p filtered logits; tokens banned in
+    `logp` stay banned."""
+    scores = (logits.float() / config.temperature).masked_fill(logp == NEG_INF, NEG_INF)
+    if config.top_k:
+        kth = scores.topk(min(config.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, NEG_INF)
+    if config.top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= config.top_p  # keeps the token that crosses p
+        scores = scores.scatter(1, order, sorted_scores.masked_fill(drop, NEG_INF))
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+# -- beam search -------------------------------------------------------------------------------
+
+class _Pool:
+    """The best finished (or, at the end, truncated) hypotheses of every image, S = slots."""
+
+    def __init__(self, images: int, slots: int, max_len: int, regions: int | None, device):
+        self.score = torch.full((images, slots), NEG_INF, device=device)
+        self.tokens = torch.full((images, slots, max_len), -1, dtype=torch.long, device=device)
+        self.logps = torch.zeros(images, slots, max_len, device=device)
+        self.length = torch.zeros(images, slots, dtype=torch.long, device=device)
+        self.finished = torch.zeros(images, slots, dtype=torch.bool, device=device)
+        self.alpha = None if regions is None else torch.zeros(images, slots, max_len, regions, device=device)
+
+    def merge(self, images, score, tokens, logps, alpha, length: int, finished: bool) -> None:
+        """Offer C candidates for each of the given images: score (B, C), tokens and logps
+        (B, C, t), alpha (B, C, t, P); keep the best S per image."""
+        b, slots, max_len = images.shape[0], self.score.shape[1], self.tokens.shape[2]
+        merged, keep = torch.cat([self.score[images], score], dim=1).topk(slots, dim=1)  # (B, S)
+
+        def pick(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            if new.dim() > 2 and new.shape[2] < max_len:  # pad the time axis
+                pad = new.new_full((*new.shape[:2], max_len - new.shape[2], *new.shape[3:]), 0)
+                new = torch.cat([new, pad], dim=2)
+            both = torch.cat([old, new], dim=1)
+            index = keep.view(b, slots, *[1] * (both.dim() - 2)).expand(b, slots, *both.shape[2:])
+            return both.gather(1, index)
+
+        c = score.shape[1]
+        self.score[images] = merged
+        self.tokens[images] = pick(self.tokens[images], tokens)
+        self.logps[images] = pick(self.logps[images], logps)
+        self.length[images] = pick(self.length[images], torch.full((b, c), length, device=score.device))
+        self.finished[images] = pick(self.finished[images], torch.full((b, c), finished, device=score.device))
+        if self.alpha is not None:
+            self.alpha[images] = pick(self.alpha[images], alpha)
+
+    def results(self, count: int, penalty: float) -> list[list[Hypothesis]]:
+        score, tokens, logps = self.score.cpu(), self.tokens.cpu(), self.logps.cpu()
+        length, finished = self.length.tolist(), self.finished.tolist()
+        alpha = None if self.alpha is None else self.alpha.cpu()
+        return [
+            [_hypothesis(tokens[i, s], logps[i, s], None if alpha is None else alpha[i, s],
+                         length[i][s], finished[i][s], penalty)
+             for s in range(count) if score[i, s] > NEG_INF]
+            for i in range(score.shape[0])
+        ]
+
+
+def _beam_search(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules) -> list[list[Hypothesis]]:
+    """Vectorised beam search with a pool of finished hypotheses per image, as in Hugging Face
+    `generate`: each step takes the top 2K of the K*V candidates; an <eos> among the first K
+    enters the pool, the best K others continue. An image is done when its pool is full and no
+    live beam can beat the pool's worst; done images leave the batch, so an image's result never
+    depends on the others. After `max_new_tokens` the live beams join the pool unfinished, so
+    every image gets a caption even when no beam finished."""
+    config = rules.config
+    b_all, k = state.image_gates.shape[0], config.num_beams
+    device, vocab = state.h.device, decoder.config.vocab_size
+    want_alpha = config.return_attention and decoder.config.attention
+    regions = state.memory.shape[1] if want_alpha else None
+    pool = _Pool(b_all, max(k, config.num_return_sequences), config.max_new_tokens, regions, device)
+
+    active = torch.arange(b_all, device=device)  # original index of each image still searching
+    state = state.repeat(k)
+    beam_logp = torch.zeros(b_all, k, device=device)
+    beam_logp[:, 1:] = NEG_INF  # the K beams start identical: expand only the first
+    history = torch.empty(b_all, k, 0, dtype=torch.long, device=device)  # (B, K, t)
+    history_logps = torch.empty(b_all, k, 0, device=device)
+    history_alpha = torch.empty(b_all, k, 0, regions, device=device) if want_alpha else None
+    tokens = torch.full((b_all * k,), bos, dtype=torch.long, device=device)
+
+    for step in range(config.max_new_tokens):
+        b = active.shape[0]
+        beam_rows = torch.arange(b, device=device)[:, None] * k  # (B, 1) first row of each image
+        logits, state, alpha = decoder.step(tokens, state)
+        logp = rules.log_probs(logits, history.view(b * k, -1))  # (N, V)
+        top_logp, top_index = (beam_logp.view(-1, 1) + logp).view(b, k * vocab).topk(2 * k, dim=1)  # (B, 2K)
+        origin = torch.div(top_index, vocab, rounding_mode="floor")  # beam each candidate extends
+        word = top_index % vocab
+        word_logp = logp[(beam_rows + origin).view(-1), word.view(-1)].view(b, 2 * k)
+        is_eos = (word == rules.eos) & (top_logp > NEG_INF)
+
+        def extend(rows: torch.Tensor, new_word: torch.Tensor, new_logp: torch.Tensor):
+            """Histories of candidates: rows (B, C) of the flat (N, ...) beams + their last step."""
+            c = rows.shape[1]
+            flat = rows.view(-1)
+            grown = (
+                torch.cat([history.view(b * k, -1)[flat].view(b, c, -1), new_word[..., None]], dim=2),
+                torch.cat([history_logps.view(b * k, -1)[flat].view(b, c, -1), new_logp[..., None]], dim=2),
+            )
+            if not want_alpha:
+                return (*grown, None)
+            past = history_alpha.view(b * k, *history_alpha.shape[2:])[flat].view(b, c, -1, regions)
+            return (*grown, torch.cat([past, alpha[flat].view(b, c, 1, regions)], dim=2))
+
+        # 1) An <eos> among the first K candidates finishes a hypothesis.
+        enters = is_eos.clone()
+        enters[:, k:] = False
+        if bool(enters.any()):
+            eos_tokens, eos_logps, eos_alpha = extend(beam_rows + origin, word, word_logp)
+            pool.merge(active, rules.score(top_logp, step + 1).masked_fill(~enters, NEG_INF),
+                       eos_tokens, eos_logps, eos_alpha, length=step + 1, finished=True)
+
+        # 2) The best K other candidates continue.
+        beam_logp, live = top_logp.masked_fill(is_eos, NEG_INF).topk(k, dim=1)  # (B, K)
+        rows = beam_rows + origin.gather(1, live)  # (B, K)
+        tokens = word.gather(1, live).view(-1)
+        history, history_logps, history_alpha = extend(rows, word.gather(1, live), word_logp.gather(1, live))
+        state = state.reorder(rows.view(-1))
+
+        # 3) Images whose pool no live beam can improve leave the batch.
+        best_live = beam_logp.max(dim=1).values
+        worst_kept = pool.score[active, -1]
+        done = (worst_kept > NEG_INF) & ((worst_kept >= rules.score(best_live, step + 1)) | (best_live == NEG_INF))
+        if bool(done.any()):
+            stay = (~done).nonzero().squeeze(1)
+            if stay.numel() == 0:
+                return pool.results(config.num_return_sequences, config.length_penalty)
+            active, state = active[stay], state.select_images(stay)
+            beam_logp, history, history_logps = beam_logp[stay], history[stay], history_logps[stay]
+            history_alpha = None if history_alpha is None else history_alpha[stay]
+            tokens = tokens.view(-1, k)[stay].view(-1)
+
+    # max_new_tokens reached: the live beams compete unfinished.
+    pool.merge(active, rules.score(beam_logp, config.max_new_tokens), history, history_logps, history_alpha,
+               length=config.max_new_tokens, finished=False)
+    return pool.results(config.num_return_sequences, config.length_penalty)

@@ -1,0 +1,55 @@
+"""Image files decoded in DataLoader worker processes, for batch work (feature caches, folders).
+
+A file that cannot be read does not stop the batch: its item carries the error message instead of
+pixels, and `collate` keeps it out of the pixel tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .images import DEFAULT_MAX_PIXELS, ImageError
+from .preprocessing import Preprocessing
+
+
+@dataclass
+class PixelBatch:
+    indices: list[int]  # dataset positions of the decoded images, aligned with `pixels`
+    pixels: torch.Tensor  # (B, 3, S, S) uint8
+    failures: list[tuple[int, str]]  # (dataset position, reason) of images that could not be read
+
+
+class ImageFileDataset(Dataset):
+    def __init__(self, paths: Sequence[str | os.PathLike], preprocessing: Preprocessing,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.paths = list(paths)
+        self.preprocessing = preprocessing
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return index, self.preprocessing.load(self.paths[index], max_pixels=self.max_pixels), None
+        except (ImageError, OSError) as error:
+            return index, None, str(error) if isinstance(error, ImageError) else f"{self.paths[index]}: {error}"
+
+
+def collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> PixelBatch:
+    good = [(i, p) for i, p, _ in items if p is not None]
+    size = items[0][1].shape[-1] if good else 0
+    pixels = torch.stack([p for _, p in good]) if good else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    return PixelBatch([i for i, _ in good], pixels, [(i, e) for i, _, e in items if e is not None])
+
+
+def pixel_loader(dataset: ImageFileDataset, *, batch_size: int, workers: int) -> DataLoader:
+    """Batches in dataset order; decoding overlaps the model when workers > 0."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      collate_fn=collate, persistent_workers=False,
+                      prefetch_factor=4 if workers > 0 else None)

@@ -1,0 +1,174 @@
+"""Training configuration: dataclass defaults, then a YAML file, then dotted command-line
+overrides (`--optim.lr=3e-4 --model.decoder.attention=false`). The resolved config is written
+into the run folder and into every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from captioner.decoding import DecodeConfig
+from captioner.encoder import EncoderConfig
+
+from .data import DataSpec
+
+
+@dataclass
+class DecoderSettings:
+    """`DecoderConfig` without the sizes that come from the data and the encoder."""
+
+    embed_dim: int = 256
+    hidden_dim: int = 384
+    memory_dim: int = 256
+    attention: bool = True
+    attention_dim: int = 256
+    cell: str = "lstm"
+    num_layers: int = 1
+    dropout: float = 0.5
+    tie_embeddings: bool = True
+
+
+@dataclass
+class ModelSettings:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderSettings = field(default_factory=DecoderSettings)
+    resize: str = "squash"  # how images become square: "squash" (whole scene) or "crop"
+    min_word_count: int = 5
+    max_caption_tokens: int = 24  # longer training captions are truncated
+
+
+@dataclass
+class DataSettings:
+    train: DataSpec = field(default_factory=lambda: DataSpec(format="flickr", path="../shared/data/flickr8k"))
+    val: DataSpec = field(default_factory=lambda: DataSpec(format="flickr", path="../shared/data/flickr8k"))
+    train_split: str = "train"
+    val_split: str = "dev"
+    captions_per_image: int = 5  # sequences per image in a batch; the image is encoded once
+    cache_dir: str = "cache/features"
+    workers: int = 2
+
+
+@dataclass
+class OptimSettings:
+    epochs: int = 30
+    batch_images: int = 32  # images per step (x captions_per_image sequences)
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    schedule: str = "cosine"  # "cosine" or "constant"
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 5.0
+    accumulation: int = 1
+    label_smoothing: float = 0.0
+    attention_reg: float = 1.0  # doubly stochastic attention: lambda * sum_p (1 - sum_t alpha)^2
+    scheduled_sampling: float = 0.0  # max probability of feeding the model's own word
+    encoder_lr: float = 1e-4  # when fine-tuning encoder stages
+    finetune_from_epoch: int = -1  # >= 0: unfreeze model.encoder.trainable_stages from that epoch
+
+
+@dataclass
+class EvalSettings:
+    every_epochs: int = 1
+    decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(num_beams=3))
+    max_images: int | None = None  # None: the whole validation split
+    patience: int = 5  # epochs without a better CIDEr before stopping; 0 disables
+    meteor: bool = True  # needs Java
+
+
+@dataclass
+class RunSettings:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    amp: bool = True  # bf16 autocast on CUDA
+    compile: bool = False  # torch.compile the decoder on CUDA
+    checkpoint_every_steps: int = 200
+    time_budget_minutes: float | None = None
+    progress: bool = True
+    threads: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config file must be a mapping")
+        data = loaded
+    for override in overrides:
+        key, sep, raw = override.removeprefix("--").partition("=")
+        if not sep:
+            raise ValueError(f"override {override!r} must look like --section.key=value")
+        target = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = yaml.safe_load(raw)
+    return _build(TrainConfig, data, "")
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    return _build(TrainConfig, data, "")
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'config'} must be a mapping")
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(where + k for k in unknown)}")
+    values = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        value, hint = data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            default = getattr(cls(), f.name) if _constructible(cls) else None
+            merged = {**(asdict(default) if default is not None else {}), **(value or {})}
+            values[f.name] = _build(hint, merged, f"{where}{f.name}.")
+        else:
+            values[f.name] = _coerce(value, hint, where + f.name)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """YAML reads `3e-4` as a string; numbers given where numbers belong are converted."""
+    options = getattr(hint, "__args__", (hint,))
+    if isinstance(value, str):
+        for kind in (int, float):
+            if kind in options:
+                try:
+                    return kind(value)
+                except ValueError:
+                    continue
+        if str not in options:
+            raise ValueError(f"{name}: expected {hint}, got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and float in options and int not in options:
+        return float(value)
+    return value
+
+
+def _constructible(cls) -> bool:
+    try:
+        cls()
+        return True
+    except TypeError:
+        return False

@@ -1,0 +1,117 @@
+"""Feature cache: with a frozen encoder, every image is encoded once.
+
+Region features are stored as fp16 in a memory-mapped `.npy` of shape (N, P, E), with a JSON index
+of the image paths. The cache folder is keyed by the backbone, a fingerprint of its weights, the
+preprocessing and the image list, so changing any of them builds a new cache instead of silently
+reusing a stale one. Files are written under temporary names and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from captioner.encoder import Encoder
+from captioner.imageset import ImageFileDataset, pixel_loader
+from captioner.preprocessing import Preprocessing
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_key(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Path]) -> str:
+    description = {
+        "version": CACHE_VERSION,
+        "backbone": encoder.config.backbone,
+        "weights": weights_fingerprint(encoder),
+        "preprocessing": preprocessing.to_dict(),
+        "images": [str(Path(p).resolve()) for p in paths],
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class FeatureCache:
+    """Read side: `regions(i)` is image i's (P, E) fp16 array; `valid[i]` is False for images that
+    could not be read when the cache was built."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index = json.loads((folder / "index.json").read_text())
+        self.paths: list[str] = index["paths"]
+        self.valid = np.asarray(index["valid"], dtype=bool)
+        self.row = {p: i for i, p in enumerate(self.paths)}
+        self.array = np.load(folder / "regions.npy", mmap_mode="r")  # (N, P, E) fp16
+
+    def regions(self, index: int) -> np.ndarray:
+        return self.array[index]
+
+
+def build_or_load(
+    encoder: Encoder,
+    preprocessing: Preprocessing,
+    paths: Sequence[Path],
+    cache_root: str | os.PathLike,
+    *,
+    batch_size: int = 32,
+    workers: int = 2,
+    progress: bool = True,
+) -> FeatureCache:
+    folder = Path(cache_root) / cache_key(encoder, preprocessing, paths)
+    if (folder / "index.json").is_file():
+        log.info("feature cache hit: %s", folder)
+        return FeatureCache(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others then read its result
+        if (folder / "index.json").is_file():
+            return FeatureCache(folder)
+        _build(encoder, preprocessing, paths, folder, batch_size, workers, progress)
+    return FeatureCache(folder)
+
+
+def _build(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Path], folder: Path,
+           batch_size: int, workers: int, progress: bool) -> None:
+    encoder = encoder.eval()
+    dataset = ImageFileDataset(paths, preprocessing)
+    valid = np.zeros(len(paths), dtype=bool)
+    temporary = folder / "regions.npy.tmp"
+    array = None
+    failures = []
+    with tqdm(total=len(paths), desc="encoding images", unit="img", disable=not progress) as bar:
+        for batch in pixel_loader(dataset, batch_size=batch_size, workers=workers):
+            failures.extend(batch.failures)
+            if batch.indices:
+                regions, _ = encoder.extract(preprocessing.normalize(batch.pixels))  # (B, P, E)
+                if array is None:
+                    shape = (len(paths), *regions.shape[1:])
+                    array = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float16, shape=shape)
+                array[batch.indices] = regions.to(torch.float16).numpy()
+                valid[batch.indices] = True
+            bar.update(len(batch.indices) + len(batch.failures))
+    if array is None:
+        raise ValueError("no image could be read; nothing to cache")
+    array.flush()
+    del array
+    os.replace(temporary, folder / "regions.npy")
+    for index, reason in failures:
+        log.warning("unreadable image skipped: %s", reason)
+    index = {"paths": [str(p) for p in paths], "valid": valid.tolist(), "failures": [r for _, r in failures]}
+    (folder / "index.json.tmp").write_text(json.dumps(index))
+    os.replace(folder / "index.json.tmp", folder / "index.json")

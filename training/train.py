@@ -1,0 +1,466 @@
+"""Training: teacher forcing with cross-entropy, validated by real decoding.
+
+    captioner train --config training/configs/flickr8k.yaml --optim.lr=5e-4
+    torchrun --nproc_per_node=2 -m training.train --config ...   # DistributedDataParallel
+
+`main(cfg)` runs a whole training; `train_one_epoch` and `evaluate` are the pieces. A run folder
+holds `config.yaml`, `last.pt` (with the optimiser, schedule, RNG and data position, written every
+`run.checkpoint_every_steps` and at each epoch's end), `best.pt` (best validation CIDEr-D),
+`metrics.jsonl`, TensorBoard logs and `curves.png`. `--resume` continues from `last.pt` and ends
+with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as nnf
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from captioner.checkpoint import load_checkpoint, save_checkpoint
+from captioner.decoder import Decoder, DecoderConfig
+from captioner.decoding import DecodeConfig, generate
+from captioner.encoder import Encoder
+from captioner.vocab import Vocabulary
+
+from . import features
+from .config import TrainConfig, config_from_dict, load_config
+from .data import Sample, load_dataset
+from .metrics import caption_metrics, diversity
+
+log = logging.getLogger("captioner.train")
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run is; saved in `last.pt`."""
+
+    epoch: int = 0
+    batches_done: int = 0  # in the current epoch
+    step: int = 0  # optimiser steps so far
+    best_cider: float = -1.0
+    best_epoch: int = -1
+    history: list = dataclasses.field(default_factory=list)
+
+
+class CachedCaptions:
+    """Training items from the feature cache: image i -> its regions and K of its captions."""
+
+    def __init__(self, samples: list[Sample], cache: features.FeatureCache, vocab: Vocabulary, max_tokens: int):
+        rows = [cache.row[str(s.image)] for s in samples]
+        keep = [i for i, r in enumerate(rows) if cache.valid[r]]
+        if len(keep) < len(samples):
+            log.warning("%d images could not be read when caching and are left out", len(samples) - len(keep))
+        self.rows = [rows[i] for i in keep]
+        self.captions = [[_encode(vocab, c, max_tokens) for c in samples[i].captions] for i in keep]
+        self.cache = cache
+        self.pad_id = vocab.pad_id
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, images: list[int], k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """regions (B, P, E) float, tokens (B*K, T) padded: K captions per image, without
+        replacement where the image has enough."""
+        regions = torch.stack([torch.from_numpy(self.cache.regions(self.rows[i]).astype("float32")) for i in images])
+        sequences = []
+        for i in images:
+            options = self.captions[i]
+            order: list[int] = []
+            while len(order) < k:
+                order += torch.randperm(len(options), generator=generator).tolist()
+            sequences.extend(options[j] for j in order[:k])
+        return regions, pad_sequences(sequences, self.pad_id)
+
+
+def _encode(vocab: Vocabulary, caption: str, max_tokens: int) -> list[int]:
+    ids = vocab.encode(caption)  # <bos> w1 .. wn <eos>
+    return ids if len(ids) <= max_tokens + 2 else ids[: max_tokens + 1] + [vocab.eos_id]
+
+
+def pad_sequences(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
+    length = max(len(s) for s in sequences)
+    tokens = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        tokens[row, : len(seq)] = torch.tensor(seq)
+    return tokens
+
+
+# -- the training step ------------------------------------------------------------------------
+
+def caption_loss(
+    logits: torch.Tensor, alphas: torch.Tensor | None, targets: torch.Tensor, pad_id: int,
+    *, label_smoothing: float, attention_reg: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over real tokens, plus doubly stochastic attention regularisation
+    (Show, Attend and Tell, eq. 14): each region should receive about one unit of attention over
+    the caption. logits (N, T, V), alphas (N, T, P), targets (N, T). Returns (loss, ce)."""
+    ce = nnf.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=pad_id,
+                           label_smoothing=label_smoothing)
+    loss = ce
+    if alphas is not None and attention_reg > 0:
+        mask = (targets != pad_id).unsqueeze(-1).to(alphas.dtype)  # (N, T, 1)
+        coverage = (alphas * mask).sum(dim=1)  # (N, P)
+        loss = loss + attention_reg * ((1.0 - coverage) ** 2).mean()
+    return loss, ce
+
+
+def train_one_epoch(
+    ctx: "Context", progress: Progress, *, time_left: float | None = None,
+) -> dict[str, float]:
+    """One pass over the training images from `progress.batches_done` on. Returns mean loss."""
+    cfg, world, rank = ctx.cfg, ctx.world, ctx.rank
+    order = torch.randperm(len(ctx.train), generator=torch.Generator().manual_seed(cfg.run.seed * 1000 + progress.epoch))
+    per_rank = max(1, cfg.optim.batch_images // world)
+    global_batch = per_rank * world
+    batches = [order[i: i + global_batch].tolist() for i in range(0, len(order) - global_batch + 1, global_batch)]
+    sampling = _scheduled_sampling(cfg, progress.epoch)
+    ctx.decoder.train()
+    ctx.encoder.train()
+    totals = {"loss": 0.0, "ce": 0.0, "count": 0}
+    started = time.monotonic()
+    bar = tqdm(total=len(batches), initial=progress.batches_done, desc=f"epoch {progress.epoch + 1}",
+               disable=not (cfg.run.progress and rank == 0), unit="batch")
+    while progress.batches_done < len(batches):
+        index = progress.batches_done
+        images = batches[index][rank * per_rank: (rank + 1) * per_rank]
+        # The caption draw depends only on (seed, epoch, batch, rank): resumable exactly.
+        generator = torch.Generator().manual_seed(hash((cfg.run.seed, progress.epoch, index, rank)) % (2 ** 62))
+        regions, tokens = ctx.batch(images, generator)
+        regions, tokens = regions.to(ctx.device), tokens.to(ctx.device)
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
+            pooled = regions.mean(dim=1)
+            logits, alphas = ctx.model(regions, pooled, tokens[:, :-1], sample_prob=sampling)
+            loss, ce = caption_loss(logits.float(), None if alphas is None else alphas.float(), tokens[:, 1:],
+                                    ctx.vocab.pad_id, label_smoothing=cfg.optim.label_smoothing,
+                                    attention_reg=cfg.optim.attention_reg)
+        (loss / cfg.optim.accumulation).backward()
+        progress.batches_done += 1
+        if progress.batches_done % cfg.optim.accumulation == 0 or progress.batches_done == len(batches):
+            torch.nn.utils.clip_grad_norm_(ctx.parameters(), cfg.optim.grad_clip)
+            ctx.optimizer.step()
+            ctx.scheduler.step()
+            ctx.optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+        totals["loss"] += float(loss)
+        totals["ce"] += float(ce)
+        totals["count"] += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(ce):.3f}", lr=f"{ctx.scheduler.get_last_lr()[0]:.2e}")
+        if cfg.run.checkpoint_every_steps and progress.batches_done % cfg.run.checkpoint_every_steps == 0 \
+                and progress.batches_done < len(batches):
+            ctx.save_last(progress)
+        if time_left is not None and time.monotonic() - started > time_left:
+            break
+    bar.close()
+    n = max(totals["count"], 1)
+    return {"train_loss": totals["loss"] / n, "train_ce": totals["ce"] / n, "epoch_complete": progress.batches_done >= len(batches)}
+
+
+def _scheduled_sampling(cfg: TrainConfig, epoch: int) -> float:
+    if cfg.optim.scheduled_sampling <= 0:
+        return 0.0
+    return cfg.optim.scheduled_sampling * min(1.0, epoch / max(1, cfg.optim.epochs - 1))
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(
+    decoder: Decoder, vocab: Vocabulary, regions_of, samples: list[Sample], decode: DecodeConfig,
+    *, batch_size: int = 50, meteor: bool = True, progress: bool = False,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Caption `samples` with real decoding (not teacher forcing) and score them.
+    `regions_of(indices) -> (B, P, E)` gives encoder features. Returns (metrics, captions)."""
+    decoder.eval()
+    predictions: dict[str, str] = {}
+    for start in tqdm(range(0, len(samples), batch_size), desc="validating", disable=not progress, unit="batch"):
+        chunk = list(range(start, min(start + batch_size, len(samples))))
+        regions = regions_of(chunk)
+        hyps = generate(decoder, regions, regions.mean(dim=1), decode, bos_id=vocab.bos_id, eos_id=vocab.eos_id,
+                        banned_ids=(vocab.pad_id, vocab.bos_id, vocab.unk_id))
+        for i, h in zip(chunk, hyps):
+            predictions[samples[i].image_id] = vocab.decode(h[0].tokens)
+    references = {s.image_id: s.captions for s in samples}
+    metrics = caption_metrics(predictions, references, meteor=meteor)
+    metrics.update(diversity(predictions))
+    return metrics, predictions
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+class Context:
+    """Everything a run holds: model parts, data, optimiser, schedule, distributed setup."""
+
+    def __init__(self, cfg: TrainConfig, resume_payload: dict | None):
+        self.cfg = cfg
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = _device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.amp = cfg.run.amp and self.device.type == "cuda"
+        self.out = Path(cfg.run.out_dir)
+
+        self.train_samples = load_dataset(cfg.data.train, cfg.data.train_split)
+        self.val_samples = load_dataset(cfg.data.val, cfg.data.val_split)
+        if cfg.eval.max_images:
+            self.val_samples = self.val_samples[: cfg.eval.max_images]
+        if resume_payload is not None:
+            self.vocab = Vocabulary.from_dict(resume_payload["vocabulary"])
+        else:  # from the training split only
+            self.vocab = Vocabulary.build((c for s in self.train_samples for c in s.captions), cfg.model.min_word_count)
+
+        self.encoder = Encoder(dataclasses.replace(cfg.model.encoder, trainable_stages=0))
+        self.preprocessing = dataclasses.replace(self.encoder.native_preprocessing, resize=cfg.model.resize)
+        decoder_config = DecoderConfig(vocab_size=len(self.vocab), feature_dim=self.encoder.feature_dim,
+                                       **dataclasses.asdict(cfg.model.decoder))
+        torch.manual_seed(cfg.run.seed)
+        self.decoder = Decoder(decoder_config)
+        if resume_payload is not None:
+            state = resume_payload["state_dict"]
+            self.encoder.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("encoder.")})
+            self.decoder.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("decoder.")})
+        self.encoder.to(self.device)
+        self.decoder.to(self.device)
+
+        # Frozen encoder: features come from the cache (encoded once, on rank 0 first).
+        self.cached = cfg.optim.finetune_from_epoch < 0 or cfg.model.encoder.trainable_stages == 0
+        if self.cached:
+            self.train_cache = self._cache([s.image for s in self.train_samples])
+            self.val_cache = self._cache([s.image for s in self.val_samples])
+            self.train = CachedCaptions(self.train_samples, self.train_cache, self.vocab, cfg.model.max_caption_tokens)
+        else:
+            raise NotImplementedError("encoder fine-tuning without the cache is not implemented yet")
+
+        self.model: torch.nn.Module = self.decoder
+        if self.world > 1:
+            self.model = DistributedDataParallel(self.decoder)
+        if cfg.run.compile and self.device.type == "cuda":
+            self.model = torch.compile(self.model)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.decoder.parameters() if p.requires_grad], lr=cfg.optim.lr,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        per_rank = max(1, cfg.optim.batch_images // self.world)
+        steps_per_epoch = math.ceil(len(self.train) // (per_rank * self.world) / cfg.optim.accumulation)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _schedule(cfg, steps_per_epoch * cfg.optim.epochs))
+        if resume_payload is not None:
+            training = resume_payload["training"]
+            self.optimizer.load_state_dict(training["optimizer"])
+            self.scheduler.load_state_dict(training["scheduler"])
+            torch.set_rng_state(training["rng"])
+
+    def _cache(self, paths: list[Path]) -> features.FeatureCache:
+        def build() -> features.FeatureCache:
+            return features.build_or_load(self.encoder, self.preprocessing, paths, self.cfg.data.cache_dir,
+                                          workers=self.cfg.data.workers, progress=self.cfg.run.progress)
+        if self.world > 1:
+            if self.rank == 0:
+                build()
+            dist.barrier()
+        return build()
+
+    def batch(self, images: list[int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.train.batch(images, self.cfg.data.captions_per_image, generator)
+
+    def parameters(self):
+        return [p for p in self.decoder.parameters() if p.requires_grad]
+
+    def val_regions(self, indices: list[int]) -> torch.Tensor:
+        rows = [self.val_cache.row[str(self.val_samples[i].image)] for i in indices]
+        return torch.stack([torch.from_numpy(self.val_cache.regions(r).astype("float32")) for r in rows]).to(self.device)
+
+    def payload(self, progress: Progress, metrics: dict | None = None) -> dict[str, Any]:
+        state = {f"encoder.{k}": v.detach().cpu() for k, v in self.encoder.state_dict().items()}
+        state.update({f"decoder.{k}": v.detach().cpu() for k, v in self.decoder.state_dict().items()})
+        return {
+            "encoder": {**self.encoder.config.to_dict(), "weights_path": None},
+            "decoder": self.decoder.config.to_dict(),
+            "vocabulary": self.vocab.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "provenance": {
+                "config": self.cfg.to_dict(),
+                "train_images": len(self.train),
+                "epoch": progress.epoch,
+                "step": progress.step,
+                "metrics": metrics or {},
+                "torch": torch.__version__,
+                "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+            "state_dict": state,
+        }
+
+    def save_last(self, progress: Progress) -> None:
+        if self.rank != 0:
+            return
+        payload = self.payload(progress)
+        payload["training"] = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "progress": dataclasses.asdict(progress),
+        }
+        save_checkpoint(payload, self.out / "last.pt")
+
+
+def _schedule(cfg: TrainConfig, total_steps: int):
+    warmup, floor = max(cfg.optim.warmup_steps, 0), cfg.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.optim.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def main(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Train; returns the best validation metrics."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() and cfg.run.device != "cpu" else "gloo")
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    out = Path(cfg.run.out_dir)
+    payload = None
+    if resume and (out / "last.pt").is_file():
+        payload = load_checkpoint(out / "last.pt")
+        saved_cfg = config_from_dict(payload["provenance"]["config"])
+        cfg = dataclasses.replace(saved_cfg, run=cfg.run)  # the run's own settings, today's run options
+    ctx = Context(cfg, payload)
+    progress = Progress(**payload["training"]["progress"]) if payload else Progress()
+    if ctx.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        log.info("vocabulary %d words; %d training images, %d validation images; %s",
+                 len(ctx.vocab), len(ctx.train), len(ctx.val_samples), "resuming" if payload else "from scratch")
+    writer = _tensorboard(out) if ctx.rank == 0 else None
+    deadline = None if cfg.run.time_budget_minutes is None else time.monotonic() + 60 * cfg.run.time_budget_minutes
+    stale = 0
+    while progress.epoch < cfg.optim.epochs:
+        time_left = None if deadline is None else deadline - time.monotonic()
+        started = time.monotonic()
+        result = train_one_epoch(ctx, progress, time_left=time_left)
+        if not result.pop("epoch_complete"):
+            ctx.save_last(progress)
+            log.info("time budget reached in epoch %d; resume with --resume", progress.epoch + 1)
+            break
+        record: dict[str, Any] = {"epoch": progress.epoch + 1, "step": progress.step, **result,
+                                  "epoch_seconds": round(time.monotonic() - started, 1)}
+        if ctx.rank == 0 and (progress.epoch + 1) % cfg.eval.every_epochs == 0:
+            metrics, _ = evaluate(ctx.decoder, ctx.vocab, ctx.val_regions, ctx.val_samples, cfg.eval.decode,
+                                  meteor=cfg.eval.meteor, progress=cfg.run.progress)
+            record.update({f"val_{k}": v for k, v in metrics.items()})
+            if metrics["CIDEr-D"] > progress.best_cider:
+                progress.best_cider, progress.best_epoch = metrics["CIDEr-D"], progress.epoch + 1
+                save_checkpoint(ctx.payload(progress, metrics), out / "best.pt")
+                stale = 0
+            else:
+                stale += 1
+        progress.history.append(record)
+        progress.epoch += 1
+        progress.batches_done = 0
+        ctx.save_last(progress)
+        if ctx.rank == 0:
+            with open(out / "metrics.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if writer is not None:
+                for key, value in record.items():
+                    if isinstance(value, (int, float)) and key != "epoch":
+                        writer.add_scalar(key, value, progress.epoch)
+            log.info("epoch %d: %s", progress.epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()})
+        if cfg.eval.patience and stale >= cfg.eval.patience:
+            log.info("no better CIDEr-D for %d epochs: stopping", stale)
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            log.info("time budget reached after epoch %d", progress.epoch)
+            break
+    if ctx.rank == 0:
+        _plot(progress.history, out / "curves.png")
+        if writer is not None:
+            writer.close()
+    if world > 1:
+        dist.barrier()
+    best = next((r for r in progress.history if r["epoch"] == progress.best_epoch), {})
+    return {"best_epoch": progress.best_epoch, **{k: v for k, v in best.items() if k.startswith("val_")}}
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _plot(history: list[dict], path: Path) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [r["train_ce"] for r in history], marker="o", label="train cross-entropy")
+    left.set_xlabel("epoch")
+    left.legend()
+    for key in ("val_CIDEr-D", "val_BLEU-4", "val_METEOR"):
+        points = [(r["epoch"], r[key]) for r in history if key in r]
+        if points:
+            right.plot(*zip(*points), marker="o", label=key[4:])
+    right.set_xlabel("epoch")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
+    parser = argparse.ArgumentParser(prog="captioner train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config file (defaults: training/configs/flickr8k.yaml values)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
+    if bad:
+        parser.error(f"overrides must look like --section.key=value: {' '.join(bad)}")
+    return load_config(args.config, overrides), args.resume
+
+
+def cli(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cfg, resume = parse_args(argv)
+    result = main(cfg, resume=resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
