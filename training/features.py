@@ -56,11 +56,19 @@ class FeatureCache:
         index = json.loads((folder / "index.json").read_text())
         self.paths: list[str] = index["paths"]
         self.valid = np.asarray(index["valid"], dtype=bool)
-        self.row = {p: i for i, p in enumerate(self.paths)}
+        self._row = {str(Path(p).resolve()): i for i, p in enumerate(self.paths)}
         self.array = np.load(folder / "regions.npy", mmap_mode="r")  # (N, P, E) fp16
 
-    def regions(self, index: int) -> np.ndarray:
-        return self.array[index]
+    def row(self, path: str | os.PathLike) -> int:
+        return self._row[str(Path(path).resolve())]
+
+    def usable(self, path: str | os.PathLike) -> bool:
+        return bool(self.valid[self.row(path)])
+
+    def regions(self, paths: Sequence[str | os.PathLike]) -> torch.Tensor:
+        """(B, P, E) float32 features of the given images."""
+        rows = [self.row(p) for p in paths]
+        return torch.from_numpy(np.stack([self.array[r] for r in rows]).astype(np.float32))
 
 
 def build_or_load(

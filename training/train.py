@@ -60,22 +60,21 @@ class CachedCaptions:
     """Training items from the feature cache: image i -> its regions and K of its captions."""
 
     def __init__(self, samples: list[Sample], cache: features.FeatureCache, vocab: Vocabulary, max_tokens: int):
-        rows = [cache.row[str(s.image)] for s in samples]
-        keep = [i for i, r in enumerate(rows) if cache.valid[r]]
+        keep = [i for i, s in enumerate(samples) if cache.usable(s.image)]
         if len(keep) < len(samples):
             log.warning("%d images could not be read when caching and are left out", len(samples) - len(keep))
-        self.rows = [rows[i] for i in keep]
+        self.images = [samples[i].image for i in keep]
         self.captions = [[_encode(vocab, c, max_tokens) for c in samples[i].captions] for i in keep]
         self.cache = cache
         self.pad_id = vocab.pad_id
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.images)
 
     def batch(self, images: list[int], k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """regions (B, P, E) float, tokens (B*K, T) padded: K captions per image, without
         replacement where the image has enough."""
-        regions = torch.stack([torch.from_numpy(self.cache.regions(self.rows[i]).astype("float32")) for i in images])
+        regions = self.cache.regions([self.images[i] for i in images])
         sequences = []
         for i in images:
             options = self.captions[i]
@@ -155,8 +154,8 @@ def train_one_epoch(
             ctx.scheduler.step()
             ctx.optimizer.zero_grad(set_to_none=True)
             progress.step += 1
-        totals["loss"] += float(loss)
-        totals["ce"] += float(ce)
+        totals["loss"] += loss.item()
+        totals["ce"] += ce.item()
         totals["count"] += 1
         bar.update(1)
         bar.set_postfix(loss=f"{float(ce):.3f}", lr=f"{ctx.scheduler.get_last_lr()[0]:.2e}")
@@ -280,8 +279,7 @@ class Context:
         return [p for p in self.decoder.parameters() if p.requires_grad]
 
     def val_regions(self, indices: list[int]) -> torch.Tensor:
-        rows = [self.val_cache.row[str(self.val_samples[i].image)] for i in indices]
-        return torch.stack([torch.from_numpy(self.val_cache.regions(r).astype("float32")) for r in rows]).to(self.device)
+        return self.val_cache.regions([self.val_samples[i].image for i in indices]).to(self.device)
 
     def payload(self, progress: Progress, metrics: dict | None = None) -> dict[str, Any]:
         state = {f"encoder.{k}": v.detach().cpu() for k, v in self.encoder.state_dict().items()}

