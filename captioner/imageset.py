@@ -43,13 +43,22 @@ class ImageFileDataset(Dataset):
 
 def collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> PixelBatch:
     good = [(i, p) for i, p, _ in items if p is not None]
-    size = items[0][1].shape[-1] if good else 0
+    size = good[0][1].shape[-1] if good else 0
     pixels = torch.stack([p for _, p in good]) if good else torch.empty(0, 3, size, size, dtype=torch.uint8)
     return PixelBatch([i for i, _ in good], pixels, [(i, e) for i, _, e in items if e is not None])
 
 
-def pixel_loader(dataset: ImageFileDataset, *, batch_size: int, workers: int) -> DataLoader:
-    """Batches in dataset order; decoding overlaps the model when workers > 0."""
+def pixel_loader(dataset: ImageFileDataset, *, batch_size: int, workers: int,
+                 prefetch_batches: int = 4) -> DataLoader:
+    """Batches in dataset order; decoding overlaps the model when workers > 0.
+
+    Each worker decodes whole batches with one thread (`_init_worker`): the model in the main
+    process keeps its intra-op threads, and workers never oversubscribe the cores with their own
+    thread pools. `prefetch_batches` is how many batches each worker may decode ahead."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=collate, persistent_workers=False,
-                      prefetch_factor=4 if workers > 0 else None)
+                      collate_fn=collate, persistent_workers=False, worker_init_fn=_init_worker,
+                      prefetch_factor=prefetch_batches if workers > 0 else None)
+
+
+def _init_worker(worker_id: int) -> None:
+    torch.set_num_threads(1)
