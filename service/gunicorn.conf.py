@@ -1,0 +1,42 @@
+"""gunicorn settings for `gunicorn -c service/gunicorn.conf.py 'service:create_app()'`.
+
+Every value comes from the environment, so `captioner serve` and `docker run -e ...` configure the
+same file. No `preload_app`: each worker loads the model itself in `create_app`, after the fork
+(PyTorch's thread pools do not survive a fork). Each worker gets cores / workers torch threads
+unless CAPTIONER_TORCH_THREADS says otherwise.
+"""
+
+import os
+
+bind = os.environ.get("CAPTIONER_BIND", "{}:{}".format(os.environ.get("CAPTIONER_HOST", "127.0.0.1"),
+                                                       os.environ.get("CAPTIONER_PORT", "8000")))
+workers = int(os.environ.get("CAPTIONER_WORKERS", "1"))
+# Request threads per worker: they decode images in parallel and wait on the micro-batcher.
+threads = int(os.environ.get("CAPTIONER_THREADS", "16"))
+worker_class = "gthread"
+preload_app = False
+timeout = int(os.environ.get("CAPTIONER_WORKER_TIMEOUT", "120"))  # covers loading the model
+graceful_timeout = 30
+keepalive = 5
+backlog = 256
+limit_request_line = 8190
+limit_request_fields = 100
+accesslog = os.environ.get("CAPTIONER_ACCESS_LOG", "-") or None
+errorlog = "-"
+loglevel = os.environ.get("CAPTIONER_LOG_LEVEL", "info")
+proc_name = "captioner"
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+
+# Read by create_app in each worker: torch threads share the cores among workers.
+os.environ["CAPTIONER_WORKERS"] = str(workers)
+
+
+def post_worker_init(worker):
+    worker.log.info("worker %s ready", worker.pid)
+
+
+def worker_exit(server, worker):
+    app = getattr(worker, "wsgi", None)
+    state = getattr(app, "extensions", {}).get("captioner") if app is not None else None
+    if state is not None:
+        state.close()

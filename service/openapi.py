@@ -1,0 +1,205 @@
+"""The OpenAPI 3.1 document of the service, built from `DecodeConfig` so options never drift."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from captioner.decoding import DecodeConfig
+
+from .config import ServiceConfig
+
+# The bounds `DecodeConfig` enforces beyond its integer `LIMITS`.
+_FLOAT_BOUNDS = {
+    "temperature": {"exclusiveMinimum": 0, "maximum": 100},
+    "top_p": {"exclusiveMinimum": 0, "maximum": 1},
+    "length_penalty": {"minimum": -5, "maximum": 5},
+}
+_DESCRIPTIONS = {
+    "num_beams": "beam width; 1 is greedy (or sampling with do_sample)",
+    "num_return_sequences": "how many captions per image (n-best list); at most num_beams unless sampling",
+    "max_new_tokens": "maximum words per caption",
+    "min_new_tokens": "minimum words before the caption may end",
+    "length_penalty": "score = log_prob / length ** length_penalty",
+    "no_repeat_ngram_size": "never repeat an n-gram of this size; 0 disables",
+    "do_sample": "sample instead of beam search (requires num_beams=1)",
+    "temperature": "sampling temperature",
+    "top_k": "sample from the k most likely words; 0 disables",
+    "top_p": "nucleus sampling threshold",
+    "seed": "random seed for reproducible sampling",
+    "return_attention": "include each word's attention grid in the response",
+}
+
+
+def option_schema(field: dataclasses.Field) -> dict[str, Any]:
+    default = field.default
+    if isinstance(default, bool):
+        schema: dict[str, Any] = {"type": "boolean"}
+    elif field.name == "seed":
+        schema = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+    elif isinstance(default, int):
+        low, high = DecodeConfig.LIMITS[field.name]
+        schema = {"type": "integer", "minimum": low, "maximum": high}
+    else:
+        schema = {"type": "number", **_FLOAT_BOUNDS[field.name]}
+    if default is not None:
+        schema["default"] = default
+    return schema
+
+
+def _option_parameters() -> list[dict[str, Any]]:
+    return [{"name": f.name, "in": "query", "required": False, "schema": option_schema(f),
+             "description": _DESCRIPTIONS.get(f.name, f.name)} for f in dataclasses.fields(DecodeConfig)]
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+
+
+def build_openapi(config: ServiceConfig, version: str) -> dict[str, Any]:
+    errors = {
+        "400": _problem("truncated or corrupt image, or a malformed request"),
+        "401": _problem("missing or wrong API key (when keys are configured)"),
+        "413": _problem(f"body over {config.max_body_bytes} bytes, image over {config.max_pixels} pixels, "
+                        f"or more than {config.max_images_per_request} images"),
+        "415": _problem("not an image, an unsupported image format, or an unsupported Content-Type"),
+        "422": _problem("a decoding option out of range, of the wrong type, or unknown"),
+        "503": {**_problem("the batch queue is full or the request's deadline passed; retry later"),
+                "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
+    }
+    multipart = {
+        "type": "object",
+        "required": ["image"],
+        "properties": {
+            "image": {"type": "array", "items": {"type": "string", "format": "binary", "contentMediaType": "image/*"},
+                      "minItems": 1, "maxItems": config.max_images_per_request,
+                      "description": "one part per image"},
+            **{f.name: option_schema(f) for f in dataclasses.fields(DecodeConfig)},
+        },
+    }
+    image_body = {
+        "required": True,
+        "content": {
+            "image/*": {"schema": {"type": "string", "contentMediaType": "image/*"}},
+            "multipart/form-data": {"schema": multipart, "encoding": {"image": {"contentType": "image/*"}}},
+        },
+    }
+    security = [{"bearer": []}] if config.api_keys else []
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "captioner",
+            "version": version,
+            "description": "Image captioning: a pretrained CNN encoder and an LSTM decoder with soft attention. "
+                           "Images are never fetched from URLs or paths: send their bytes.",
+        },
+        "paths": {
+            "/v1/captions": {"post": {
+                "operationId": "caption",
+                "summary": "Caption one or more images",
+                "description": "One image as the raw body (Content-Type image/*) or images as multipart parts "
+                               "named `image`. Options as query or form fields.",
+                "parameters": _option_parameters(),
+                "requestBody": image_body,
+                "security": security,
+                "responses": {"200": {"description": "captions, best first",
+                                      "content": {"application/json": {
+                                          "schema": {"$ref": "#/components/schemas/CaptionResponse"}}}},
+                              **errors},
+            }},
+            "/v1/captions/attention.png": {"post": {
+                "operationId": "attentionPng",
+                "summary": "The image with one attention heat-map panel per generated word",
+                "parameters": _option_parameters(),
+                "requestBody": image_body,
+                "security": security,
+                "responses": {"200": {"description": "PNG contact sheet",
+                                      "content": {"image/png": {"schema": {"type": "string",
+                                                                           "contentMediaType": "image/png"}}}},
+                              **errors},
+            }},
+            "/v1/model": {"get": {
+                "operationId": "model",
+                "summary": "What model is served",
+                "security": security,
+                "responses": {"200": {"description": "model card",
+                                      "content": {"application/json": {
+                                          "schema": {"$ref": "#/components/schemas/Model"}}}},
+                              "401": errors["401"]},
+            }},
+            "/healthz": {"get": {"operationId": "healthz", "summary": "The process is alive",
+                                 "responses": {"200": {"description": "alive", "content": {
+                                     "application/json": {"schema": {"type": "object"}}}}}}},
+            "/readyz": {"get": {"operationId": "readyz", "summary": "The model is loaded and warm",
+                                "responses": {"200": {"description": "ready", "content": {
+                                    "application/json": {"schema": {"type": "object"}}}},
+                                    "503": _problem("not ready")}}},
+            "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics",
+                                 "responses": {"200": {"description": "text exposition format", "content": {
+                                     "text/plain": {"schema": {"type": "string"}}}}}}},
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Problem": {
+                    "type": "object",
+                    "required": ["type", "title", "status", "detail"],
+                    "properties": {"type": {"type": "string"}, "title": {"type": "string"},
+                                   "status": {"type": "integer"}, "detail": {"type": "string"}},
+                },
+                "Sequence": {
+                    "type": "object",
+                    "required": ["text", "words", "log_prob", "score", "token_log_probs", "finished"],
+                    "properties": {
+                        "text": {"type": "string"},
+                        "words": {"type": "array", "items": {"type": "string"}},
+                        "log_prob": {"type": "number"},
+                        "score": {"type": "number"},
+                        "token_log_probs": {"type": "array", "items": {"type": "number"}},
+                        "finished": {"type": "boolean", "description": "ended with <eos>"},
+                        "attention": {"type": "array", "description": "(T, H', W'): one grid per word, then <eos>",
+                                      "items": {"type": "array", "items": {"type": "array",
+                                                                            "items": {"type": "number"}}}},
+                        "attention_shape": {"type": "array", "items": {"type": "integer"}},
+                    },
+                },
+                "ImageResult": {
+                    "type": "object",
+                    "required": ["index", "caption", "score", "sequences"],
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "filename": {"type": ["string", "null"]},
+                        "caption": {"type": "string"},
+                        "score": {"type": "number"},
+                        "sequences": {"type": "array", "items": {"$ref": "#/components/schemas/Sequence"}},
+                    },
+                },
+                "CaptionResponse": {
+                    "type": "object",
+                    "required": ["model", "images", "options", "timings_ms"],
+                    "properties": {
+                        "model": {"type": "string"},
+                        "images": {"type": "array", "items": {"$ref": "#/components/schemas/ImageResult"}},
+                        "options": {"type": "object"},
+                        "timings_ms": {"type": "object", "additionalProperties": {"type": "number"}},
+                    },
+                },
+                "Model": {
+                    "type": "object",
+                    "required": ["id", "backbone", "attention", "vocabulary_size", "checkpoint_sha256"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "backbone": {"type": "string"},
+                        "attention": {"type": "boolean"},
+                        "vocabulary_size": {"type": "integer"},
+                        "feature_grid": {"type": "array", "items": {"type": "integer"}},
+                        "checkpoint_sha256": {"type": ["string", "null"]},
+                        "training_data": {},
+                        "metrics": {"type": "object"},
+                        "provenance": {"type": "object"},
+                    },
+                },
+            },
+        },
+    }

@@ -1,0 +1,179 @@
+"""The micro-batcher alone, with a fake model: batching, routing, grouping, limits, deadlines."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from captioner.decoding import DecodeConfig
+from service.batcher import DeadlineExceeded, MicroBatcher, QueueFull
+
+
+class FakeModel:
+    """Returns each image's id (its first pixel) with the config's num_beams; records batches."""
+
+    def __init__(self, delay: float = 0.0):
+        self.batches: list[list[int]] = []
+        self.delay = delay
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, pixels: torch.Tensor, config: DecodeConfig) -> list[tuple[int, int]]:
+        self.gate.wait(10)
+        time.sleep(self.delay)
+        ids = pixels[:, 0, 0, 0].tolist()
+        self.batches.append(ids)
+        return [(i, config.num_beams) for i in ids]
+
+
+def image(i: int) -> torch.Tensor:
+    return torch.full((3, 4, 4), i, dtype=torch.uint8)
+
+
+def later(seconds: float = 10.0) -> float:
+    return time.monotonic() + seconds
+
+
+@pytest.fixture
+def batcher_factory():
+    made: list[MicroBatcher] = []
+
+    def make(model, **kwargs) -> MicroBatcher:
+        made.append(MicroBatcher(model, **kwargs))
+        return made[-1]
+
+    yield make
+    for batcher in made:
+        batcher.close()
+
+
+def test_concurrent_requests_share_a_batch_and_get_their_own_results(batcher_factory):
+    model = FakeModel()
+    batcher = batcher_factory(model, max_batch_size=8, max_wait_ms=200)
+    config = DecodeConfig(num_beams=2)
+    results: dict[int, tuple] = {}
+
+    def request(i: int) -> None:
+        [job] = batcher.submit([image(i)], config, deadline=later())
+        results[i] = job.wait()
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == {i: (i, 2) for i in range(8)}
+    assert max(len(b) for b in model.batches) > 1
+    assert sum(len(b) for b in model.batches) == 8
+
+
+def test_batches_never_exceed_the_maximum_and_keep_order(batcher_factory):
+    model = FakeModel()
+    model.gate.clear()
+    batcher = batcher_factory(model, max_batch_size=4, max_wait_ms=50, max_queue=32)
+    jobs = batcher.submit([image(i) for i in range(10)], DecodeConfig(), deadline=later())
+    model.gate.set()
+    assert [job.wait()[0] for job in jobs] == list(range(10))
+    assert all(len(b) <= 4 for b in model.batches)
+    assert [i for b in model.batches for i in b] == list(range(10))
+
+
+def test_different_decode_configs_never_share_a_batch(batcher_factory):
+    model = FakeModel()
+    model.gate.clear()
+    batcher = batcher_factory(model, max_batch_size=16, max_wait_ms=50)
+    a = batcher.submit([image(1), image(2)], DecodeConfig(num_beams=1), deadline=later())
+    b = batcher.submit([image(3)], DecodeConfig(num_beams=3), deadline=later())
+    c = batcher.submit([image(4)], DecodeConfig(num_beams=1), deadline=later())
+    model.gate.set()
+    assert [j.wait() for j in a + b + c] == [(1, 1), (2, 1), (3, 3), (4, 1)]
+    assert sorted(model.batches) == [[1, 2, 4], [3]]
+
+
+def test_seeded_sampling_is_batched_only_within_its_request(batcher_factory):
+    model = FakeModel()
+    model.gate.clear()
+    batcher = batcher_factory(model, max_batch_size=16, max_wait_ms=50)
+    config = DecodeConfig(num_beams=1, do_sample=True, seed=3)
+    first = batcher.submit([image(1), image(2)], config, deadline=later(), request_key="r1")
+    second = batcher.submit([image(3)], config, deadline=later(), request_key="r2")
+    model.gate.set()
+    for job in first + second:
+        job.wait()
+    assert sorted(model.batches) == [[1, 2], [3]]
+
+
+def test_batch_size_one_turns_batching_off(batcher_factory):
+    model = FakeModel()
+    model.gate.clear()
+    batcher = batcher_factory(model, max_batch_size=1, max_wait_ms=50)
+    jobs = batcher.submit([image(i) for i in range(3)], DecodeConfig(), deadline=later())
+    model.gate.set()
+    for job in jobs:
+        job.wait()
+    assert model.batches == [[0], [1], [2]]
+
+
+def test_a_full_queue_refuses_the_whole_request_at_once(batcher_factory):
+    model = FakeModel()
+    model.gate.clear()
+    batcher = batcher_factory(model, max_batch_size=1, max_wait_ms=0, max_queue=3)
+    first = batcher.submit([image(0)], DecodeConfig(), deadline=later())
+    deadline = time.monotonic() + 5
+    while batcher.depth and time.monotonic() < deadline:  # the batcher takes it and blocks
+        time.sleep(0.005)
+    batcher.submit([image(1), image(2)], DecodeConfig(), deadline=later())
+    started = time.monotonic()
+    with pytest.raises(QueueFull):
+        batcher.submit([image(3), image(4)], DecodeConfig(), deadline=later())
+    assert time.monotonic() - started < 0.1
+    assert batcher.depth == 2  # nothing of the refused request was queued
+    model.gate.set()
+    assert first[0].wait() == (0, 3)
+
+
+def test_expired_jobs_are_dropped_without_computing_them(batcher_factory):
+    model = FakeModel()
+    model.gate.clear()
+    batcher = batcher_factory(model, max_batch_size=1, max_wait_ms=0)
+    blocker = batcher.submit([image(0)], DecodeConfig(), deadline=later())
+    [expiring] = batcher.submit([image(1)], DecodeConfig(), deadline=time.monotonic() + 0.05)
+    with pytest.raises(DeadlineExceeded):
+        expiring.wait()
+    model.gate.set()
+    blocker[0].wait()
+    batcher.submit([image(2)], DecodeConfig(), deadline=later())[0].wait()
+    assert [1] not in model.batches
+
+
+def test_a_failing_batch_fails_its_requests_and_the_batcher_lives_on(batcher_factory):
+    calls = {"n": 0}
+
+    def flaky(pixels, config):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return list(range(len(pixels)))
+
+    batcher = batcher_factory(flaky, max_batch_size=4, max_wait_ms=0)
+    [job] = batcher.submit([image(0)], DecodeConfig(), deadline=later())
+    with pytest.raises(RuntimeError, match="boom"):
+        job.wait()
+    assert batcher.submit([image(1)], DecodeConfig(), deadline=later())[0].wait() == 0
+
+
+def test_observer_sees_batch_sizes_and_queue_depth(batcher_factory):
+    seen: list[tuple[str, float]] = []
+    model = FakeModel()
+    model.gate.clear()
+    batcher = batcher_factory(model, max_batch_size=4, max_wait_ms=20, observe=lambda n, v: seen.append((n, v)))
+    jobs = batcher.submit([image(i) for i in range(4)], DecodeConfig(), deadline=later())
+    model.gate.set()
+    for job in jobs:
+        job.wait()
+    assert ("queue_depth", 4) in seen
+    assert ("batch_size", 4) in seen
+    assert any(name == "inference_s" for name, _ in seen)

@@ -1,0 +1,52 @@
+"""Fuzz the API from its own OpenAPI document with schemathesis (offline, through WSGI): whatever
+the options and bodies, never a 500, and every answer matches the document (status codes,
+content types, schemas, headers). Schema-valid requests may still be refused (a valid byte string
+is rarely a valid image; num_return_sequences must not exceed num_beams), so schemathesis' check
+that positive data is accepted is left out."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+from tests.service.conftest import corpus
+
+# Image bodies: the corpus of valid, broken and unusual images, or arbitrary bytes.
+IMAGES = st.one_of(st.sampled_from([data for data, _ in corpus().values()]), st.binary(max_size=2048))
+schemathesis.openapi.media_type("image/*", IMAGES)
+
+OPERATIONS = ["POST /v1/captions", "POST /v1/captions/attention.png", "GET /v1/model", "GET /healthz",
+              "GET /readyz", "GET /metrics"]
+
+
+@pytest.fixture(scope="module")
+def schema(app):
+    return schemathesis.openapi.from_wsgi("/openapi.json", app)
+
+
+def test_every_documented_operation_is_fuzzed(schema):
+    assert sorted(result.ok().label for result in schema.get_all_operations()) == sorted(OPERATIONS)
+
+
+@pytest.mark.parametrize("label", OPERATIONS)
+def test_no_500_and_answers_match_the_document(schema, label):
+    method, path = label.split(" ")
+    operation = schema[path][method]
+    statuses: collections.Counter = collections.Counter()
+
+    @given(case=operation.as_strategy())
+    @settings(max_examples=60 if method == "POST" else 5, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    def run(case):
+        response = case.call_and_validate(excluded_checks=[positive_data_acceptance])
+        statuses[response.status_code] += 1
+
+    run()
+    assert statuses and all(status < 500 for status in statuses), statuses
+    if method == "POST":  # the fuzzer reached both the model and the error paths
+        assert statuses[200] >= 1 and len(statuses) >= 3, statuses

@@ -1,0 +1,124 @@
+"""A real gunicorn process (service/gunicorn.conf.py, no --preload) on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import make_photo
+
+ROOT = Path(__file__).resolve().parents[2]
+CLIENTS = 32
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint: str, tmp_path_factory):
+    port = free_port()
+    env = {**os.environ, "CAPTIONER_CHECKPOINT": tiny_checkpoint, "CAPTIONER_BIND": f"127.0.0.1:{port}",
+           "CAPTIONER_WORKERS": "1", "CAPTIONER_THREADS": str(CLIENTS), "CAPTIONER_MAX_WAIT_MS": "20",
+           "CAPTIONER_MAX_BATCH_SIZE": "16", "CAPTIONER_ACCESS_LOG": "", "CAPTIONER_TORCH_THREADS": "1"}
+    log = tmp_path_factory.mktemp("gunicorn") / "server.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "service" / "gunicorn.conf.py"), "service:create_app()"],
+            cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet, or the worker is still loading
+                pass
+            assert time.monotonic() < deadline, "gunicorn did not become ready in 60 s:\n" + log.read_text()
+            time.sleep(0.2)
+        yield url, process, log
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+
+def batch_histogram(url: str) -> dict[str, float]:
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("captioner_batch_size"):
+                samples[s.name + s.labels.get("le", "")] = s.value
+    return samples
+
+
+def test_32_concurrent_clients_are_answered_correctly_in_shared_batches(server, tiny_captioner):
+    url, _, _ = server
+    before = batch_histogram(url)
+    photos = [make_photo(seed=100 + i) for i in range(CLIENTS)]
+    expected = [r.text for r in tiny_captioner.caption(photos, num_beams=1, max_new_tokens=8)]
+    barrier = threading.Barrier(CLIENTS)
+
+    def client(i: int) -> tuple[int, str]:
+        with requests.Session() as session:
+            barrier.wait(30)
+            response = session.post(f"{url}/v1/captions", params={"num_beams": 1, "max_new_tokens": 8},
+                                    data=photos[i], headers={"Content-Type": "image/jpeg"}, timeout=120)
+        return response.status_code, response.json()["images"][0]["caption"]
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        answers = list(pool.map(client, range(CLIENTS)))
+    assert [status for status, _ in answers] == [200] * CLIENTS
+    assert [caption for _, caption in answers] == expected  # each client got its own image's caption
+    after = batch_histogram(url)
+    images = after["captioner_batch_size_sum"] - before.get("captioner_batch_size_sum", 0)
+    batches = after["captioner_batch_size_count"] - before.get("captioner_batch_size_count", 0)
+    singles = after["captioner_batch_size_bucket1.0"] - before.get("captioner_batch_size_bucket1.0", 0)
+    assert images == CLIENTS
+    assert batches < CLIENTS and singles < batches, (batches, singles)  # batches larger than one
+    assert after["captioner_batch_size_bucket16.0"] == after["captioner_batch_size_count"]  # none over 16
+
+
+def test_bad_input_is_answered_and_the_worker_keeps_serving(server):
+    url, process, _ = server
+    bad = requests.post(f"{url}/v1/captions", data=b"GIF89a broken", headers={"Content-Type": "image/gif"}, timeout=30)
+    assert bad.status_code in (400, 415) and bad.headers["Content-Type"] == "application/problem+json"
+    options = requests.post(f"{url}/v1/captions?num_beams=99", data=make_photo(),
+                            headers={"Content-Type": "image/jpeg"}, timeout=30)
+    assert options.status_code == 422
+    huge = requests.post(f"{url}/v1/captions", data=b"\0" * (10 * 1024 * 1024 + 10),
+                         headers={"Content-Type": "image/png"}, timeout=30)
+    assert huge.status_code == 413
+    missing = requests.get(f"{url}/nowhere", timeout=10)
+    assert missing.status_code == 404 and missing.json()["status"] == 404
+    good = requests.post(f"{url}/v1/captions", data=make_photo(), headers={"Content-Type": "image/jpeg"}, timeout=30)
+    assert good.status_code == 200
+    assert process.poll() is None
+
+
+def test_sigterm_stops_the_server(server):
+    url, process, log = server
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0, log.read_text()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/healthz", timeout=2)
