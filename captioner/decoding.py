@@ -113,6 +113,7 @@ class _Rules:
         """logits (N, V), history (N, t) generated so far -> (N, V) log-probs, -inf where banned:
         special tokens, <eos> before min_new_tokens, tokens that would repeat an n-gram."""
         logp = logits.float().log_softmax(dim=-1)
+        eos_logp = logp[:, self.eos].clone()
         if self.banned:
             logp[:, list(self.banned)] = NEG_INF
         if history.shape[1] < self.config.min_new_tokens:
@@ -126,6 +127,11 @@ class _Rules:
             seen = (windows[:, :, :-1] == suffix[:, None]).all(dim=-1)  # (N, W)
             penalty = torch.zeros(seen.shape, dtype=logp.dtype, device=logp.device).masked_fill_(seen, NEG_INF)
             logp.scatter_add_(1, windows[:, :, -1], penalty)
+        # Rules that leave no word at all (min_new_tokens beyond what no_repeat_ngram_size allows
+        # with this vocabulary) end the caption instead of emitting a banned token or no beam.
+        stuck = torch.isinf(logp).all(dim=-1)
+        if stuck.any():
+            logp[stuck, self.eos] = eos_logp[stuck]
         return logp
 
     def score(self, log_prob: torch.Tensor, length: int | torch.Tensor) -> torch.Tensor:
