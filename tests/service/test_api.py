@@ -337,3 +337,17 @@ def test_config_precedence_defaults_env_overrides():
         ServiceConfig.resolve(environ={"CAPTIONER_MAX_QUEUE": "many"})
     with pytest.raises(ValueError, match="unknown service setting"):
         ServiceConfig.resolve({"max_batch": 3}, environ={})
+
+
+@pytest.mark.parametrize("route", ["/v1/captions", "/v1/captions/attention.png"])
+@pytest.mark.parametrize("beams", [1, 3])
+def test_options_that_exhaust_the_vocabulary_still_caption(client, route, beams):
+    # Found by the fuzzer: no_repeat_ngram_size=1 with min_new_tokens beyond the 16-word vocabulary
+    # left no allowed word; beam search returned no caption (a 500) and greedy emitted <pad>.
+    query = f"num_beams={beams}&no_repeat_ngram_size=1&min_new_tokens=30&max_new_tokens=30"
+    response = client.post(f"{route}?{query}", data=make_photo(), content_type="image/jpeg")
+    assert response.status_code == 200, response.data[:300]
+    if route == "/v1/captions":
+        seq = response.get_json()["images"][0]["sequences"][0]
+        assert seq["finished"] and "<pad>" not in seq["words"]
+        assert len(seq["words"]) == len(set(seq["words"]))
