@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .cli import add_decode_arguments, add_model_arguments, decode_options, load_model
 
@@ -194,7 +194,7 @@ class JsonlStore:
         self._handle.flush()
         os.fsync(self._handle.fileno())
 
-    def finish(self, *, complete: bool) -> None:
+    def finish(self) -> None:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
@@ -216,11 +216,11 @@ class CsvStore(JsonlStore):
             raise OutputError(f"{self.path} is not a caption-folder CSV (its header is not "
                               f"{','.join(CSV_FIELDS)}); choose another output or pass --overwrite")
         for row in rows[1:]:
-            record = dict(zip(CSV_FIELDS, row))
-            record = {k: v for k, v in record.items() if v != ""}
-            if "score" in record:
-                record["score"] = float(record["score"])
-            self.records.append(record)
+            path, caption, score, error = (row + ["", "", "", ""])[:4]
+            if error:
+                self.records.append({"path": path, "error": error})
+            else:
+                self.records.append({"path": path, "caption": caption, "score": float(score)})
         self._handle = open(self.path, "r+b")
         end_bytes = len(text[:end].encode("utf-8", errors="surrogateescape"))
         self._handle.truncate(end_bytes)
@@ -274,8 +274,8 @@ class CocoStore(JsonlStore):
                               "choose another output or pass --overwrite")
         super().open(overwrite=overwrite)
 
-    def finish(self, *, complete: bool) -> None:
-        super().finish(complete=complete)
+    def finish(self) -> None:
+        super().finish()
         captioned = [r for r in self.records if "caption" in r]
         ids = coco_image_ids([r["path"] for r in captioned])
         results = [{"image_id": ids[r["path"]], "caption": r["caption"], "score": r["score"],
@@ -378,7 +378,7 @@ class Summary:
         return (self.captioned + self.failed) / self.elapsed if self.elapsed > 0 else 0.0
 
     def describe(self, output: Path) -> str:
-        line = (f"captioned {self.captioned}, failed {self.failed}, skipped {self.skipped} (not images)"
+        line = (f"captioned {self.captioned}, failed {self.failed}, skipped {self.skipped} (not images, or hidden)"
                 f"{f', {self.already_done} already in OUT' if self.already_done else ''}; "
                 f"{self.elapsed:.1f} s, {self.images_per_s:.2f} images/s -> {output}")
         shown = [f"  {path}: {reason}" for path, reason in self.failures[:10]]
@@ -429,10 +429,10 @@ def run(args: argparse.Namespace) -> int:
         interrupted = True
     except OSError as error:
         print(f"captioner caption-folder: cannot write {output}: {error}", file=sys.stderr)
-        store.finish(complete=False)
+        store.finish()
         return 2
     try:
-        store.finish(complete=not interrupted)
+        store.finish()
         if args.html and not interrupted:
             from .gallery import write_gallery
 
@@ -482,8 +482,3 @@ def _caption_all(model, config, root: Path, todo: list[str], store: JsonlStore, 
             if summary.failed:
                 bar.set_postfix(failed=summary.failed, refresh=False)
 
-
-def main(argv: Iterable[str] | None = None) -> int:
-    from .cli import main as cli_main
-
-    return cli_main(["caption-folder", *(argv if argv is not None else sys.argv[1:])])

@@ -3,7 +3,8 @@
 Cards show each image (linked by a relative URL from the page to the original file, loaded lazily
 and scaled down by the browser) with its caption and score; failed images show their error. The
 cards are rendered in path order, so the page reads without JavaScript; a few lines of script
-re-sort them by score (best or worst first) or path, and filter them by caption text.
+re-sort them by score (best or worst first, the default) or path, and filter them by caption text;
+the order is kept in the address (`gallery.html#sort=score-asc`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ function show() {
     grid.appendChild(card);
   }
 }
-document.getElementById("sort").addEventListener("change", show);
+const select = document.getElementById("sort");
+const wanted = new URLSearchParams(location.hash.slice(1)).get("sort");  // e.g. gallery.html#sort=path
+if (Array.from(select.options).some(o => o.value === wanted)) select.value = wanted;
+select.addEventListener("change", () => { history.replaceState(null, "", "#sort=" + select.value); show(); });
 document.getElementById("filter").addEventListener("input", show);
 show();
 """

@@ -137,7 +137,7 @@ def test_captions_every_image_in_order_and_matches_the_library(photo_dir, tiny_c
     assert snapshot(photo_dir) == before  # nothing written into DIR
     err = capsys.readouterr().err
     assert "img/s" in err  # the progress bar
-    assert re.search(r"captioned 5, failed 0, skipped 3 \(not images\); [\d.]+ s, [\d.]+ images/s", err)
+    assert re.search(r"captioned 5, failed 0, skipped 3 \(not images, or hidden\); [\d.]+ s, [\d.]+ images/s", err)
 
 
 def test_unreadable_files_become_error_records_and_the_run_goes_on(tmp_path, tiny_checkpoint, capsys):
@@ -214,7 +214,7 @@ def test_rerun_skips_done_images_and_overwrite_starts_again(photo_dir, tiny_chec
     assert run(photo_dir, "-o", out, *common) == 0
     assert out.read_bytes().startswith(first)
     assert [r["path"] for r in read_jsonl(out)][-1] == "z_new.jpg" and len(read_jsonl(out)) == 5
-    assert "captioned 1, failed 0, skipped 3 (not images), 4 already in OUT" in capsys.readouterr().err
+    assert "captioned 1, failed 0, skipped 3 (not images, or hidden), 4 already in OUT" in capsys.readouterr().err
     assert run(photo_dir, "-o", out, *common) == 0  # nothing left to do is not a failure
     assert len(read_jsonl(out)) == 5
     assert run(photo_dir, "-o", out, "--overwrite", *common) == 0
