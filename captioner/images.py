@@ -60,7 +60,7 @@ def open_image(
     if isinstance(source, Image.Image):
         image = source
     else:
-        image = _open(source, name)
+        image = _open(source, name, max_pixels)
     width, height = image.size
     if width * height > max_pixels:
         raise ImageTooLargeError(
@@ -78,7 +78,7 @@ def open_image(
         raise CorruptImageError(f"{name}: truncated or corrupt image ({error})") from error
 
 
-def _open(source: ImageSource, name: str) -> Image.Image:
+def _open(source: ImageSource, name: str, max_pixels: int) -> Image.Image:
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise UnsupportedImageError(f"{name}: empty data, not an image")
@@ -94,11 +94,9 @@ def _open(source: ImageSource, name: str) -> Image.Image:
             return Image.open(stream)  # reads the header only
     except UnidentifiedImageError as error:
         raise UnsupportedImageError(f"{name}: not an image, or an unsupported format") from error
-    except Image.DecompressionBombError as error:
-        raise ImageTooLargeError(f"{name}: {error}") from error
-    except FileNotFoundError:
-        raise
-    except IsADirectoryError:
+    except Image.DecompressionBombError as error:  # Pillow's own, far higher, limit
+        raise ImageTooLargeError(f"{name}: over the limit of {max_pixels / 1e6:.1f} megapixels ({error})") from error
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except OSError as error:
         raise CorruptImageError(f"{name}: {error}") from error

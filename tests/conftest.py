@@ -17,6 +17,10 @@ from captioner.encoder import Encoder, EncoderConfig
 from captioner.preprocessing import Preprocessing
 from captioner.vocab import SPECIALS, Vocabulary
 
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads
+# waiting on each other make them orders of magnitude slower.
+torch.set_num_threads(1)
+
 WORDS = ["a", "dog", "cat", "runs", "sits", "on", "the", "grass", "sofa", "red", "ball", "with",
          "man", "rides", "bike", "in", "park"]  # 4 specials + 16 words = a vocabulary of 20
 

@@ -49,6 +49,7 @@ class DataSettings:
     val_split: str = "dev"
     captions_per_image: int = 5  # sequences per image in a batch; the image is encoded once
     cache_dir: str = "cache/features"
+    use_cache: bool = True  # frozen encoder: encode each image once; false runs the encoder every step
     workers: int = 2
 
 

@@ -38,6 +38,7 @@ from captioner.vocab import Vocabulary
 
 from . import features
 from .config import TrainConfig, config_from_dict, load_config
+from .batches import CaptionBatches
 from .data import Sample, load_dataset
 from .metrics import caption_metrics, diversity
 
@@ -56,46 +57,21 @@ class Progress:
     history: list = dataclasses.field(default_factory=list)
 
 
-class CachedCaptions:
-    """Training items from the feature cache: image i -> its regions and K of its captions."""
+class CaptionModel(torch.nn.Module):
+    """Encoder + decoder for training: inputs are cached regions (B, P, E) float, or pixels
+    (B, 3, S, S) uint8 that go through the encoder (frozen, or fine-tuning its last stages)."""
 
-    def __init__(self, samples: list[Sample], cache: features.FeatureCache, vocab: Vocabulary, max_tokens: int):
-        keep = [i for i, s in enumerate(samples) if cache.usable(s.image)]
-        if len(keep) < len(samples):
-            log.warning("%d images could not be read when caching and are left out", len(samples) - len(keep))
-        self.images = [samples[i].image for i in keep]
-        self.captions = [[_encode(vocab, c, max_tokens) for c in samples[i].captions] for i in keep]
-        self.cache = cache
-        self.pad_id = vocab.pad_id
+    def __init__(self, encoder: Encoder, decoder: Decoder, preprocessing):
+        super().__init__()
+        self.encoder, self.decoder, self.preprocessing = encoder, decoder, preprocessing
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def batch(self, images: list[int], k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """regions (B, P, E) float, tokens (B*K, T) padded: K captions per image, without
-        replacement where the image has enough."""
-        regions = self.cache.regions([self.images[i] for i in images])
-        sequences = []
-        for i in images:
-            options = self.captions[i]
-            order: list[int] = []
-            while len(order) < k:
-                order += torch.randperm(len(options), generator=generator).tolist()
-            sequences.extend(options[j] for j in order[:k])
-        return regions, pad_sequences(sequences, self.pad_id)
-
-
-def _encode(vocab: Vocabulary, caption: str, max_tokens: int) -> list[int]:
-    ids = vocab.encode(caption)  # <bos> w1 .. wn <eos>
-    return ids if len(ids) <= max_tokens + 2 else ids[: max_tokens + 1] + [vocab.eos_id]
-
-
-def pad_sequences(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
-    length = max(len(s) for s in sequences)
-    tokens = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        tokens[row, : len(seq)] = torch.tensor(seq)
-    return tokens
+    def forward(self, inputs: torch.Tensor, tokens: torch.Tensor, sample_prob: float = 0.0):
+        if inputs.dtype == torch.uint8:
+            pixels = self.preprocessing.normalize(inputs).contiguous(memory_format=torch.channels_last)
+            regions, pooled = self.encoder(pixels)  # (B, P, E), (B, E)
+        else:
+            regions, pooled = inputs, inputs.mean(dim=1)
+        return self.decoder(regions, pooled, tokens, sample_prob=sample_prob)
 
 
 # -- the training step ------------------------------------------------------------------------
@@ -122,13 +98,14 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over the training images from `progress.batches_done` on. Returns mean loss."""
     cfg, world, rank = ctx.cfg, ctx.world, ctx.rank
-    order = torch.randperm(len(ctx.train), generator=torch.Generator().manual_seed(cfg.run.seed * 1000 + progress.epoch))
+    order = torch.randperm(len(ctx.items), generator=torch.Generator().manual_seed(cfg.run.seed * 1000 + progress.epoch))
     per_rank = max(1, cfg.optim.batch_images // world)
     global_batch = per_rank * world
     batches = [order[i: i + global_batch].tolist() for i in range(0, len(order) - global_batch + 1, global_batch)]
+    ctx.prepare_epoch(progress.epoch)
     sampling = _scheduled_sampling(cfg, progress.epoch)
     ctx.decoder.train()
-    ctx.encoder.train()
+    ctx.encoder.train()  # frozen stages stay in eval mode
     totals = {"loss": 0.0, "ce": 0.0, "count": 0}
     started = time.monotonic()
     bar = tqdm(total=len(batches), initial=progress.batches_done, desc=f"epoch {progress.epoch + 1}",
@@ -138,11 +115,10 @@ def train_one_epoch(
         images = batches[index][rank * per_rank: (rank + 1) * per_rank]
         # The caption draw depends only on (seed, epoch, batch, rank): resumable exactly.
         generator = torch.Generator().manual_seed(hash((cfg.run.seed, progress.epoch, index, rank)) % (2 ** 62))
-        regions, tokens = ctx.batch(images, generator)
-        regions, tokens = regions.to(ctx.device), tokens.to(ctx.device)
+        inputs, tokens = ctx.items.batch(images, cfg.data.captions_per_image, generator)
+        inputs, tokens = inputs.to(ctx.device), tokens.to(ctx.device)
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
-            pooled = regions.mean(dim=1)
-            logits, alphas = ctx.model(regions, pooled, tokens[:, :-1], sample_prob=sampling)
+            logits, alphas = ctx.model(inputs, tokens[:, :-1], sample_prob=sampling)
             loss, ce = caption_loss(logits.float(), None if alphas is None else alphas.float(), tokens[:, 1:],
                                     ctx.vocab.pad_id, label_smoothing=cfg.optim.label_smoothing,
                                     attention_reg=cfg.optim.attention_reg)
@@ -158,7 +134,7 @@ def train_one_epoch(
         totals["ce"] += ce.item()
         totals["count"] += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{float(ce):.3f}", lr=f"{ctx.scheduler.get_last_lr()[0]:.2e}")
+        bar.set_postfix(loss=f"{ce.item():.3f}", lr=f"{ctx.scheduler.get_last_lr()[0]:.2e}")
         if cfg.run.checkpoint_every_steps and progress.batches_done % cfg.run.checkpoint_every_steps == 0 \
                 and progress.batches_done < len(batches):
             ctx.save_last(progress)
@@ -234,33 +210,60 @@ class Context:
         self.encoder.to(self.device)
         self.decoder.to(self.device)
 
-        # Frozen encoder: features come from the cache (encoded once, on rank 0 first).
-        self.cached = cfg.optim.finetune_from_epoch < 0 or cfg.model.encoder.trainable_stages == 0
-        if self.cached:
+        # Frozen encoder: features come from the cache, encoded once (on rank 0 first).
+        # Fine-tuning (from optim.finetune_from_epoch) or data.use_cache=false: pixels go through the encoder.
+        stages = cfg.model.encoder.trainable_stages
+        self.finetune_from = cfg.optim.finetune_from_epoch if stages > 0 else -1
+        self.finetuning = False
+        self.items = self.val_cache = None
+        if cfg.data.use_cache:
             self.train_cache = self._cache([s.image for s in self.train_samples])
             self.val_cache = self._cache([s.image for s in self.val_samples])
-            self.train = CachedCaptions(self.train_samples, self.train_cache, self.vocab, cfg.model.max_caption_tokens)
+            self.items = CaptionBatches(self.train_samples, self.vocab, cfg.model.max_caption_tokens,
+                                        cache=self.train_cache)
         else:
-            raise NotImplementedError("encoder fine-tuning without the cache is not implemented yet")
-
-        self.model: torch.nn.Module = self.decoder
-        if self.world > 1:
-            self.model = DistributedDataParallel(self.decoder)
-        if cfg.run.compile and self.device.type == "cuda":
-            self.model = torch.compile(self.model)
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.decoder.parameters() if p.requires_grad], lr=cfg.optim.lr,
-            weight_decay=cfg.optim.weight_decay,
-        )
+            self.items = CaptionBatches(self.train_samples, self.vocab, cfg.model.max_caption_tokens,
+                                        preprocessing=self.preprocessing)
+        self.network = CaptionModel(self.encoder, self.decoder, self.preprocessing)
+        self.model = self._wrap()
+        encoder_params = [p for stage in self.encoder.stages[len(self.encoder.stages) - stages:]
+                          for p in stage.parameters()] if self.finetune_from >= 0 else []
+        groups = [{"params": list(self.decoder.parameters()), "lr": cfg.optim.lr}]
+        if encoder_params:
+            groups.append({"params": encoder_params, "lr": cfg.optim.encoder_lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         per_rank = max(1, cfg.optim.batch_images // self.world)
-        steps_per_epoch = math.ceil(len(self.train) // (per_rank * self.world) / cfg.optim.accumulation)
+        steps_per_epoch = math.ceil(len(self.items) // (per_rank * self.world) / cfg.optim.accumulation)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _schedule(cfg, steps_per_epoch * cfg.optim.epochs))
+        # The training RNG stream (dropout, scheduled sampling) starts from a known state, whatever
+        # setup consumed (building a cache does), and differs between ranks.
+        torch.manual_seed(cfg.run.seed * 1000 + self.rank + 1)
         if resume_payload is not None:
             training = resume_payload["training"]
             self.optimizer.load_state_dict(training["optimizer"])
             self.scheduler.load_state_dict(training["scheduler"])
             torch.set_rng_state(training["rng"])
+
+    def _wrap(self) -> torch.nn.Module:
+        model: torch.nn.Module = self.network
+        if self.world > 1:
+            model = DistributedDataParallel(model)
+        if self.cfg.run.compile and self.device.type == "cuda":
+            model = torch.compile(model)
+        return model
+
+    def prepare_epoch(self, epoch: int) -> None:
+        """Switch to encoder fine-tuning when its epoch comes: unfreeze the last stages, feed
+        augmented pixels instead of cached features."""
+        if self.finetuning or self.finetune_from < 0 or epoch < self.finetune_from:
+            return
+        self.finetuning = True
+        self.encoder.set_trainable_stages(self.cfg.model.encoder.trainable_stages)
+        self.items = CaptionBatches(self.train_samples, self.vocab, self.cfg.model.max_caption_tokens,
+                                    preprocessing=self.preprocessing, augment=True)
+        self.model = self._wrap()  # DDP must see the newly trainable parameters
+        log.info("epoch %d: fine-tuning the encoder's last %d stages", epoch + 1, self.cfg.model.encoder.trainable_stages)
 
     def _cache(self, paths: list[Path]) -> features.FeatureCache:
         def build() -> features.FeatureCache:
@@ -272,14 +275,16 @@ class Context:
             dist.barrier()
         return build()
 
-    def batch(self, images: list[int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.train.batch(images, self.cfg.data.captions_per_image, generator)
-
     def parameters(self):
-        return [p for p in self.decoder.parameters() if p.requires_grad]
+        return [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
 
     def val_regions(self, indices: list[int]) -> torch.Tensor:
-        return self.val_cache.regions([self.val_samples[i].image for i in indices]).to(self.device)
+        paths = [self.val_samples[i].image for i in indices]
+        if self.val_cache is not None and not self.finetuning:
+            return self.val_cache.regions(paths).to(self.device)
+        pixels = torch.stack([self.preprocessing.load(p) for p in paths]).to(self.device)
+        self.encoder.eval()
+        return self.encoder.extract(self.preprocessing.normalize(pixels))[0].clone()
 
     def payload(self, progress: Progress, metrics: dict | None = None) -> dict[str, Any]:
         state = {f"encoder.{k}": v.detach().cpu() for k, v in self.encoder.state_dict().items()}
@@ -291,11 +296,11 @@ class Context:
             "preprocessing": self.preprocessing.to_dict(),
             "provenance": {
                 "config": self.cfg.to_dict(),
-                "train_images": len(self.train),
+                "train_images": len(self.items),
                 "epoch": progress.epoch,
                 "step": progress.step,
                 "metrics": metrics or {},
-                "torch": torch.__version__,
+                "torch": str(torch.__version__),
                 "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
             "state_dict": state,
@@ -355,7 +360,7 @@ def main(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         log.info("vocabulary %d words; %d training images, %d validation images; %s",
-                 len(ctx.vocab), len(ctx.train), len(ctx.val_samples), "resuming" if payload else "from scratch")
+                 len(ctx.vocab), len(ctx.items), len(ctx.val_samples), "resuming" if payload else "from scratch")
     writer = _tensorboard(out) if ctx.rank == 0 else None
     deadline = None if cfg.run.time_budget_minutes is None else time.monotonic() + 60 * cfg.run.time_budget_minutes
     stale = 0

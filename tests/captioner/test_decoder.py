@@ -1,0 +1,82 @@
+import pytest
+import torch
+import torch.nn.functional as nnf
+
+from captioner.decoder import Decoder
+from captioner.decoding import DecodeConfig, generate
+from tests.conftest import tiny_decoder_config
+
+B, P, E = 3, 5, 24
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    regions = torch.randn(B, P, E, generator=g)
+    return regions, regions.mean(dim=1)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("attention", [True, False])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_shapes_and_every_parameter_gets_a_gradient(cell, attention, layers):
+    torch.manual_seed(0)
+    decoder = Decoder(tiny_decoder_config(20, cell=cell, attention=attention, num_layers=layers, dropout=0.1))
+    regions, pooled = _inputs()
+    tokens = torch.randint(4, 20, (B * 2, 7))  # two captions per image
+    logits, alphas = decoder(regions, pooled, tokens)
+    assert logits.shape == (B * 2, 7, 20)
+    if attention:
+        assert alphas.shape == (B * 2, 7, P)
+        assert torch.allclose(alphas.sum(dim=-1), torch.ones(B * 2, 7), atol=1e-5)
+    else:
+        assert alphas is None
+    loss = nnf.cross_entropy(logits.flatten(0, 1), torch.randint(0, 20, (B * 2 * 7,)))
+    if attention:
+        loss = loss + alphas.pow(2).sum()
+    loss.backward()
+    for name, parameter in decoder.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_step_api_matches_teacher_forcing(attention):
+    """Decoding (cached word-gate table, broadcast image constants) computes exactly what
+    training computes."""
+    torch.manual_seed(1)
+    decoder = Decoder(tiny_decoder_config(20, attention=attention, num_layers=2)).eval()
+    regions, pooled = _inputs(1)
+    tokens = torch.randint(4, 20, (B, 6))
+    with torch.no_grad():
+        forced, forced_alpha = decoder(regions, pooled, tokens)
+        state = decoder.init_state(regions, pooled)
+        for t in range(tokens.shape[1]):
+            logits, state, alpha = decoder.step(tokens[:, t], state)
+            assert torch.allclose(logits, forced[:, t], atol=1e-5)
+            if attention:
+                assert torch.allclose(alpha, forced_alpha[:, t], atol=1e-6)
+
+
+def test_small_model_overfits_images_to_their_exact_captions():
+    torch.manual_seed(0)
+    captions = [[4, 5, 7, 8], [4, 6, 9, 10, 11], [12, 13, 14], [4, 5, 15, 9, 6, 7]]
+    decoder = Decoder(tiny_decoder_config(20, dropout=0.0))
+    regions = torch.randn(4, P, E)
+    pooled = regions.mean(dim=1)
+    inputs = torch.zeros(4, 7, dtype=torch.long)
+    targets = torch.zeros(4, 7, dtype=torch.long)
+    for row, caption in enumerate(captions):
+        sequence = [1, *caption, 2]
+        inputs[row, : len(sequence) - 1] = torch.tensor(sequence[:-1])
+        targets[row, : len(sequence) - 1] = torch.tensor(sequence[1:])
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=1e-2)
+    for _ in range(150):
+        logits, _ = decoder(regions, pooled, inputs)
+        loss = nnf.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    decoder.eval()
+    config = DecodeConfig(num_beams=1, no_repeat_ngram_size=0)
+    results = generate(decoder, regions, pooled, config, bos_id=1, eos_id=2, banned_ids=(0, 1, 3))
+    assert [r[0].tokens for r in results] == captions
+    assert all(r[0].finished for r in results)

@@ -1,0 +1,143 @@
+import pytest
+import torch
+
+from captioner.decoder import Decoder
+from captioner.decoding import DecodeConfig, generate
+from tests.conftest import tiny_decoder_config
+
+P, E, V = 5, 24, 20
+SPECIAL = dict(bos_id=1, eos_id=2, banned_ids=(0, 1, 3))
+
+
+@pytest.fixture(scope="module")
+def decoder() -> Decoder:
+    torch.manual_seed(3)
+    model = Decoder(tiny_decoder_config(V)).eval()
+    with torch.no_grad():  # make <eos> likely enough that captions end at varied lengths
+        model.output_bias[2] += 2.0
+    return model
+
+
+def _images(count, seed=0):
+    regions = torch.randn(count, P, E, generator=torch.Generator().manual_seed(seed))
+    return regions, regions.mean(dim=1)
+
+
+def _run(decoder, regions, pooled, **options):
+    return generate(decoder, regions, pooled, DecodeConfig(**options), **SPECIAL)
+
+
+def test_beam_size_one_equals_greedy(decoder):
+    regions, pooled = _images(8)
+    beam = _run(decoder, regions, pooled, num_beams=1)
+    greedy = [[h] for h in [r[0] for r in _run(decoder, regions, pooled, num_beams=1)]]
+    assert [r[0].tokens for r in beam] == [r[0].tokens for r in greedy]
+    # The beam code path itself with K=1 must agree too (it is a different implementation).
+    from captioner.decoding import _beam_search, _Rules
+
+    rules = _Rules(DecodeConfig(num_beams=1), SPECIAL["eos_id"], SPECIAL["banned_ids"])
+    with torch.no_grad():
+        beamed = _beam_search(decoder, decoder.init_state(regions, pooled), SPECIAL["bos_id"], rules)
+    assert [r[0].tokens for r in beamed] == [r[0].tokens for r in greedy]
+    for b, g in zip(beamed, greedy):
+        assert b[0].log_prob == pytest.approx(g[0].log_prob, abs=1e-4)
+
+
+def test_beam_search_finds_at_least_greedy_log_probability_on_average(decoder):
+    regions, pooled = _images(24, seed=1)
+    options = dict(length_penalty=0.0, no_repeat_ngram_size=0, min_new_tokens=3)
+    greedy = [r[0].log_prob for r in _run(decoder, regions, pooled, num_beams=1, **options)]
+    beam = [r[0].log_prob for r in _run(decoder, regions, pooled, num_beams=5, **options)]
+    assert sum(beam) / len(beam) >= sum(greedy) / len(greedy) - 1e-6
+    assert sum(b > g + 1e-6 for b, g in zip(beam, greedy)) >= 1  # and it does find better ones
+
+
+def test_n_best_is_sorted_distinct_and_consistent(decoder):
+    regions, pooled = _images(6, seed=2)
+    for result in _run(decoder, regions, pooled, num_beams=5, num_return_sequences=4):
+        assert len(result) == 4
+        scores = [h.score for h in result]
+        assert scores == sorted(scores, reverse=True)
+        assert len({tuple(h.tokens) for h in result}) == 4
+        for h in result:
+            assert h.log_prob == pytest.approx(sum(h.token_log_probs), abs=1e-4)
+            assert len(h.token_log_probs) == len(h.tokens) + int(h.finished)
+            assert h.score == pytest.approx(h.log_prob / len(h.token_log_probs), abs=1e-4)
+
+
+def test_sampling_is_reproducible_with_a_seed(decoder):
+    regions, pooled = _images(4, seed=3)
+    options = dict(num_beams=1, do_sample=True, top_k=8, top_p=0.9, temperature=1.3, num_return_sequences=3)
+    first = _run(decoder, regions, pooled, seed=7, **options)
+    again = _run(decoder, regions, pooled, seed=7, **options)
+    other = _run(decoder, regions, pooled, seed=8, **options)
+    tokens = lambda results: [[h.tokens for h in r] for r in results]  # noqa: E731
+    assert tokens(first) == tokens(again)
+    assert tokens(first) != tokens(other)
+
+
+def test_decoding_stops_at_eos_and_respects_max_new_tokens(decoder):
+    regions, pooled = _images(10, seed=4)
+    for beams in (1, 3):
+        results = _run(decoder, regions, pooled, num_beams=beams, max_new_tokens=4)
+        for result in results:
+            h = result[0]
+            assert len(h.token_log_probs) <= 4
+            assert 2 not in h.tokens  # <eos> ends a caption, never appears inside it
+            assert not set(h.tokens) & {0, 1, 3}  # special tokens are never generated
+
+
+def test_min_new_tokens_and_no_repeat_ngram(decoder):
+    regions, pooled = _images(10, seed=5)
+    for beams in (1, 3):
+        for result in _run(decoder, regions, pooled, num_beams=beams, min_new_tokens=5, no_repeat_ngram_size=2):
+            tokens = result[0].tokens
+            assert len(tokens) >= 5
+            bigrams = list(zip(tokens, tokens[1:]))
+            assert len(bigrams) == len(set(bigrams))
+
+
+def test_beam_search_returns_best_unfinished_when_no_beam_finishes():
+    torch.manual_seed(0)
+    decoder = Decoder(tiny_decoder_config(V)).eval()
+    with torch.no_grad():
+        decoder.output_bias[2] = -1e4  # <eos> is practically impossible
+    regions, pooled = _images(3, seed=6)
+    results = _run(decoder, regions, pooled, num_beams=3, num_return_sequences=2, max_new_tokens=6)
+    for result in results:
+        assert len(result) == 2
+        assert all(not h.finished and len(h.tokens) == 6 for h in result)
+
+
+@pytest.mark.parametrize("options", [dict(num_beams=1), dict(num_beams=4, num_return_sequences=2),
+                                     dict(num_beams=3, return_attention=True)])
+def test_batch_equals_one_by_one(decoder, options):
+    regions, pooled = _images(7, seed=8)
+    batched = _run(decoder, regions, pooled, **options)
+    for i in range(7):
+        alone = _run(decoder, regions[i:i + 1], pooled[i:i + 1], **options)[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in batched[i]]
+        for a, b in zip(alone, batched[i]):
+            assert a.score == pytest.approx(b.score, abs=1e-4)
+            if options.get("return_attention"):
+                assert torch.allclose(a.attention, b.attention, atol=1e-5)
+
+
+def test_attention_maps_cover_each_generated_token(decoder):
+    regions, pooled = _images(2, seed=9)
+    for beams in (1, 3):
+        for result in _run(decoder, regions, pooled, num_beams=beams, return_attention=True):
+            h = result[0]
+            assert h.attention.shape == (len(h.token_log_probs), P)
+            assert torch.allclose(h.attention.sum(dim=-1), torch.ones(len(h.token_log_probs)), atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [dict(num_beams=0), dict(num_beams=2, num_return_sequences=3),
+                                 dict(temperature=0), dict(top_p=1.5), dict(max_new_tokens=1000),
+                                 dict(num_beams="3"), dict(do_sample=True, num_beams=2),
+                                 dict(min_new_tokens=30, max_new_tokens=20)])
+def test_invalid_options_are_clear_value_errors(bad):
+    with pytest.raises(ValueError):
+        DecodeConfig(**bad)
+    with pytest.raises(ValueError, match="unknown decoding option"):
+        DecodeConfig.from_kwargs(beam_size=3)

@@ -1,0 +1,107 @@
+"""Training end to end on a tiny data set: real feature cache, real decoding, real checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.api import Captioner
+from tests.training.conftest import tiny_train_overrides
+from training.config import load_config
+from training.train import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _train_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "training.train", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def test_training_run_writes_a_loadable_model_and_its_records(flickr_dir, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(None, tiny_train_overrides(flickr_dir, out, **{"optim.epochs": 4}))
+    result = main(cfg)
+    assert result["best_epoch"] >= 1 and "val_CIDEr-D" in result and "val_BLEU-4" in result
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["train_ce"] < records[0]["train_ce"]  # it learns
+    assert (out / "curves.png").stat().st_size > 0 and (out / "config.yaml").is_file()
+    assert any((out / "tensorboard").iterdir())
+    model = Captioner.from_checkpoint(out / "best.pt")
+    payload = torch.load(out / "best.pt", weights_only=True)
+    assert payload["provenance"]["config"]["optim"]["epochs"] == 4  # the resolved config travels along
+    assert "zebra" not in model.vocabulary.words  # built from the training split only
+    assert model.vocabulary.words[4:7] == ["a", "the", "on"]
+    assert model.preprocessing.resize == "squash"
+    result = model.caption(flickr_dir / "images" / "1000_img.jpg", num_beams=2)
+    assert result.text  # decodes a real image end to end
+
+
+def test_killed_run_resumes_to_the_same_weights(flickr_dir, tmp_path):
+    overrides = tiny_train_overrides(flickr_dir, tmp_path / "x", **{"optim.batch_images": 2})
+    straight = tmp_path / "straight"
+    subprocess.run(_train_command(*overrides, f"--run.out_dir={straight}"), check=True, env=_env(),
+                   capture_output=True, timeout=300, cwd=ROOT)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_train_command(*overrides, f"--run.out_dir={killed}"), env=_env(), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        progress = _wait_for_mid_epoch_checkpoint(killed / "last.pt", min_step=5, timeout=240)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert progress["batches_done"] > 0  # killed in the middle of an epoch
+    subprocess.run(_train_command(*overrides, f"--run.out_dir={killed}", "--resume"), check=True, env=_env(),
+                   capture_output=True, timeout=300, cwd=ROOT)
+
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(killed / "last.pt", weights_only=True)
+    assert a["training"]["progress"]["step"] == b["training"]["progress"]["step"]
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert a["training"]["progress"]["history"][-1]["val_CIDEr-D"] == b["training"]["progress"]["history"][-1]["val_CIDEr-D"]
+
+
+def _wait_for_mid_epoch_checkpoint(path: Path, min_step: int, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file():
+            try:
+                progress = torch.load(path, weights_only=True)["training"]["progress"]
+            except Exception:  # replaced while we read it
+                progress = None
+            if progress and progress["step"] >= min_step and progress["batches_done"] > 0:
+                return progress
+        time.sleep(0.01)
+    pytest.fail("the training run never wrote a mid-epoch checkpoint")
+
+
+def test_two_process_data_parallel_training_tracks_one_process(flickr_dir, tmp_path):
+    overrides = tiny_train_overrides(flickr_dir, tmp_path / "x", **{"optim.epochs": 3, "model.decoder.dropout": 0.0})
+    single, double = tmp_path / "single", tmp_path / "double"
+    subprocess.run(_train_command(*overrides, f"--run.out_dir={single}"), check=True, env=_env(),
+                   capture_output=True, timeout=300, cwd=ROOT)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "training.train", *overrides, f"--run.out_dir={double}", "--run.device=cpu"],
+                         env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = [json.loads(line)["train_ce"] for line in (single / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(line)["train_ce"] for line in (double / "metrics.jsonl").read_text().splitlines()]
+    assert len(one) == len(two) == 3
+    assert two[-1] < two[0]
+    for a, b in zip(one, two):
+        assert abs(a - b) / a < 0.1, (one, two)
+    assert (double / "best.pt").is_file()

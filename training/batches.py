@@ -1,0 +1,99 @@
+"""Training batches: image i -> K of its captions, and either its cached region features or its
+pixels (when the encoder runs in the loop: fine-tuning, or no cache). Every random choice comes
+from the generator the caller passes, so a batch depends only on (seed, epoch, batch index) and a
+resumed run sees exactly the batches an uninterrupted one would."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torchvision.transforms.v2.functional as tvf
+
+from captioner.images import ImageError
+from captioner.preprocessing import Preprocessing
+from captioner.vocab import Vocabulary
+
+from .data import Sample
+from .features import FeatureCache
+
+log = logging.getLogger(__name__)
+
+
+class CaptionBatches:
+    def __init__(self, samples: list[Sample], vocab: Vocabulary, max_tokens: int, *,
+                 cache: FeatureCache | None = None, preprocessing: Preprocessing | None = None,
+                 augment: bool = False):
+        if (cache is None) == (preprocessing is None):
+            raise ValueError("give either a feature cache or the preprocessing to load images with")
+        if cache is not None:
+            kept = [s for s in samples if cache.usable(s.image)]
+            if len(kept) < len(samples):
+                log.warning("%d images could not be read when caching and are left out", len(samples) - len(kept))
+            samples = kept
+        self.images = [s.image for s in samples]
+        self.captions = [[encode_caption(vocab, c, max_tokens) for c in s.captions] for s in samples]
+        self.cache, self.preprocessing, self.augment = cache, preprocessing, augment
+        self.pad_id = vocab.pad_id
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, images: list[int], k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> inputs, tokens (B*K, T) padded with K captions per image (without replacement
+        where the image has enough). inputs: regions (B, P, E) float from the cache, or pixels
+        (B, 3, S, S) uint8."""
+        if self.cache is not None:
+            inputs = self.cache.regions([self.images[i] for i in images])
+        else:
+            images, pixels = self._pixels(images, generator)
+            inputs = torch.stack(pixels)
+        sequences = []
+        for i in images:
+            options = self.captions[i]
+            order: list[int] = []
+            while len(order) < k:
+                order += torch.randperm(len(options), generator=generator).tolist()
+            sequences.extend(options[j] for j in order[:k])
+        return inputs, pad_sequences(sequences, self.pad_id)
+
+    def _pixels(self, images: list[int], generator: torch.Generator) -> tuple[list[int], list[torch.Tensor]]:
+        kept, pixels = [], []
+        for i in images:
+            try:
+                image = self.preprocessing.load(self.images[i])
+            except (ImageError, OSError) as error:
+                log.warning("unreadable training image skipped: %s", error)
+                continue
+            kept.append(i)
+            pixels.append(light_augment(image, generator) if self.augment else image)
+        if not kept:
+            raise ValueError(f"no image of this batch could be read: {[str(self.images[i]) for i in images]}")
+        return kept, pixels
+
+
+def light_augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(3, S, S) uint8 -> a random 85-100 % crop resized back, with +-10 % brightness and
+    contrast. No flips: they would swap "left" and "right" in the captions."""
+    size = pixels.shape[-1]
+    scale, brightness, contrast = (0.85 + 0.15 * torch.rand(1, generator=generator).item(),
+                                   0.9 + 0.2 * torch.rand(1, generator=generator).item(),
+                                   0.9 + 0.2 * torch.rand(1, generator=generator).item())
+    side = max(1, round(size * scale))
+    top, left = (int(torch.randint(0, size - side + 1, (1,), generator=generator)) for _ in range(2))
+    pixels = tvf.resized_crop(pixels, top, left, side, side, [size, size], antialias=True)
+    pixels = tvf.adjust_brightness(pixels, brightness)
+    return tvf.adjust_contrast(pixels, contrast)
+
+
+def encode_caption(vocab: Vocabulary, caption: str, max_tokens: int) -> list[int]:
+    ids = vocab.encode(caption)  # <bos> w1 .. wn <eos>
+    return ids if len(ids) <= max_tokens + 2 else ids[: max_tokens + 1] + [vocab.eos_id]
+
+
+def pad_sequences(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
+    length = max(len(s) for s in sequences)
+    tokens = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        tokens[row, : len(seq)] = torch.tensor(seq)
+    return tokens
