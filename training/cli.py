@@ -14,6 +14,9 @@ def register(commands) -> None:
     )
     train.add_argument("--config", help="YAML config file")
     train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    train.add_argument("--backbone", help="encoder backbone (same as --model.encoder.backbone=NAME)")
+    train.add_argument("--encoder-weights", metavar="PATH",
+                       help="local backbone weights file, for offline machines (--model.encoder.weights_path)")
     train.set_defaults(func=_train, accepts_overrides=True)
 
     evaluate = commands.add_parser("evaluate", help="score a checkpoint on a data split")
@@ -40,7 +43,12 @@ def _train(args: argparse.Namespace) -> int:
     from .train import main
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.backbone:
+        overrides.append(f"--model.encoder.backbone={args.backbone}")
+    if args.encoder_weights:
+        overrides.append(f"--model.encoder.weights_path={args.encoder_weights}")
+    cfg = load_config(args.config, overrides)
     print(json.dumps(main(cfg, resume=args.resume)))
     return 0
 
