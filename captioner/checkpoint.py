@@ -58,7 +58,9 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        # TorchVersion is a str subclass that early checkpoints stored in their provenance.
+        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated zip, random bytes, disallowed pickled objects
         raise CheckpointError(f"{path}: not a readable captioner checkpoint ({type(error).__name__}: {error})") from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -26,6 +26,7 @@ class DecodeConfig:
     min_new_tokens: int = 1
     length_penalty: float = 1.0  # score = log_prob / length ** length_penalty; 0 ranks by log_prob
     no_repeat_ngram_size: int = 3  # 0 disables
+    early_stopping: bool = True  # beam search: stop an image at num_beams finished hypotheses
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0  # 0 disables
@@ -45,6 +46,8 @@ class DecodeConfig:
             raise ValueError(f"temperature must be in (0, 100], got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.early_stopping, bool):
+            raise ValueError(f"early_stopping must be true or false, got {self.early_stopping!r}")
         if not isinstance(self.length_penalty, (int, float)) or not -5 <= self.length_penalty <= 5:
             raise ValueError(f"length_penalty must be in [-5, 5], got {self.length_penalty!r}")
         if self.min_new_tokens > self.max_new_tokens:
@@ -113,9 +116,12 @@ class _Rules:
         """logits (N, V), history (N, t) generated so far -> (N, V) log-probs, -inf where banned:
         special tokens, <eos> before min_new_tokens, tokens that would repeat an n-gram."""
         logp = logits.float().log_softmax(dim=-1)
-        eos_logp = logp[:, self.eos].clone()
+        # Each step bans at most one word per n-gram seen so far, so only a vocabulary that small
+        # can run out of words: then <eos> stays allowed and the caption ends.
+        may_run_out = logp.shape[1] - len(self.banned) <= history.shape[1] + 2
+        eos_logp = logp[:, self.eos].clone() if may_run_out else None
         if self.banned:
-            logp[:, list(self.banned)] = NEG_INF
+            logp.index_fill_(1, self._banned_index(logp.device), NEG_INF)
         if history.shape[1] < self.config.min_new_tokens:
             logp[:, self.eos] = NEG_INF
         n = self.config.no_repeat_ngram_size
@@ -127,12 +133,15 @@ class _Rules:
             seen = (windows[:, :, :-1] == suffix[:, None]).all(dim=-1)  # (N, W)
             penalty = torch.zeros(seen.shape, dtype=logp.dtype, device=logp.device).masked_fill_(seen, NEG_INF)
             logp.scatter_add_(1, windows[:, :, -1], penalty)
-        # Rules that leave no word at all (min_new_tokens beyond what no_repeat_ngram_size allows
-        # with this vocabulary) end the caption instead of emitting a banned token or no beam.
-        stuck = torch.isinf(logp).all(dim=-1)
-        if stuck.any():
+        if may_run_out:
+            stuck = torch.isinf(logp).all(dim=-1)
             logp[stuck, self.eos] = eos_logp[stuck]
         return logp
+
+    def _banned_index(self, device: torch.device) -> torch.Tensor:
+        if getattr(self, "_banned_tensor", None) is None or self._banned_tensor.device != device:
+            self._banned_tensor = torch.tensor(self.banned, dtype=torch.long, device=device)
+        return self._banned_tensor
 
     def score(self, log_prob: torch.Tensor, length: int | torch.Tensor) -> torch.Tensor:
         penalty = self.config.length_penalty
@@ -261,9 +270,9 @@ class _Pool:
 def _beam_search(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules) -> list[list[Hypothesis]]:
     """Vectorised beam search with a pool of finished hypotheses per image, as in Hugging Face
     `generate`: each step takes the top 2K of the K*V candidates; an <eos> among the first K
-    enters the pool, the best K others continue. An image is done when its pool is full and no
-    live beam can beat the pool's worst; done images leave the batch, so an image's result never
-    depends on the others. After `max_new_tokens` the live beams join the pool unfinished, so
+    enters the pool, the best K others continue. An image is done when its pool is full (and,
+    without `early_stopping`, no live beam can beat the pool's worst); done images leave the
+    batch, so an image's result never depends on the others. After `max_new_tokens` the live beams join the pool unfinished, so
     every image gets a caption even when no beam finished."""
     config = rules.config
     b_all, k = state.image_gates.shape[0], config.num_beams
@@ -320,10 +329,13 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules)
         history, history_logps, history_alpha = extend(rows, word.gather(1, live), word_logp.gather(1, live))
         state = state.reorder(rows.view(-1))
 
-        # 3) Images whose pool no live beam can improve leave the batch.
-        best_live = beam_logp.max(dim=1).values
+        # 3) Done images leave the batch: with early_stopping as soon as their pool is full, else
+        #    when no live beam can still beat the pool's worst (Hugging Face's heuristic).
         worst_kept = pool.score[active, -1]
-        done = (worst_kept > NEG_INF) & ((worst_kept >= rules.score(best_live, step + 1)) | (best_live == NEG_INF))
+        done = worst_kept > NEG_INF
+        if not config.early_stopping:
+            best_live = beam_logp.max(dim=1).values
+            done &= (worst_kept >= rules.score(best_live, step + 1)) | (best_live == NEG_INF)
         if bool(done.any()):
             stay = (~done).nonzero().squeeze(1)
             if stay.numel() == 0:

@@ -29,6 +29,12 @@ def register(commands) -> None:
     evaluate.add_argument("--cache-dir", default="cache/features")
     evaluate.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java)")
     evaluate.add_argument("--json", action="store_true")
+    export = commands.add_parser("export", help="strip a checkpoint's training state and store it in fp16")
+    export.add_argument("source", metavar="CHECKPOINT")
+    export.add_argument("target", metavar="OUT")
+    export.add_argument("--fp32", action="store_true", help="keep fp32 weights")
+    export.set_defaults(func=_export)
+
     from captioner.cli import add_decode_arguments, add_model_arguments
 
     add_model_arguments(evaluate)
@@ -71,4 +77,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_checkpoint(model, spec, args.split, decode, cache_dir=args.cache_dir,
                                   results_path=args.results, meteor=not args.no_meteor)
     print(json.dumps(metrics) if args.json else format_table(metrics))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    size = export_checkpoint(args.source, args.target, half=not args.fp32)
+    print(f"{args.target}: {size / 1e6:.1f} MB")
     return 0

@@ -1,0 +1,21 @@
+import torch
+
+from captioner.api import Captioner
+from captioner.checkpoint import load_checkpoint, save_checkpoint
+from training.export import export_checkpoint
+
+
+def test_export_strips_training_state_and_halves_weights(tiny_checkpoint, tmp_path, photo_bytes):
+    payload = load_checkpoint(tiny_checkpoint)
+    payload["training"] = {"optimizer": {"state": {}}, "rng": torch.get_rng_state()}
+    source = tmp_path / "last.pt"
+    save_checkpoint({k: v for k, v in payload.items() if not k.startswith("format")}, source)
+    target = tmp_path / "shipped.pt"
+    export_checkpoint(source, target)
+    raw = torch.load(target, weights_only=True)
+    assert "training" not in raw
+    assert all(t.dtype == torch.float16 for t in raw["state_dict"].values() if t.is_floating_point())
+    assert target.stat().st_size < source.stat().st_size
+    original, shipped = Captioner.from_checkpoint(tiny_checkpoint), Captioner.from_checkpoint(target)
+    a, b = original.caption(photo_bytes, num_beams=3), shipped.caption(photo_bytes, num_beams=3)
+    assert abs(a.score - b.score) < 0.05  # fp16 storage barely moves the scores
