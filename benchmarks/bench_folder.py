@@ -34,10 +34,11 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from stand_in import default_size_checkpoint  # noqa: E402
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
 DEFAULT_CHECKPOINT = ROOT / "captioner" / "weights" / "default.pt"
 
@@ -71,25 +72,6 @@ def make_folder(folder: Path, count: int, data: Path | None, upscale: int | None
             shutil.copyfile(source, target)
         made.append(target)
     return made
-
-
-def default_size_checkpoint(path: Path) -> Path:
-    from captioner.api import Captioner
-    from captioner.decoder import Decoder, DecoderConfig
-    from captioner.encoder import Encoder, EncoderConfig
-    from captioner.preprocessing import Preprocessing
-    from captioner.vocab import SPECIALS, Vocabulary
-
-    settings = yaml.safe_load((ROOT / "training" / "configs" / "flickr8k.yaml").read_text())["model"]
-    torch.manual_seed(0)
-    encoder = Encoder(EncoderConfig(backbone=settings["encoder"]["backbone"]))
-    vocabulary = Vocabulary([*SPECIALS, *[f"word{i}" for i in range(2600)]])
-    decoder = Decoder(DecoderConfig(vocab_size=len(vocabulary), feature_dim=encoder.feature_dim,
-                                    **settings["decoder"]))
-    model = Captioner(encoder, decoder, vocabulary, Preprocessing(size=224, resize=settings["resize"]),
-                      provenance={"note": "benchmark: default architecture, random decoder"})
-    model.save(path)
-    return path
 
 
 def library_throughput(model, pixels: torch.Tensor, batch_size: int, config) -> float:
