@@ -105,7 +105,7 @@ def _info(args: argparse.Namespace) -> int:
             print("metrics            " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
         if provenance.get("saved"):
             print(f"{'trained':18} {provenance.get('saved')} ({provenance.get('train_images')} images, "
-                  f"epoch {provenance.get('epoch')})")
+                  f"{provenance.get('epochs_completed')} epochs)")
     return 0
 
 

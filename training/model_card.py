@@ -94,11 +94,34 @@ def _table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def _history_table(history: str | None, baseline: str | None) -> str:
+    """Per-epoch dev CIDEr-D / BLEU-4 (beam 3, measured during training) of both runs."""
+    if not history:
+        return ""
+    import json
+
+    def load(path: str | None) -> dict[int, dict]:
+        if not path or not Path(path).is_file():
+            return {}
+        return {r["epoch"]: r for r in map(json.loads, Path(path).read_text().splitlines())}
+
+    ours, theirs = load(history), load(baseline)
+    lines = ["| epoch | attention CIDEr-D | attention BLEU-4 | no attention CIDEr-D | no attention BLEU-4 |",
+             "|---|---|---|---|---|"]
+    for epoch in sorted(set(ours) | set(theirs)):
+        cells = []
+        for run in (ours, theirs):
+            record = run.get(epoch, {})
+            cells += [f"{record[k]:.3f}" if k in record else "" for k in ("val_CIDEr-D", "val_BLEU-4")]
+        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _training_summary(model: Captioner) -> dict[str, Any]:
     provenance = model.provenance or {}
     cfg = provenance.get("config", {})
     return {
-        "epochs": provenance.get("epoch"),
+        "epochs": provenance.get("epochs_completed"),
         "train_images": provenance.get("train_images"),
         "optim": cfg.get("optim", {}),
         "decoder": cfg.get("model", {}).get("decoder", {}),
@@ -118,6 +141,8 @@ def main() -> None:
     parser.add_argument("--command", default="", help="the exact training command, for the card")
     parser.add_argument("--training-minutes", default="", help="wall-clock training time, for the card")
     parser.add_argument("--notes", default="", help="extra markdown appended to the card")
+    parser.add_argument("--history", help="the model's run metrics.jsonl: per-epoch validation table")
+    parser.add_argument("--baseline-history", help="the baseline run's metrics.jsonl")
     args = parser.parse_args()
     spec = DataSpec(format="flickr", path=args.data)
     started = time.time()
@@ -172,6 +197,10 @@ images: {entropy:.2f} nats (uniform would be {math.log(49):.2f}). The figure is 
 for `examples/chelsea.jpg`, "{caption}", with the attention of each word:
 
 ![attention](docs/attention.png)
+
+## Validation during training (dev split, beam 3, every epoch)
+
+{_history_table(args.history, args.baseline_history)}
 
 {args.notes}
 

@@ -233,7 +233,8 @@ class Context:
             groups.append({"params": encoder_params, "lr": cfg.optim.encoder_lr})
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         per_rank = max(1, cfg.optim.batch_images // self.world)
-        steps_per_epoch = math.ceil(len(self.items) // (per_rank * self.world) / cfg.optim.accumulation)
+        self.batches_per_epoch = len(self.items) // (per_rank * self.world)
+        steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.optim.accumulation)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _schedule(cfg, steps_per_epoch * cfg.optim.epochs))
         # The training RNG stream (dropout, scheduled sampling) starts from a known state, whatever
@@ -297,7 +298,7 @@ class Context:
             "provenance": {
                 "config": self.cfg.to_dict(),
                 "train_images": len(self.items),
-                "epoch": progress.epoch,
+                "epochs_completed": progress.epoch + progress.batches_done / max(1, self.batches_per_epoch),
                 "step": progress.step,
                 "metrics": metrics or {},
                 "torch": str(torch.__version__),
@@ -380,7 +381,8 @@ def main(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
             record.update({f"val_{k}": v for k, v in metrics.items()})
             if metrics["CIDEr-D"] > progress.best_cider:
                 progress.best_cider, progress.best_epoch = metrics["CIDEr-D"], progress.epoch + 1
-                save_checkpoint(ctx.payload(progress, metrics), out / "best.pt")
+                finished = dataclasses.replace(progress, epoch=progress.epoch + 1, batches_done=0)
+                save_checkpoint(ctx.payload(finished, metrics), out / "best.pt")
                 stale = 0
             else:
                 stale += 1
