@@ -114,7 +114,7 @@ class Decoder(nn.Module):
             self.output_bias = nn.Parameter(torch.zeros(c.vocab_size))
         else:
             self.output = nn.Linear(c.hidden_dim, c.vocab_size)
-        self._word_table: tuple[tuple, torch.Tensor] | None = None
+        self._inference: _InferenceWeights | None = None
 
     # -- the step API used by every decoding method ---------------------------------------------
 
@@ -137,8 +137,10 @@ class Decoder(nn.Module):
         self, tokens: torch.Tensor, state: DecoderState
     ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
         """tokens (N,) -> logits (N, V), next state, attention weights (N, P) or None."""
-        logits, state, alpha = self._advance(self._word_gates(tokens), state)
-        return logits, state, alpha
+        fast = self._fast()
+        if fast is None:
+            return self._advance(self.word_gates(self.embedding(tokens)), state)
+        return self._advance(fast.word_table.index_select(0, tokens), state, fast)
 
     # -- training --------------------------------------------------------------------------------
 
@@ -175,26 +177,29 @@ class Decoder(nn.Module):
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _word_gates(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N,) -> (N, G). In inference, a lookup in the precomputed (V, G) table."""
+    def _fast(self) -> "_InferenceWeights | None":
+        """Weights rearranged for decoding, or None while training / tracking gradients. Rebuilt
+        whenever a parameter changes (loading a state dict, an optimiser step)."""
         if self.training or torch.is_grad_enabled():
-            return self.word_gates(self.embedding(tokens))
-        key = (self.embedding.weight._version, self.word_gates.weight._version,
-               self.embedding.weight.data_ptr(), self.word_gates.weight.data_ptr())
-        if self._word_table is None or self._word_table[0] != key:
-            self._word_table = (key, self.word_gates(self.embedding.weight))  # (V, G)
-        return self._word_table[1].index_select(0, tokens)
+            return None
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if self._inference is None or self._inference.key != key:
+            self._inference = _InferenceWeights.build(self, key)
+        return self._inference
 
     def _advance(
-        self, word_gates: torch.Tensor, state: DecoderState
+        self, word_gates: torch.Tensor, state: DecoderState, fast: "_InferenceWeights | None" = None
     ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
+        """One step from the word's gate contribution (N, G); `fast` in inference."""
         c = self.config
         b, k = state.image_gates.shape[0], state.group_size
+        top_hidden_gates, query, gate = self._top_projections(state.h[-1], fast)
         gates_in = (word_gates.view(b, k, -1) + state.image_gates[:, None]).view(b * k, -1)  # (N, G)
         alpha = None
         if c.attention:
-            context, alpha = self._attend(state.h[-1], state)  # (N, F), (N, P)
-            gates_in = torch.addmm(gates_in, context, self.context_gates.weight.t())
+            context, alpha = self._attend(query, gate, state)  # (N, F), (N, P)
+            weight = fast.context_gates if fast is not None else self.context_gates.weight.t()
+            gates_in = torch.addmm(gates_in, context, weight)
         hs, cs = [], []
         layer_input = None
         for layer in range(c.num_layers):
@@ -202,29 +207,45 @@ class Decoder(nn.Module):
                 gates_in = self.input_gates[layer - 1](self.dropout(layer_input))
             h_prev = state.h[layer]
             c_prev = None if state.c is None else state.c[layer]
-            h_new, c_new = self._cell(gates_in, self.hidden_gates[layer](h_prev), h_prev, c_prev)
+            hidden_gates = top_hidden_gates if layer == c.num_layers - 1 else self.hidden_gates[layer](h_prev)
+            h_new, c_new = self._cell(gates_in, hidden_gates, h_prev, c_prev)
             hs.append(h_new)
             cs.append(c_new)
             layer_input = h_new
-        logits = self._logits(self.dropout(layer_input))  # (N, V)
+        logits = self._logits(self.dropout(layer_input), fast)  # (N, V)
         new_state = replace(state, h=torch.stack(hs), c=None if state.c is None else torch.stack(cs))
         return logits, new_state, alpha
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+    def _top_projections(self, h: torch.Tensor, fast: "_InferenceWeights | None"):
+        """Everything computed from the top layer's previous state h (N, D): its hidden gates
+        (N, G), the attention query (N, A) and the context gate's input (N, F). In inference one
+        matrix product does all three."""
+        if fast is not None:
+            projected = torch.addmm(fast.top_bias, h, fast.top_weight)  # (N, G + A + F)
+            if not self.config.attention:
+                return projected, None, None
+            return projected.split(fast.top_split, dim=1)
+        hidden_gates = self.hidden_gates[-1](h)
+        if not self.config.attention:
+            return hidden_gates, None, None
+        return hidden_gates, self.hidden_att(h), self.context_gate(h)
+
+    def _logits(self, h: torch.Tensor, fast: "_InferenceWeights | None" = None) -> torch.Tensor:
+        if fast is not None:
+            return torch.addmm(fast.output_bias, torch.mm(h, fast.output_proj), fast.output) \
+                if self.config.tie_embeddings else torch.addmm(fast.output_bias, h, fast.output)
         if self.config.tie_embeddings:
             return nnf.linear(self.output_proj(h), self.embedding.weight, self.output_bias)
         return self.output(h)
 
-    def _attend(self, query: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, torch.Tensor]:
-        """query (N, D) -> gated context (N, F), weights (N, P)."""
+    def _attend(self, query: torch.Tensor, gate: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, torch.Tensor]:
+        """query (N, A), gate input (N, F) -> gated context (N, F), weights (N, P)."""
         b, k = state.memory.shape[0], state.group_size
-        query_att = self.hidden_att(query).view(b, k, 1, -1)  # (B, K, 1, A)
-        energy = torch.tanh(state.memory_att[:, None] + query_att)  # (B, K, P, A)
+        energy = torch.tanh(state.memory_att[:, None] + query.view(b, k, 1, -1))  # (B, K, P, A)
         scores = self.att_score(energy).squeeze(-1)  # (B, K, P)
         alpha = scores.softmax(dim=-1)
         context = torch.bmm(alpha, state.memory).view(b * k, -1)  # (N, F)
-        gate = torch.sigmoid(self.context_gate(query))  # (N, F)
-        return gate * context, alpha.view(b * k, -1)
+        return torch.sigmoid(gate) * context, alpha.view(b * k, -1)
 
     def _cell(
         self, gx: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None
@@ -242,3 +263,44 @@ class Decoder(nn.Module):
             n = torch.tanh(xn + r * hn)
             return (1 - z) * n + z * h, None
         return torch.tanh(gx + gh), None
+
+
+@dataclass
+class _InferenceWeights:
+    """Decoding-time copies: weights transposed to (in, out) for small-batch products, the
+    top layer's three projections of h concatenated, and the word-gate table."""
+
+    key: tuple
+    word_table: torch.Tensor  # (V, G): embedding followed by layer 0's word gates
+    top_weight: torch.Tensor  # (D, G [+ A + F])
+    top_bias: torch.Tensor
+    top_split: tuple[int, ...]
+    context_gates: torch.Tensor | None  # (F, G)
+    output_proj: torch.Tensor | None  # (D, E)
+    output: torch.Tensor  # (E or D, V)
+    output_bias: torch.Tensor  # (V,)
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, decoder: Decoder, key: tuple) -> "_InferenceWeights":
+        c = decoder.config
+        top = decoder.hidden_gates[-1]
+        weights, biases = [top.weight], [top.bias]
+        if c.attention:
+            weights += [decoder.hidden_att.weight, decoder.context_gate.weight]
+            biases += [torch.zeros(c.attention_dim, device=top.bias.device), decoder.context_gate.bias]
+        if c.tie_embeddings:
+            output_proj, output, output_bias = decoder.output_proj.weight.t(), decoder.embedding.weight.t(), decoder.output_bias
+        else:
+            output_proj, output, output_bias = None, decoder.output.weight.t(), decoder.output.bias
+        return cls(
+            key=key,
+            word_table=decoder.word_gates(decoder.embedding.weight),
+            top_weight=torch.cat(weights).t().contiguous(),
+            top_bias=torch.cat(biases),
+            top_split=tuple(w.shape[0] for w in weights),
+            context_gates=decoder.context_gates.weight.t().contiguous() if c.attention else None,
+            output_proj=None if output_proj is None else output_proj.contiguous(),
+            output=output.contiguous(),
+            output_bias=output_bias.detach().clone(),
+        )
