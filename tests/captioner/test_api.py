@@ -103,14 +103,14 @@ def test_cli_caption_and_info(tiny_checkpoint, tmp_path):
     broken.write_text("not an image")
     run = subprocess.run([sys.executable, "-m", "captioner.cli", "caption", str(image), str(broken),
                           "--checkpoint", tiny_checkpoint, "--num-beams", "3", "--num-return-sequences", "2",
-                          "--json"], capture_output=True, text=True, timeout=120)
+                          "--json"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 1  # one image failed
     assert "b.jpg" in run.stderr and "not an image" in run.stderr
     record = json.loads(run.stdout.strip())
     assert record["image"] == str(image) and len(record["sequences"]) == 2
     info = subprocess.run([sys.executable, "-m", "captioner.cli", "info", tiny_checkpoint, "--json"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert info.returncode == 0 and json.loads(info.stdout)["vocabulary_size"] == 20
     bad = subprocess.run([sys.executable, "-m", "captioner.cli", "caption", str(image), "--checkpoint",
-                          tiny_checkpoint, "--top-p", "3"], capture_output=True, text=True, timeout=120)
+                          tiny_checkpoint, "--top-p", "3"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "top_p" in bad.stderr

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from captioner.api import Captioner
+from captioner.cli import main as cli_main
 from tests.training.conftest import tiny_train_overrides
 from training.config import load_config
 from training.train import main
@@ -47,6 +48,14 @@ def test_training_run_writes_a_loadable_model_and_its_records(flickr_dir, tmp_pa
     assert model.preprocessing.resize == "squash"
     result = model.caption(flickr_dir / "images" / "1000_img.jpg", num_beams=2)
     assert result.text  # decodes a real image end to end
+
+    results = tmp_path / "dev_results.json"
+    code = cli_main(["evaluate", str(out / "best.pt"), "--data", str(flickr_dir), "--split", "dev", "--no-meteor",
+                     "--results", str(results), "--cache-dir", str(tmp_path / "cache"), "--num-beams", "2"])
+    assert code == 0
+    captions = json.loads(results.read_text())  # COCO results format
+    assert sorted(c["image_id"] for c in captions) == ["1008_img.jpg", "1009_img.jpg", "1010_img.jpg", "1011_img.jpg"]
+    assert all(isinstance(c["caption"], str) for c in captions)
 
 
 def test_killed_run_resumes_to_the_same_weights(flickr_dir, tmp_path):
