@@ -185,10 +185,10 @@ def _timm(name: str, pretrained: bool) -> tuple[nn.Module, Preprocessing]:
             raise EncoderWeightsError(_offline_message(name, error)) from error
         raise
     cfg = timm.data.resolve_data_config({}, model=model)
-    size = cfg["input_size"][-1]
+    interpolation = cfg.get("interpolation", "bicubic")
     preprocessing = Preprocessing(
-        size=size, resize="crop", crop_pct=cfg.get("crop_pct", 0.875),
-        interpolation=cfg.get("interpolation", "bicubic") if cfg.get("interpolation") in ("bicubic", "bilinear") else "bilinear",
+        size=cfg["input_size"][-1], resize="crop", crop_pct=cfg.get("crop_pct", 0.875),
+        interpolation=interpolation if interpolation in ("bicubic", "bilinear") else "bilinear",  # PIL's names
         mean=cfg["mean"], std=cfg["std"],
     )
     return model, preprocessing

@@ -410,6 +410,7 @@ def main(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
             writer.close()
     if world > 1:
         dist.barrier()
+        dist.destroy_process_group()
     best = next((r for r in progress.history if r["epoch"] == progress.best_epoch), {})
     return {"best_epoch": progress.best_epoch, **{k: v for k, v in best.items() if k.startswith("val_")}}
 
