@@ -112,6 +112,9 @@ class _Rules:
     eos: int
     banned: tuple[int, ...]
 
+    def __post_init__(self) -> None:
+        self.banned_index = torch.tensor(self.banned, dtype=torch.long)
+
     def log_probs(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         """logits (N, V), history (N, t) generated so far -> (N, V) log-probs, -inf where banned:
         special tokens, <eos> before min_new_tokens, tokens that would repeat an n-gram."""
@@ -121,7 +124,7 @@ class _Rules:
         may_run_out = logp.shape[1] - len(self.banned) <= history.shape[1] + 2
         eos_logp = logp[:, self.eos].clone() if may_run_out else None
         if self.banned:
-            logp.index_fill_(1, self._banned_index(logp.device), NEG_INF)
+            logp.index_fill_(1, self.banned_index.to(logp.device), NEG_INF)
         if history.shape[1] < self.config.min_new_tokens:
             logp[:, self.eos] = NEG_INF
         n = self.config.no_repeat_ngram_size
@@ -137,11 +140,6 @@ class _Rules:
             stuck = torch.isinf(logp).all(dim=-1)
             logp[stuck, self.eos] = eos_logp[stuck]
         return logp
-
-    def _banned_index(self, device: torch.device) -> torch.Tensor:
-        if getattr(self, "_banned_tensor", None) is None or self._banned_tensor.device != device:
-            self._banned_tensor = torch.tensor(self.banned, dtype=torch.long, device=device)
-        return self._banned_tensor
 
     def score(self, log_prob: torch.Tensor, length: int | torch.Tensor) -> torch.Tensor:
         penalty = self.config.length_penalty

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,7 +18,7 @@ def test_caption_accepts_paths_bytes_pil_and_tensors(tiny_captioner, tmp_path):
     path = tmp_path / "photo.jpg"
     path.write_bytes(data)
     image = Image.open(io.BytesIO(data)).convert("RGB")
-    tensor = torch.from_numpy(__import__("numpy").asarray(image).copy()).permute(2, 0, 1)
+    tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
     results = tiny_captioner.caption([str(path), data, image, tensor], num_beams=2)
     assert len(results) == 4
     assert len({r.text for r in results}) == 1  # the same picture, whatever the container

@@ -28,11 +28,9 @@ def _run(decoder, regions, pooled, **options):
 
 
 def test_beam_size_one_equals_greedy(decoder):
+    """The beam-search code path with one beam against the greedy code path."""
     regions, pooled = _images(8)
-    beam = _run(decoder, regions, pooled, num_beams=1)
-    greedy = [[h] for h in [r[0] for r in _run(decoder, regions, pooled, num_beams=1)]]
-    assert [r[0].tokens for r in beam] == [r[0].tokens for r in greedy]
-    # The beam code path itself with K=1 must agree too (it is a different implementation).
+    greedy = _run(decoder, regions, pooled, num_beams=1)
     from captioner.decoding import _beam_search, _Rules
 
     rules = _Rules(DecodeConfig(num_beams=1), SPECIAL["eos_id"], SPECIAL["banned_ids"])

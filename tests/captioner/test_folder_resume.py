@@ -71,6 +71,17 @@ def assert_one_record_each(out: Path, folder: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+
+def _photos_and_args(tmp_path, names, out_name, tiny_checkpoint):
+    """A folder of photos with these names, and the caption-folder arguments writing out_name."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, name in enumerate(names):
+        (folder / name).write_bytes(make_photo(seed=i))
+    out = tmp_path / out_name
+    return out, ["caption-folder", str(folder), "-o", str(out), "--checkpoint", tiny_checkpoint,
+                 "--workers", "0", "--quiet", *FAST]
+
 def test_resume_after_kill_9(many_photos, tiny_checkpoint, tmp_path):
     out = tmp_path / "captions.jsonl"
     process = start_run(many_photos, out, tiny_checkpoint)
@@ -109,13 +120,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(many_photos, tiny_checkpoin
 
 
 def test_half_written_jsonl_record_is_dropped_and_redone(tmp_path, tiny_checkpoint):
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i in range(5):
-        (folder / f"p{i}.jpg").write_bytes(make_photo(seed=i))
-    out = tmp_path / "o.jsonl"
-    args = ["caption-folder", str(folder), "-o", str(out), "--checkpoint", tiny_checkpoint, "--workers", "0",
-            "--quiet", *FAST]
+    out, args = _photos_and_args(tmp_path, [f"p{i}.jpg" for i in range(5)], "o.jsonl", tiny_checkpoint)
     assert main(args) == 0
     full = out.read_bytes()
     lines = full.splitlines(keepends=True)
@@ -125,13 +130,7 @@ def test_half_written_jsonl_record_is_dropped_and_redone(tmp_path, tiny_checkpoi
 
 
 def test_half_written_csv_row_is_dropped_and_redone(tmp_path, tiny_checkpoint):
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i in range(4):
-        (folder / f"p{i}, \"quoted\".jpg").write_bytes(make_photo(seed=i))  # fields that need quotes
-    out = tmp_path / "o.csv"
-    args = ["caption-folder", str(folder), "-o", str(out), "--checkpoint", tiny_checkpoint, "--workers", "0",
-            "--quiet", *FAST]
+    out, args = _photos_and_args(tmp_path, [f"p{i}, \"quoted\".jpg" for i in range(4)], "o.csv", tiny_checkpoint)
     assert main(args) == 0
     full = out.read_bytes()
     lines = full.splitlines(keepends=True)
@@ -144,13 +143,7 @@ def test_half_written_csv_row_is_dropped_and_redone(tmp_path, tiny_checkpoint):
 
 
 def test_coco_resumes_from_its_journal(tmp_path, tiny_checkpoint):
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i in range(4):
-        (folder / f"{i + 1}.jpg").write_bytes(make_photo(seed=i))
-    out = tmp_path / "results.json"
-    args = ["caption-folder", str(folder), "-o", str(out), "--checkpoint", tiny_checkpoint, "--workers", "0",
-            "--quiet", *FAST]
+    out, args = _photos_and_args(tmp_path, [f"{i + 1}.jpg" for i in range(4)], "results.json", tiny_checkpoint)
     assert main(args) == 0
     results = json.loads(out.read_text())
     journal = Path(str(out) + ".records.jsonl")
