@@ -12,7 +12,7 @@ import torchvision.transforms.v2.functional as tvf
 
 from captioner.images import ImageError
 from captioner.preprocessing import Preprocessing
-from captioner.vocab import Vocabulary
+from captioner.vocab import Vocabulary, tokenize
 
 from .data import Sample
 from .features import FeatureCache
@@ -33,6 +33,7 @@ class CaptionBatches:
             samples = kept
         self.images = [s.image for s in samples]
         self.captions = [[encode_caption(vocab, c, max_tokens) for c in s.captions] for s in samples]
+        self.references = [[tokenize(c) for c in s.captions] for s in samples]  # words, for rewards
         self.cache, self.preprocessing, self.augment = cache, preprocessing, augment
         self.pad_id = vocab.pad_id
 
@@ -43,11 +44,7 @@ class CaptionBatches:
         """-> inputs, tokens (B*K, T) padded with K captions per image (without replacement
         where the image has enough). inputs: regions (B, P, E) float from the cache, or pixels
         (B, 3, S, S) uint8."""
-        if self.cache is not None:
-            inputs = self.cache.regions([self.images[i] for i in images])
-        else:
-            images, pixels = self._pixels(images, generator)
-            inputs = torch.stack(pixels)
+        images, inputs = self.inputs(images, generator)
         sequences = []
         for i in images:
             options = self.captions[i]
@@ -56,6 +53,13 @@ class CaptionBatches:
                 order += torch.randperm(len(options), generator=generator).tolist()
             sequences.extend(options[j] for j in order[:k])
         return inputs, pad_sequences(sequences, self.pad_id)
+
+    def inputs(self, images: list[int], generator: torch.Generator) -> tuple[list[int], torch.Tensor]:
+        """-> (the images kept, their inputs): unreadable images are dropped when loading pixels."""
+        if self.cache is not None:
+            return images, self.cache.regions([self.images[i] for i in images])
+        images, pixels = self._pixels(images, generator)
+        return images, torch.stack(pixels)
 
     def _pixels(self, images: list[int], generator: torch.Generator) -> tuple[list[int], list[torch.Tensor]]:
         kept, pixels = [], []

@@ -39,6 +39,9 @@ class ModelSettings:
     resize: str = "squash"  # how images become square: "squash" (whole scene) or "crop"
     min_word_count: int = 5
     max_caption_tokens: int = 24  # longer training captions are truncated
+    # Start from this checkpoint's weights (fine-tuning): its vocabulary, architecture and
+    # preprocessing replace the settings above; optimiser and schedule start afresh.
+    init_from: str | None = None
 
 
 @dataclass
@@ -69,6 +72,8 @@ class OptimSettings:
     scheduled_sampling: float = 0.0  # max probability of feeding the model's own word
     encoder_lr: float = 1e-4  # when fine-tuning encoder stages
     finetune_from_epoch: int = -1  # >= 0: unfreeze model.encoder.trainable_stages from that epoch
+    objective: str = "xe"  # "xe": teacher-forced cross-entropy; "scst": self-critical CIDEr-D
+    scst_samples: int = 5  # captions sampled per image; each one's baseline is the others' mean
 
 
 @dataclass

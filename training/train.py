@@ -34,6 +34,7 @@ from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.decoder import Decoder, DecoderConfig
 from captioner.decoding import DecodeConfig, generate
 from captioner.encoder import Encoder
+from captioner.preprocessing import Preprocessing
 from captioner.vocab import Vocabulary
 
 from . import features
@@ -41,6 +42,7 @@ from .config import TrainConfig, config_from_dict, load_config
 from .batches import CaptionBatches
 from .data import Sample, load_dataset
 from .metrics import caption_metrics, diversity
+from .scst import SelfCritical
 
 log = logging.getLogger("captioner.train")
 
@@ -65,12 +67,15 @@ class CaptionModel(torch.nn.Module):
         super().__init__()
         self.encoder, self.decoder, self.preprocessing = encoder, decoder, preprocessing
 
-    def forward(self, inputs: torch.Tensor, tokens: torch.Tensor, sample_prob: float = 0.0):
+    def encode(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> regions (B, P, E), pooled (B, E)."""
         if inputs.dtype == torch.uint8:
             pixels = self.preprocessing.normalize(inputs).contiguous(memory_format=torch.channels_last)
-            regions, pooled = self.encoder(pixels)  # (B, P, E), (B, E)
-        else:
-            regions, pooled = inputs, inputs.mean(dim=1)
+            return self.encoder(pixels)
+        return inputs, inputs.mean(dim=1)
+
+    def forward(self, inputs: torch.Tensor, tokens: torch.Tensor, sample_prob: float = 0.0):
+        regions, pooled = self.encode(inputs)
         return self.decoder(regions, pooled, tokens, sample_prob=sample_prob)
 
 
@@ -104,9 +109,13 @@ def train_one_epoch(
     batches = [order[i: i + global_batch].tolist() for i in range(0, len(order) - global_batch + 1, global_batch)]
     ctx.prepare_epoch(progress.epoch)
     sampling = _scheduled_sampling(cfg, progress.epoch)
-    ctx.decoder.train()
-    ctx.encoder.train()  # frozen stages stay in eval mode
-    totals = {"loss": 0.0, "ce": 0.0, "count": 0}
+    if ctx.self_critical is not None:
+        ctx.network.eval()  # see training/scst.py: the gradient is for the policy that sampled
+    else:
+        ctx.decoder.train()
+        ctx.encoder.train()  # frozen stages stay in eval mode
+    totals: dict[str, float] = {}
+    count = 0
     started = time.monotonic()
     bar = tqdm(total=len(batches), initial=progress.batches_done, desc=f"epoch {progress.epoch + 1}",
                disable=not (cfg.run.progress and rank == 0), unit="batch")
@@ -115,13 +124,10 @@ def train_one_epoch(
         images = batches[index][rank * per_rank: (rank + 1) * per_rank]
         # The caption draw depends only on (seed, epoch, batch, rank): resumable exactly.
         generator = torch.Generator().manual_seed(hash((cfg.run.seed, progress.epoch, index, rank)) % (2 ** 62))
-        inputs, tokens = ctx.items.batch(images, cfg.data.captions_per_image, generator)
-        inputs, tokens = inputs.to(ctx.device), tokens.to(ctx.device)
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
-            logits, alphas = ctx.model(inputs, tokens[:, :-1], sample_prob=sampling)
-            loss, ce = caption_loss(logits.float(), None if alphas is None else alphas.float(), tokens[:, 1:],
-                                    ctx.vocab.pad_id, label_smoothing=cfg.optim.label_smoothing,
-                                    attention_reg=cfg.optim.attention_reg)
+        if ctx.self_critical is not None:
+            loss, figures = _self_critical_loss(ctx, images, generator)
+        else:
+            loss, figures = _cross_entropy_loss(ctx, images, generator, sampling)
         (loss / cfg.optim.accumulation).backward()
         progress.batches_done += 1
         if progress.batches_done % cfg.optim.accumulation == 0 or progress.batches_done == len(batches):
@@ -130,19 +136,47 @@ def train_one_epoch(
             ctx.scheduler.step()
             ctx.optimizer.zero_grad(set_to_none=True)
             progress.step += 1
-        totals["loss"] += loss.item()
-        totals["ce"] += ce.item()
-        totals["count"] += 1
+        figures["loss"] = loss.item()
+        for key, value in figures.items():
+            totals[key] = totals.get(key, 0.0) + value
+        count += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{ce.item():.3f}", lr=f"{ctx.scheduler.get_last_lr()[0]:.2e}")
+        bar.set_postfix({k: f"{v:.3f}" for k, v in figures.items()}, lr=f"{ctx.scheduler.get_last_lr()[0]:.2e}")
         if cfg.run.checkpoint_every_steps and progress.batches_done % cfg.run.checkpoint_every_steps == 0 \
                 and progress.batches_done < len(batches):
             ctx.save_last(progress)
         if time_left is not None and time.monotonic() - started > time_left:
             break
     bar.close()
-    n = max(totals["count"], 1)
-    return {"train_loss": totals["loss"] / n, "train_ce": totals["ce"] / n, "epoch_complete": progress.batches_done >= len(batches)}
+    means = {f"train_{k}": v / max(count, 1) for k, v in totals.items()}
+    return {**means, "epoch_complete": progress.batches_done >= len(batches)}
+
+
+def _cross_entropy_loss(ctx: "Context", images: list[int], generator: torch.Generator, sampling: float):
+    """Teacher forcing on K captions per image. -> (loss, {"ce": ...})."""
+    inputs, tokens = ctx.items.batch(images, ctx.cfg.data.captions_per_image, generator)
+    inputs, tokens = inputs.to(ctx.device), tokens.to(ctx.device)
+    with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
+        logits, alphas = ctx.model(inputs, tokens[:, :-1], sample_prob=sampling)
+    loss, ce = caption_loss(logits.float(), None if alphas is None else alphas.float(), tokens[:, 1:],
+                            ctx.vocab.pad_id, label_smoothing=ctx.cfg.optim.label_smoothing,
+                            attention_reg=ctx.cfg.optim.attention_reg)
+    return loss, {"ce": ce.item()}
+
+
+def _self_critical_loss(ctx: "Context", images: list[int], generator: torch.Generator):
+    """Sample K captions per image, reward them with CIDEr-D. -> (loss, {"reward": mean})."""
+    images, inputs = ctx.items.inputs(images, generator)
+    inputs = inputs.to(ctx.device)
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    with torch.no_grad():
+        regions, pooled = ctx.network.encode(inputs)
+    hypotheses = ctx.self_critical.sample(ctx.decoder, regions, pooled, seed)
+    advantages, reward = ctx.self_critical.advantages(images, hypotheses)
+    sequences, targets = ctx.self_critical.sequences(hypotheses)
+    with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
+        logits, _ = ctx.model(inputs, sequences.to(ctx.device))
+    return ctx.self_critical.loss(logits, targets.to(ctx.device), advantages), {"reward": reward}
 
 
 def _scheduled_sampling(cfg: TrainConfig, epoch: int) -> float:
@@ -192,20 +226,30 @@ class Context:
         self.val_samples = load_dataset(cfg.data.val, cfg.data.val_split)
         if cfg.eval.max_images:
             self.val_samples = self.val_samples[: cfg.eval.max_images]
-        if resume_payload is not None:
-            self.vocab = Vocabulary.from_dict(resume_payload["vocabulary"])
+        # The model's starting point: a run being resumed, a checkpoint to fine-tune, or nothing.
+        self.init_from = None if resume_payload is not None or not cfg.model.init_from else load_checkpoint(cfg.model.init_from)
+        source = resume_payload or self.init_from
+        self.resumed_init = None if resume_payload is None else resume_payload["provenance"].get("init_from")
+        encoder_config = dataclasses.replace(cfg.model.encoder, trainable_stages=0)
+        if source is not None:
+            self.vocab = Vocabulary.from_dict(source["vocabulary"])
+            encoder_config = dataclasses.replace(encoder_config, backbone=source["encoder"]["backbone"])
         else:  # from the training split only
             self.vocab = Vocabulary.build((c for s in self.train_samples for c in s.captions), cfg.model.min_word_count)
 
-        self.encoder = Encoder(dataclasses.replace(cfg.model.encoder, trainable_stages=0))
+        self.encoder = Encoder(encoder_config)
         self.preprocessing = dataclasses.replace(self.encoder.native_preprocessing, resize=cfg.model.resize)
-        decoder_config = DecoderConfig(vocab_size=len(self.vocab), feature_dim=self.encoder.feature_dim,
-                                       **dataclasses.asdict(cfg.model.decoder))
+        if source is not None:
+            self.preprocessing = Preprocessing.from_dict(source["preprocessing"])
+            decoder_config = DecoderConfig.from_dict({**source["decoder"], "dropout": cfg.model.decoder.dropout})
+        else:
+            decoder_config = DecoderConfig(vocab_size=len(self.vocab), feature_dim=self.encoder.feature_dim,
+                                           **dataclasses.asdict(cfg.model.decoder))
         torch.manual_seed(cfg.run.seed)
         self.decoder = Decoder(decoder_config)
-        if resume_payload is not None:
-            state = resume_payload["state_dict"]
-            self.encoder.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("encoder.")})
+        if source is not None:
+            state = source["state_dict"]
+            _load_encoder(self.encoder, {k[8:]: v for k, v in state.items() if k.startswith("encoder.")})
             self.decoder.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("decoder.")})
         self.encoder.to(self.device)
         self.decoder.to(self.device)
@@ -224,6 +268,12 @@ class Context:
         else:
             self.items = CaptionBatches(self.train_samples, self.vocab, cfg.model.max_caption_tokens,
                                         preprocessing=self.preprocessing)
+        if cfg.optim.objective not in ("xe", "scst"):
+            raise ValueError(f"optim.objective must be 'xe' or 'scst', not {cfg.optim.objective!r}")
+        self.self_critical = None
+        if cfg.optim.objective == "scst":
+            self.self_critical = SelfCritical(self.vocab, self.items.references, samples=cfg.optim.scst_samples,
+                                              max_new_tokens=cfg.eval.decode.max_new_tokens)
         self.network = CaptionModel(self.encoder, self.decoder, self.preprocessing)
         self.model = self._wrap()
         encoder_params = [p for stage in self.encoder.stages[len(self.encoder.stages) - stages:]
@@ -301,11 +351,18 @@ class Context:
                 "epochs_completed": progress.epoch + progress.batches_done / max(1, self.batches_per_epoch),
                 "step": progress.step,
                 "metrics": metrics or {},
+                "init_from": self._init_provenance(),
                 "torch": str(torch.__version__),
                 "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
             "state_dict": state,
         }
+
+    def _init_provenance(self) -> dict | None:
+        """What a fine-tuned model started from (kept across resumes)."""
+        if self.init_from is not None:
+            return {"path": str(self.cfg.model.init_from), "provenance": self.init_from.get("provenance", {})}
+        return self.resumed_init
 
     def save_last(self, progress: Progress) -> None:
         if self.rank != 0:
@@ -318,6 +375,17 @@ class Context:
             "progress": dataclasses.asdict(progress),
         }
         save_checkpoint(payload, self.out / "last.pt")
+
+
+def _load_encoder(encoder: Encoder, state: dict[str, torch.Tensor]) -> None:
+    """Load a checkpoint's encoder weights, unless they are the pretrained ones rounded to fp16
+    (an exported model with a frozen encoder): then the exact pretrained weights stay, and with
+    them the feature cache."""
+    current = encoder.state_dict()
+    rounded = all(v.dtype == current[k].dtype and torch.equal(v.half(), current[k].half())
+                  if v.is_floating_point() else torch.equal(v, current[k]) for k, v in state.items())
+    if not rounded:
+        encoder.load_state_dict(state)
 
 
 def _schedule(cfg: TrainConfig, total_steps: int):
@@ -433,7 +501,9 @@ def _plot(history: list[dict], path: Path) -> None:
 
     epochs = [r["epoch"] for r in history]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(epochs, [r["train_ce"] for r in history], marker="o", label="train cross-entropy")
+    for key, label in (("train_ce", "train cross-entropy"), ("train_reward", "train CIDEr-D reward")):
+        if key in history[0]:
+            left.plot(epochs, [r[key] for r in history], marker="o", label=label)
     left.set_xlabel("epoch")
     left.legend()
     for key in ("val_CIDEr-D", "val_BLEU-4", "val_METEOR"):

@@ -1,0 +1,68 @@
+"""Self-critical sequence training (Rennie et al., 2017): fine-tune a cross-entropy model on the
+metric itself. For each image the decoder samples K captions; each is rewarded with its CIDEr-D
+against the image's references, minus the mean reward of the image's other K-1 samples (the
+baseline of Luo, 2020: no extra greedy decode, and the advantages of an image sum to zero). The
+loss is the REINFORCE estimate, -advantage x log p(caption), averaged over the sampled tokens.
+
+Sampling and the gradient pass both run the decoder in eval mode (no dropout), so the gradient
+is taken for exactly the policy that sampled, which is also the one that captions at test time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as nnf
+
+from captioner.decoding import DecodeConfig, Hypothesis, generate
+from captioner.vocab import Vocabulary
+
+from .batches import pad_sequences
+from .cider import CiderD
+
+
+class SelfCritical:
+    def __init__(self, vocab: Vocabulary, references: list[list[list[str]]], *, samples: int, max_new_tokens: int):
+        """references: per training image (indexed as in the batches), its tokenised captions."""
+        if samples < 2:
+            raise ValueError("self-critical training needs at least 2 samples per image for its baseline")
+        self.vocab, self.samples = vocab, samples
+        self.cider = CiderD(references)
+        self.banned = (vocab.pad_id, vocab.bos_id, vocab.unk_id)
+        self.decode = DecodeConfig(num_beams=1, do_sample=True, num_return_sequences=samples,
+                                   max_new_tokens=max_new_tokens, no_repeat_ngram_size=0)
+
+    @torch.no_grad()
+    def sample(self, decoder, regions: torch.Tensor, pooled: torch.Tensor, seed: int) -> list[list[Hypothesis]]:
+        """K sampled captions per image of regions (B, P, E), pooled (B, E)."""
+        config = dataclasses.replace(self.decode, seed=seed)
+        return generate(decoder, regions, pooled, config, bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id,
+                        banned_ids=self.banned)
+
+    def advantages(self, images: list[int], hypotheses: list[list[Hypothesis]]) -> tuple[torch.Tensor, float]:
+        """-> (advantage per sequence (B*K,), mean reward)."""
+        words = self.vocab.words
+        rewards = torch.tensor([[self.cider.score(image, [words[t] for t in h.tokens]) for h in hyps]
+                                for image, hyps in zip(images, hypotheses)])  # (B, K)
+        k = rewards.shape[1]
+        baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
+        return (rewards - baseline).flatten(), float(rewards.mean())
+
+    def sequences(self, hypotheses: list[list[Hypothesis]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> decoder inputs (N, T) `<bos> w1..wn` and targets (N, T) `w1..wn [<eos>]`, padded."""
+        bos, eos = self.vocab.bos_id, self.vocab.eos_id
+        flat = [h for hyps in hypotheses for h in hyps]
+        inputs = pad_sequences([[bos, *h.tokens] for h in flat], self.vocab.pad_id)
+        targets = pad_sequences([[*h.tokens, eos] if h.finished else [*h.tokens, self.vocab.pad_id] for h in flat],
+                                self.vocab.pad_id)
+        return inputs, targets  # the same lengths row by row
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+        """logits (N, T, V) of the sampled sequences, targets (N, T), advantages (N,)."""
+        banned = torch.tensor(self.banned, device=logits.device)
+        logp = nnf.log_softmax(logits.float().index_fill(-1, banned, float("-inf")), dim=-1)
+        mask = targets != self.vocab.pad_id
+        token_logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
+        weighted = advantages.to(token_logp.device)[:, None] * token_logp
+        return -weighted.sum() / mask.sum().clamp(min=1)
