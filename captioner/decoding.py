@@ -85,7 +85,6 @@ class Hypothesis:
     attention: torch.Tensor | None = field(default=None, repr=False)
 
 
-@torch.no_grad()
 def generate(
     decoder: Decoder,
     regions: torch.Tensor,
@@ -100,10 +99,14 @@ def generate(
     `num_return_sequences` hypotheses, best first. `banned_ids` (<pad>, <bos>, <unk>) are never
     generated."""
     rules = _Rules(config, eos_id, banned_ids)
-    state = decoder.init_state(regions, pooled)
-    if config.num_beams > 1:
-        return _beam_search(decoder, state, bos_id, rules)
-    return _sample(decoder, state, bos_id, rules)
+    with torch.inference_mode():  # less per-op overhead than no_grad: decoding is many small ops
+        state = decoder.init_state(regions, pooled)
+        search = _beam_search if config.num_beams > 1 else _sample
+        results = search(decoder, state, bos_id, rules)
+    for hypotheses in results:  # hand out ordinary tensors, which callers may modify in place
+        for h in hypotheses:
+            h.attention = None if h.attention is None else h.attention.clone()
+    return results
 
 
 @dataclass
@@ -287,10 +290,12 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules)
     history_logps = torch.empty(b_all, k, 0, device=device)
     history_alpha = torch.empty(b_all, k, 0, regions, device=device) if want_alpha else None
     tokens = torch.full((b_all * k,), bos, dtype=torch.long, device=device)
+    first_rows = torch.arange(b_all, device=device)[:, None] * k  # (B, 1) first row of each image
+    among_first_k = torch.arange(2 * k, device=device) < k  # (2K,)
 
     for step in range(config.max_new_tokens):
         b = active.shape[0]
-        beam_rows = torch.arange(b, device=device)[:, None] * k  # (B, 1) first row of each image
+        beam_rows = first_rows[:b]
         logits, state, alpha = decoder.step(tokens, state)
         logp = rules.log_probs(logits, history.view(b * k, -1))  # (N, V)
         top_logp, top_index = (beam_logp.view(-1, 1) + logp).view(b, k * vocab).topk(2 * k, dim=1)  # (B, 2K)
@@ -313,8 +318,7 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules)
             return (*grown, torch.cat([past, alpha[flat].view(b, c, 1, regions)], dim=2))
 
         # 1) An <eos> among the first K candidates finishes a hypothesis.
-        enters = is_eos.clone()
-        enters[:, k:] = False
+        enters = is_eos & among_first_k
         if bool(enters.any()):
             eos_tokens, eos_logps, eos_alpha = extend(beam_rows + origin, word, word_logp)
             pool.merge(active, rules.score(top_logp, step + 1).masked_fill(~enters, NEG_INF),

@@ -38,17 +38,22 @@ def test_shapes_and_every_parameter_gets_a_gradient(cell, attention, layers):
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("fp16_weights", [False, True])
 @pytest.mark.parametrize("attention", [True, False])
-def test_step_api_matches_teacher_forcing(attention):
-    """Decoding (cached word-gate table, broadcast image constants) computes exactly what
-    training computes."""
+def test_step_api_matches_teacher_forcing(attention, fp16_weights):
+    """Decoding (cached word-gate table, broadcast image constants, and for weights stored in
+    fp16 the packed fp16-weight products) computes what training computes."""
     torch.manual_seed(1)
     decoder = Decoder(tiny_decoder_config(20, attention=attention, num_layers=2)).eval()
+    if fp16_weights:  # as loaded from an exported or bundled checkpoint
+        decoder.load_state_dict({k: v.half().float() for k, v in decoder.state_dict().items()})
     regions, pooled = _inputs(1)
     tokens = torch.randint(4, 20, (B, 6))
     with torch.no_grad():
         forced, forced_alpha = decoder(regions, pooled, tokens)
         state = decoder.init_state(regions, pooled)
+        packed = state.fast.top.packed is not None
+        assert packed == (fp16_weights and "fbgemm" in torch.backends.quantized.supported_engines)
         for t in range(tokens.shape[1]):
             logits, state, alpha = decoder.step(tokens[:, t], state)
             assert torch.allclose(logits, forced[:, t], atol=1e-5)
