@@ -94,17 +94,21 @@ def generate(
     bos_id: int,
     eos_id: int,
     banned_ids: tuple[int, ...] = (),
+    best_first: bool = True,
 ) -> list[list[Hypothesis]]:
     """Caption a batch of encoded images: regions (B, P, E), pooled (B, E) -> for each image,
     `num_return_sequences` hypotheses, best first. `banned_ids` (<pad>, <bos>, <unk>) are never
-    generated."""
+    generated. `best_first=False` leaves sampled sequences in the order of their rows, image by
+    image (self-critical training replays those rows' dropout masks)."""
     rules = _Rules(config, eos_id, banned_ids)
     with torch.inference_mode():  # less per-op overhead than no_grad: decoding is many small ops
         state = decoder.init_state(regions, pooled)
         search = _beam_search if config.num_beams > 1 else _sample
         results = search(decoder, state, bos_id, rules)
-    for hypotheses in results:  # hand out ordinary tensors, which callers may modify in place
-        for h in hypotheses:
+    for hypotheses in results:
+        if best_first:
+            hypotheses.sort(key=lambda h: h.score, reverse=True)
+        for h in hypotheses:  # hand out ordinary tensors, which callers may modify in place
             h.attention = None if h.attention is None else h.attention.clone()
     return results
 
@@ -200,7 +204,6 @@ def _sample(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules) -> l
         hyps = [_hypothesis(history[row], token_logps[row], None if attention is None else attention[row],
                             length[row], finished[row], config.length_penalty)
                 for row in range(image * k, image * k + k)]
-        hyps.sort(key=lambda h: h.score, reverse=True)
         results.append(hyps)
     return results
 

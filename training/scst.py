@@ -4,8 +4,10 @@ against the image's references, minus the mean reward of the image's other K-1 s
 baseline of Luo, 2020: no extra greedy decode, and the advantages of an image sum to zero). The
 loss is the REINFORCE estimate, -advantage x log p(caption), averaged over the sampled tokens.
 
-Sampling and the gradient pass both run the decoder in eval mode (no dropout), so the gradient
-is taken for exactly the policy that sampled, which is also the one that captions at test time.
+The decoder samples in training mode: dropout keeps the model from simply sharpening onto the
+captions it has memorised for the training images (in eval mode the reward of its samples rises
+while its beam-search captions do not change). The training loop replays the sampling's dropout
+masks in the gradient pass, so the gradient is for exactly the policy that sampled.
 """
 
 from __future__ import annotations
@@ -35,10 +37,10 @@ class SelfCritical:
 
     @torch.no_grad()
     def sample(self, decoder, regions: torch.Tensor, pooled: torch.Tensor, seed: int) -> list[list[Hypothesis]]:
-        """K sampled captions per image of regions (B, P, E), pooled (B, E)."""
+        """K sampled captions per image of regions (B, P, E), pooled (B, E), in row order."""
         config = dataclasses.replace(self.decode, seed=seed)
         return generate(decoder, regions, pooled, config, bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id,
-                        banned_ids=self.banned)
+                        banned_ids=self.banned, best_first=False)
 
     def advantages(self, images: list[int], hypotheses: list[list[Hypothesis]]) -> tuple[torch.Tensor, float]:
         """-> (advantage per sequence (B*K,), mean reward)."""
@@ -60,8 +62,11 @@ class SelfCritical:
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
         """logits (N, T, V) of the sampled sequences, targets (N, T), advantages (N,)."""
+        # The distribution the sampler drew from: banned tokens, and <eos> before min_new_tokens.
         banned = torch.tensor(self.banned, device=logits.device)
-        logp = nnf.log_softmax(logits.float().index_fill(-1, banned, float("-inf")), dim=-1)
+        logits = logits.float().index_fill(-1, banned, float("-inf"))
+        logits[:, : self.decode.min_new_tokens, self.vocab.eos_id] = float("-inf")
+        logp = nnf.log_softmax(logits, dim=-1)
         mask = targets != self.vocab.pad_id
         token_logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
         weighted = advantages.to(token_logp.device)[:, None] * token_logp

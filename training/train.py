@@ -109,11 +109,8 @@ def train_one_epoch(
     batches = [order[i: i + global_batch].tolist() for i in range(0, len(order) - global_batch + 1, global_batch)]
     ctx.prepare_epoch(progress.epoch)
     sampling = _scheduled_sampling(cfg, progress.epoch)
-    if ctx.self_critical is not None:
-        ctx.network.eval()  # see training/scst.py: the gradient is for the policy that sampled
-    else:
-        ctx.decoder.train()
-        ctx.encoder.train()  # frozen stages stay in eval mode
+    ctx.decoder.train()
+    ctx.encoder.train()  # frozen stages stay in eval mode
     totals: dict[str, float] = {}
     count = 0
     started = time.monotonic()
@@ -169,11 +166,15 @@ def _self_critical_loss(ctx: "Context", images: list[int], generator: torch.Gene
     images, inputs = ctx.items.inputs(images, generator)
     inputs = inputs.to(ctx.device)
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    # Sample with dropout on, then replay the same dropout masks in the gradient pass (the
+    # draws come in the same order and shapes), so the gradient is for the policy that sampled.
+    dropout_rng = _rng_state(ctx.device)
     with torch.no_grad():
         regions, pooled = ctx.network.encode(inputs)
-    hypotheses = ctx.self_critical.sample(ctx.decoder, regions, pooled, seed)
+        hypotheses = ctx.self_critical.sample(ctx.decoder, regions, pooled, seed)
     advantages, reward = ctx.self_critical.advantages(images, hypotheses)
     sequences, targets = ctx.self_critical.sequences(hypotheses)
+    _set_rng_state(ctx.device, dropout_rng)
     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
         logits, _ = ctx.model(inputs, sequences.to(ctx.device))
     return ctx.self_critical.loss(logits, targets.to(ctx.device), advantages), {"reward": reward}
@@ -375,6 +376,17 @@ class Context:
             "progress": dataclasses.asdict(progress),
         }
         save_checkpoint(payload, self.out / "last.pt")
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 def _load_encoder(encoder: Encoder, state: dict[str, torch.Tensor]) -> None:

@@ -85,6 +85,27 @@ def test_self_critical_steps_raise_the_reward():
     assert sum(rewards[-10:]) / 10 > 2 * sum(rewards[:10]) / 10
 
 
+def test_the_gradient_pass_replays_the_sampling_policy_dropout_included():
+    torch.manual_seed(0)
+    ids = sorted(REFERENCES)
+    vocab = Vocabulary.build((c for refs in REFERENCES.values() for c in refs), min_count=1)
+    critic = SelfCritical(vocab, [[tokenize(r) for r in REFERENCES[i]] for i in ids], samples=3, max_new_tokens=6)
+    decoder = Decoder(DecoderConfig(vocab_size=len(vocab), feature_dim=12, embed_dim=16, hidden_dim=32,
+                                    memory_dim=24, attention_dim=16, dropout=0.5)).train()
+    regions = torch.randn(len(ids), 5, 12)
+    rng = torch.get_rng_state()
+    hypotheses = critic.sample(decoder, regions, regions.mean(dim=1), seed=3)
+    torch.set_rng_state(rng)
+    sequences, targets = critic.sequences(hypotheses)
+    logits, _ = decoder(regions, regions.mean(dim=1), sequences)
+    # The sampler records log-softmax values before removing banned words (as beam search ranks).
+    logp = logits.log_softmax(dim=-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    flat = [h for hyps in hypotheses for h in hyps]
+    for row, h in enumerate(flat):
+        assert torch.allclose(logp[row, : len(h.token_log_probs)], torch.tensor(h.token_log_probs), atol=1e-4)
+    assert not torch.equal(logits, decoder(regions, regions.mean(dim=1), sequences)[0])  # other masks
+
+
 def test_self_critical_fine_tuning_runs_from_a_checkpoint(flickr_dir, tmp_path):
     base = tmp_path / "xe"
     main(load_config(None, tiny_train_overrides(flickr_dir, base, **{"optim.epochs": 2})))
