@@ -5,13 +5,14 @@ batched throughput on the same image bytes, measured in the same run.
                                        [--clients 1,4,16] [--max-batch-size 16] [--max-wait-ms 5]
 
 1. Library: `Captioner.caption(list of JPEG bytes, batch_size=16)` (decoding included, as in the
-   service), after one warm-up batch; measured before and after the service runs and averaged,
-   since the machine may be shared. Library and service use the same number of torch threads
-   (--torch-threads).
-2. Service: a real gunicorn (service/gunicorn.conf.py, 1 worker, 16 threads) on a free loopback
-   port, once with micro-batching on (--max-batch-size) and once off (batch size 1). For each
-   N in --clients, N threads POST the images round-robin (raw JPEG body, default decoding: beam
-   search with 3 beams) for --duration seconds after a warm-up; requests/s and p50/p99 latency.
+   service), after one warm-up batch, with --torch-threads (default: every core); measured before
+   and after the service runs and averaged, since the machine may be shared.
+2. Service: a real gunicorn (service/gunicorn.conf.py with its defaults: one worker per core,
+   cores / workers torch threads each, 16 request threads; --workers and --service-torch-threads
+   override) on a free loopback port, once with micro-batching on (--max-batch-size) and once
+   off (batch size 1). For each N in --clients, N threads POST the images round-robin (raw JPEG
+   body, default decoding: beam search with 3 beams) for --duration seconds after a warm-up;
+   requests/s, p50/p99 latency, and the mean batch size from /metrics (summed over workers).
 
 Images: the Flickr8k photos in ../shared/data/flickr8k (first --images of original_aspect.txt)
 when present, else smooth random 500x375 JPEGs. The model is the bundled default
@@ -78,14 +79,18 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, checkpoint: Path, max_batch_size: int, max_wait_ms: float, threads: int, torch_threads: int):
+    def __init__(self, checkpoint: Path, max_batch_size: int, max_wait_ms: float, threads: int,
+                 workers: int | None, torch_threads: int | None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "CAPTIONER_CHECKPOINT": str(checkpoint), "CAPTIONER_BIND": f"127.0.0.1:{self.port}",
-               "CAPTIONER_WORKERS": "1", "CAPTIONER_THREADS": str(threads),
+               "CAPTIONER_THREADS": str(threads),
                "CAPTIONER_MAX_BATCH_SIZE": str(max_batch_size), "CAPTIONER_MAX_WAIT_MS": str(max_wait_ms),
-               "CAPTIONER_ACCESS_LOG": "", "CAPTIONER_LOG_LEVEL": "warning",
-               "CAPTIONER_TORCH_THREADS": str(torch_threads)}
+               "CAPTIONER_ACCESS_LOG": "", "CAPTIONER_LOG_LEVEL": "warning"}
+        for name, value in (("CAPTIONER_WORKERS", workers), ("CAPTIONER_TORCH_THREADS", torch_threads)):
+            env.pop(name, None)
+            if value:
+                env[name] = str(value)
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "service" / "gunicorn.conf.py"), "service:create_app()"],
@@ -176,9 +181,11 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=16, help="gunicorn request threads")
-    parser.add_argument("--torch-threads", type=int, default=1,
-                        help="torch threads for the library and the service alike (default 1: on a machine "
-                             "shared with other work, OpenMP threads spinning against it are far slower)")
+    parser.add_argument("--torch-threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="the library's torch threads (default: every core)")
+    parser.add_argument("--workers", type=int, default=None, help="gunicorn workers (default: the service's, one per core)")
+    parser.add_argument("--service-torch-threads", type=int, default=None,
+                        help="torch threads per worker (default: the service's, cores / workers)")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
 
@@ -192,8 +199,8 @@ def main() -> None:
         checkpoint = default_size_checkpoint(Path(temporary.name) / "default-size.pt")
         model_note = "default architecture with a random decoder (bundled model not present yet)"
     images, image_note = load_images(args.images)
-    print(f"model: {model_note}\nimages: {image_note}\ncpu cores: {os.cpu_count()}, "
-          f"torch threads: {torch.get_num_threads()}, load average: {os.getloadavg()[0]:.2f}")
+    print(f"model: {model_note}\nimages: {image_note}\ncpu cores: {len(os.sched_getaffinity(0))}, "
+          f"library torch threads: {torch.get_num_threads()}, load average: {os.getloadavg()[0]:.2f}")
 
     model = Captioner.from_checkpoint(checkpoint)
     library = [library_throughput(model, images)]
@@ -202,7 +209,7 @@ def main() -> None:
 
     results: dict[str, list[dict]] = {}
     for mode, batch in (("on", args.max_batch_size), ("off", 1)):
-        server = Server(checkpoint, batch, args.max_wait_ms, args.threads, args.torch_threads)
+        server = Server(checkpoint, batch, args.max_wait_ms, args.threads, args.workers, args.service_torch_threads)
         try:
             results[mode] = []
             for clients in levels:
@@ -240,7 +247,10 @@ def main() -> None:
         f"p99_ms_c{top}": round(on["p99_ms"], 1),
         f"p50_ms_c{top}": round(on["p50_ms"], 1),
         f"service_rps_c{top}_batching_off": round(off["rps"], 3),
-        "torch_threads": args.torch_threads,
+        "library_torch_threads": args.torch_threads,
+        "service_workers": args.workers or len(os.sched_getaffinity(0)),
+        "service_torch_threads_per_worker": args.service_torch_threads
+        or max(1, len(os.sched_getaffinity(0)) // (args.workers or len(os.sched_getaffinity(0)))),
         "model": model_note,
         "images": image_note,
     }

@@ -19,7 +19,6 @@ from typing import Any, Mapping
 
 import torch
 from flask import Flask, Response, g, jsonify, request, send_from_directory
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
 import captioner
@@ -58,7 +57,8 @@ class ServiceState:
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     settings = ServiceConfig.resolve(config)
-    threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("CAPTIONER_WORKERS", "1")))
+    workers = int(os.environ.get("CAPTIONER_WORKERS") or 1)  # gunicorn.conf.py sets it for its workers
+    threads = settings.torch_threads or max(1, len(os.sched_getaffinity(0)) // workers)
     torch.set_num_threads(threads)
 
     if settings.checkpoint:
@@ -315,7 +315,8 @@ def _register_routes(app: Flask, state: ServiceState) -> None:
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        return Response(generate_latest(state.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body, content_type = state.metrics.exposition()
+        return Response(body, headers={"Content-Type": content_type})
 
     @app.get("/openapi.json")
     def openapi() -> Response:

@@ -1,6 +1,6 @@
 """`captioner serve`: the HTTP service under gunicorn (or Flask's development server with --dev).
 
-    captioner serve [--host 127.0.0.1 --port 8000 --workers 1 --threads 16 --checkpoint PATH]
+    captioner serve [--host 127.0.0.1 --port 8000 --workers N --threads 16 --checkpoint PATH]
 
 Flags become CAPTIONER_* environment variables read by `service/gunicorn.conf.py` and
 `create_app`, so the command line, `docker run -e` and a plain `gunicorn` call agree.
@@ -21,7 +21,7 @@ def register(commands) -> None:
                                 description="Run the HTTP API and web page under gunicorn.")
     serve.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default: 8000)")
-    serve.add_argument("--workers", type=int, default=None, help="gunicorn worker processes (default: 1)")
+    serve.add_argument("--workers", type=int, default=None, help="gunicorn worker processes, each with cores/workers torch threads (default: one per core)")
     serve.add_argument("--threads", type=int, default=None, help="request threads per worker (default: 16)")
     serve.add_argument("--checkpoint", default=None, help="model checkpoint (default: the bundled model)")
     serve.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")

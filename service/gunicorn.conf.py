@@ -10,7 +10,10 @@ import os
 
 bind = os.environ.get("CAPTIONER_BIND", "{}:{}".format(os.environ.get("CAPTIONER_HOST", "127.0.0.1"),
                                                        os.environ.get("CAPTIONER_PORT", "8000")))
-workers = int(os.environ.get("CAPTIONER_WORKERS", "1"))
+# One worker process per core, each with one torch thread, by default: on CPUs this beats one
+# process whose torch threads span the cores (no OpenMP barriers between small decoder ops, no
+# GIL shared with the request threads); see benchmarks/bench_service.py.
+workers = int(os.environ.get("CAPTIONER_WORKERS") or 0) or len(os.sched_getaffinity(0))
 # Request threads per worker: they decode images in parallel and wait on the micro-batcher.
 threads = int(os.environ.get("CAPTIONER_THREADS", "16"))
 worker_class = "gthread"
@@ -29,10 +32,30 @@ forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 
 # Read by create_app in each worker: torch threads share the cores among workers.
 os.environ["CAPTIONER_WORKERS"] = str(workers)
+# Prometheus metrics summed over the workers: each worker writes its values to files in this
+# folder (set before the workers import prometheus_client), /metrics reads them all.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    import tempfile
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="captioner-metrics-")
+
+
+def on_starting(server):
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):  # values of an earlier run
+        if name.endswith(".db"):
+            os.remove(os.path.join(folder, name))
 
 
 def post_worker_init(worker):
     worker.log.info("worker %s ready", worker.pid)
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def worker_exit(server, worker):
@@ -40,3 +63,4 @@ def worker_exit(server, worker):
     state = getattr(app, "extensions", {}).get("captioner") if app is not None else None
     if state is not None:
         state.close()
+

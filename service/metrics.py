@@ -1,12 +1,16 @@
 """Prometheus metrics, one registry per app (several apps may live in one test process).
 
-Metrics are per gunicorn worker; the default of one worker (micro-batching uses all cores through
-torch's threads) keeps them exact.
+Under gunicorn (service/gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR) every worker writes its
+values to shared files and `/metrics` reports them summed over the workers; gauges say how:
+the queue depth is the sum over live workers, readiness the minimum.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -24,11 +28,13 @@ class Metrics:
                                     buckets=BATCH_BUCKETS, registry=r)
         self.inference = Histogram("captioner_inference_seconds", "Time of one batched encoder+decoder call",
                                    buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_depth = Gauge("captioner_queue_depth", "Images waiting for a batch", registry=r)
+        self.queue_depth = Gauge("captioner_queue_depth", "Images waiting for a batch", registry=r,
+                                 multiprocess_mode="livesum")
         self.images = Counter("captioner_images", "Images captioned", registry=r)
         self.rejected = Counter("captioner_rejected", "Requests refused by the batch queue or deadline",
                                 ["reason"], registry=r)
-        self.ready = Gauge("captioner_ready", "1 when the model is loaded and warm", registry=r)
+        self.ready = Gauge("captioner_ready", "1 when the model is loaded and warm (in every worker)", registry=r,
+                           multiprocess_mode="livemin")
 
     def observe(self, name: str, value: float) -> None:
         """The micro-batcher's callback."""
@@ -39,3 +45,11 @@ class Metrics:
             self.inference.observe(value)
         elif name == "queue_depth":
             self.queue_depth.set(value)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """-> (the text format, its content type): this process's values, or all workers'."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,4 +1,5 @@
-"""A real gunicorn process (service/gunicorn.conf.py, no --preload) on a free loopback port."""
+"""A real gunicorn process (service/gunicorn.conf.py, no --preload, two workers whose metrics
+/metrics sums) on a free loopback port."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def free_port() -> int:
 def server(tiny_checkpoint: str, tmp_path_factory):
     port = free_port()
     env = {**os.environ, "CAPTIONER_CHECKPOINT": tiny_checkpoint, "CAPTIONER_BIND": f"127.0.0.1:{port}",
-           "CAPTIONER_WORKERS": "1", "CAPTIONER_THREADS": str(CLIENTS), "CAPTIONER_MAX_WAIT_MS": "20",
+           "CAPTIONER_WORKERS": "2", "CAPTIONER_THREADS": str(CLIENTS), "CAPTIONER_MAX_WAIT_MS": "20",
            "CAPTIONER_MAX_BATCH_SIZE": "16", "CAPTIONER_ACCESS_LOG": "", "CAPTIONER_TORCH_THREADS": "1"}
     log = tmp_path_factory.mktemp("gunicorn") / "server.log"
     with open(log, "wb") as output:
