@@ -106,19 +106,19 @@ def _history_table(history: str | None, baseline: str | None) -> str:
         return {r["epoch"]: r for r in map(json.loads, Path(path).read_text().splitlines())}
 
     ours, theirs = load(history), load(baseline)
-    lines = ["| epoch | attention CIDEr-D | attention BLEU-4 | no attention CIDEr-D | no attention BLEU-4 |",
-             "|---|---|---|---|---|"]
+    runs = [ours, theirs] if theirs else [ours]
+    names = ["attention CIDEr-D", "attention BLEU-4"] + (["no attention CIDEr-D", "no attention BLEU-4"] if theirs else [])
+    lines = ["| epoch | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for epoch in sorted(set(ours) | set(theirs)):
         cells = []
-        for run in (ours, theirs):
+        for run in runs:
             record = run.get(epoch, {})
             cells += [f"{record[k]:.3f}" if k in record else "" for k in ("val_CIDEr-D", "val_BLEU-4")]
         lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _training_summary(model: Captioner) -> dict[str, Any]:
-    provenance = model.provenance or {}
+def _training_summary(provenance: dict[str, Any]) -> dict[str, Any]:
     cfg = provenance.get("config", {})
     return {
         "epochs": provenance.get("epochs_completed"),
@@ -129,10 +129,36 @@ def _training_summary(model: Captioner) -> dict[str, Any]:
     }
 
 
+def _recipe(provenance: dict[str, Any], training_time: str) -> str:
+    """The training recipe, stage by stage (a fine-tuned model names the checkpoint it started from)."""
+    init = provenance.get("init_from")
+    stages = []
+    if init:
+        stages.append(_recipe(init.get("provenance", {}), "").rstrip())
+    summary = _training_summary(provenance)
+    optim, decoder = summary["optim"], summary["decoder"]
+    if optim.get("objective") == "scst":
+        stages.append(
+            f"- Stage 2, self-critical fine-tuning from `{init['path'] if init else '?'}`: {optim.get('scst_samples')} sampled "
+            f"captions per image rewarded by CIDEr-D (document frequencies from the training captions), baseline "
+            f"the mean of the image's other samples, dropout on with its masks replayed in the gradient pass; AdamW lr "
+            f"{optim.get('lr')}, cosine decay, {optim.get('batch_images')} images per step; best epoch {summary['epochs']:.0f}.")
+    else:
+        stages.append(
+            f"- {'Stage 1, c' if not init else 'C'}ross-entropy with teacher forcing: AdamW lr {optim.get('lr')} with warm-up and "
+            f"cosine decay, {optim.get('batch_images')} images x 5 captions per step, dropout {decoder.get('dropout')}, "
+            f"doubly stochastic attention weight {optim.get('attention_reg')}, gradient clipping {optim.get('grad_clip')}; "
+            f"best epoch {summary['epochs']:.0f}.")
+    if training_time:
+        stages.append(f"- Training time: {training_time} on this project's 2-core CPU.")
+    return "\n".join(stages) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the checkpoint the card describes (with attention)")
     parser.add_argument("--baseline", help="the same recipe without attention")
+    parser.add_argument("--stage1", help="for a fine-tuned model: the checkpoint it started from, measured too")
     parser.add_argument("--data", required=True)
     parser.add_argument("--split", default="dev")
     parser.add_argument("--cache-dir", default="cache/features")
@@ -148,13 +174,16 @@ def main() -> None:
     started = time.time()
     model = Captioner.from_checkpoint(args.model)
     rows = {"with attention": measure(model, spec, args.split, args.cache_dir)}
+    if args.stage1:
+        rows["with attention, stage 1 only"] = measure(Captioner.from_checkpoint(args.stage1), spec, args.split,
+                                                       args.cache_dir)
     entropy = attention_entropy(model, spec, args.split, args.cache_dir)
     baseline = None
     if args.baseline:
         baseline = Captioner.from_checkpoint(args.baseline)
         rows["without attention"] = measure(baseline, spec, args.split, args.cache_dir)
     caption = attention_figure(model, ROOT / "examples" / "chelsea.jpg", Path(args.figure))
-    summary = _training_summary(model)
+    summary = _training_summary(model.provenance or {})
     described = model.describe()
     images = rows["with attention"]["beam 3"]["images"]
     card = f"""# Model card: the bundled captioner model
@@ -178,11 +207,7 @@ SHA-256 in `captioner info`). Loaded by `Captioner.default()` and every command 
 - Data: Flickr8k (Hodosh et al., 2013), official train split ({summary['train_images']} images x 5 captions);
   selected on the dev split by beam-3 CIDEr-D. The data is not in this repository.
 - Command: `{args.command}`
-- Recipe: teacher forcing, cross-entropy, AdamW lr {summary['optim'].get('lr')} with warm-up and cosine decay,
-  {summary['optim'].get('batch_images')} images x 5 captions per step, dropout {summary['decoder'].get('dropout')},
-  doubly stochastic attention weight {summary['optim'].get('attention_reg')}, gradient clipping {summary['optim'].get('grad_clip')};
-  best epoch {summary['epochs']}. Training time: {args.training_minutes} on this project's 2-core CPU.
-
+{_recipe(model.provenance or {}, args.training_minutes)}
 ## Dev-split metrics ({images} images, {args.split} split, pycocoevalcap scorers)
 
 {_table(rows)}
@@ -198,7 +223,7 @@ for `examples/chelsea.jpg`, "{caption}", with the attention of each word:
 
 ![attention](docs/attention.png)
 
-## Validation during training (dev split, beam 3, every epoch)
+## Validation during training (dev split, beam 3, every epoch of the last stage)
 
 {_history_table(args.history, args.baseline_history)}
 
