@@ -7,7 +7,7 @@ batched throughput on the same image bytes, measured in the same run.
 1. Library: `Captioner.caption(list of JPEG bytes, batch_size=16)` (decoding included, as in the
    service), after one warm-up batch, with --torch-threads (default: every core); measured before
    and after the service runs and averaged, since the machine may be shared.
-2. Service: a real gunicorn (service/gunicorn.conf.py with its defaults: one worker per core,
+2. Service: a real gunicorn (service/gunicorn.conf.py with its defaults: one worker per 4 cores,
    cores / workers torch threads each, 16 request threads; --workers and --service-torch-threads
    override) on a free loopback port, once with micro-batching on (--max-batch-size) and once
    off (batch size 1). For each N in --clients, N threads POST the images round-robin (raw JPEG
@@ -183,11 +183,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=16, help="gunicorn request threads")
     parser.add_argument("--torch-threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="the library's torch threads (default: every core)")
-    parser.add_argument("--workers", type=int, default=None, help="gunicorn workers (default: the service's, one per core)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="gunicorn workers (default: the service's, one per 4 cores)")
     parser.add_argument("--service-torch-threads", type=int, default=None,
                         help="torch threads per worker (default: the service's, cores / workers)")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
+    cores = len(os.sched_getaffinity(0))
+    workers = args.workers or max(1, cores // 4)  # the default of service/gunicorn.conf.py
 
     from captioner.api import Captioner
 
@@ -248,9 +251,8 @@ def main() -> None:
         f"p50_ms_c{top}": round(on["p50_ms"], 1),
         f"service_rps_c{top}_batching_off": round(off["rps"], 3),
         "library_torch_threads": args.torch_threads,
-        "service_workers": args.workers or len(os.sched_getaffinity(0)),
-        "service_torch_threads_per_worker": args.service_torch_threads
-        or max(1, len(os.sched_getaffinity(0)) // (args.workers or len(os.sched_getaffinity(0)))),
+        "service_workers": workers,
+        "service_torch_threads_per_worker": args.service_torch_threads or max(1, cores // workers),
         "model": model_note,
         "images": image_note,
     }

@@ -21,7 +21,7 @@ def register(commands) -> None:
                                 description="Run the HTTP API and web page under gunicorn.")
     serve.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default: 8000)")
-    serve.add_argument("--workers", type=int, default=None, help="gunicorn worker processes, each with cores/workers torch threads (default: one per core)")
+    serve.add_argument("--workers", type=int, default=None, help="gunicorn worker processes, each with cores/workers torch threads (default: one per 4 cores)")
     serve.add_argument("--threads", type=int, default=None, help="request threads per worker (default: 16)")
     serve.add_argument("--checkpoint", default=None, help="model checkpoint (default: the bundled model)")
     serve.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
