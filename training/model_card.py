@@ -150,7 +150,7 @@ def _recipe(provenance: dict[str, Any], training_time: str) -> str:
             f"doubly stochastic attention weight {optim.get('attention_reg')}, gradient clipping {optim.get('grad_clip')}; "
             f"best epoch {summary['epochs']:.0f}.")
     if training_time:
-        stages.append(f"- Training time: {training_time} on this project's 2-core CPU.")
+        stages.append(f"- Training time, on this project's 2-core CPU: {training_time}.")
     return "\n".join(stages) + "\n"
 
 
@@ -173,7 +173,8 @@ def main() -> None:
     spec = DataSpec(format="flickr", path=args.data)
     started = time.time()
     model = Captioner.from_checkpoint(args.model)
-    rows = {"with attention": measure(model, spec, args.split, args.cache_dir)}
+    name = "with attention, stages 1 + 2 (bundled)" if args.stage1 else "with attention"
+    rows = {name: measure(model, spec, args.split, args.cache_dir)}
     if args.stage1:
         rows["with attention, stage 1 only"] = measure(Captioner.from_checkpoint(args.stage1), spec, args.split,
                                                        args.cache_dir)
@@ -185,10 +186,10 @@ def main() -> None:
     caption = attention_figure(model, ROOT / "examples" / "chelsea.jpg", Path(args.figure))
     summary = _training_summary(model.provenance or {})
     described = model.describe()
-    images = rows["with attention"]["beam 3"]["images"]
+    images = rows[name]["beam 3"]["images"]
     card = f"""# Model card: the bundled captioner model
 
-`captioner/weights/default.pt` (fp16, {Path(args.model).stat().st_size / 1e6:.1f} MB as trained in fp32;
+`captioner/weights/default.pt` (fp16, {Path(args.model).stat().st_size / 1e6:.1f} MB;
 SHA-256 in `captioner info`). Loaded by `Captioner.default()` and every command without `--checkpoint`.
 
 ## What it is
