@@ -228,9 +228,11 @@ class Context:
         if cfg.eval.max_images:
             self.val_samples = self.val_samples[: cfg.eval.max_images]
         # The model's starting point: a run being resumed, a checkpoint to fine-tune, or nothing.
-        self.init_from = None if resume_payload is not None or not cfg.model.init_from else load_checkpoint(cfg.model.init_from)
-        source = resume_payload or self.init_from
-        self.resumed_init = None if resume_payload is None else resume_payload["provenance"].get("init_from")
+        init = None if resume_payload is not None or not cfg.model.init_from else load_checkpoint(cfg.model.init_from)
+        source = resume_payload or init
+        # What a fine-tuned model started from, kept in its checkpoints (and across resumes).
+        self.init_provenance = (resume_payload["provenance"].get("init_from") if resume_payload is not None
+                                else init and {"path": str(cfg.model.init_from), "provenance": init.get("provenance", {})})
         encoder_config = dataclasses.replace(cfg.model.encoder, trainable_stages=0)
         if source is not None:
             self.vocab = Vocabulary.from_dict(source["vocabulary"])
@@ -352,18 +354,12 @@ class Context:
                 "epochs_completed": progress.epoch + progress.batches_done / max(1, self.batches_per_epoch),
                 "step": progress.step,
                 "metrics": metrics or {},
-                "init_from": self._init_provenance(),
+                "init_from": self.init_provenance,
                 "torch": str(torch.__version__),
                 "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
             "state_dict": state,
         }
-
-    def _init_provenance(self) -> dict | None:
-        """What a fine-tuned model started from (kept across resumes)."""
-        if self.init_from is not None:
-            return {"path": str(self.cfg.model.init_from), "provenance": self.init_from.get("provenance", {})}
-        return self.resumed_init
 
     def save_last(self, progress: Progress) -> None:
         if self.rank != 0:
