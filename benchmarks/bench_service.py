@@ -181,7 +181,8 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=16, help="gunicorn request threads")
-    parser.add_argument("--torch-threads", type=int, default=len(os.sched_getaffinity(0)),
+    cores = len(os.sched_getaffinity(0))
+    parser.add_argument("--torch-threads", type=int, default=cores,
                         help="the library's torch threads (default: every core)")
     parser.add_argument("--workers", type=int, default=None,
                         help="gunicorn workers (default: the service's, one per 4 cores)")
@@ -189,7 +190,6 @@ def main() -> None:
                         help="torch threads per worker (default: the service's, cores / workers)")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
-    cores = len(os.sched_getaffinity(0))
     workers = args.workers or max(1, cores // 4)  # the default of service/gunicorn.conf.py
 
     from captioner.api import Captioner
@@ -202,7 +202,7 @@ def main() -> None:
         checkpoint = default_size_checkpoint(Path(temporary.name) / "default-size.pt")
         model_note = "default architecture with a random decoder (bundled model not present yet)"
     images, image_note = load_images(args.images)
-    print(f"model: {model_note}\nimages: {image_note}\ncpu cores: {len(os.sched_getaffinity(0))}, "
+    print(f"model: {model_note}\nimages: {image_note}\ncpu cores: {cores}, "
           f"library torch threads: {torch.get_num_threads()}, load average: {os.getloadavg()[0]:.2f}")
 
     model = Captioner.from_checkpoint(checkpoint)

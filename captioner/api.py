@@ -161,7 +161,7 @@ class Captioner:
         regions, pooled = self.encode(pixels)
         v = self.vocabulary
         hypotheses = generate(self.decoder, regions, pooled, config, bos_id=v.bos_id, eos_id=v.eos_id,
-                              banned_ids=(v.pad_id, v.bos_id, v.unk_id))
+                              banned_ids=v.never_generated)
         return [CaptionResult([self._caption(h) for h in hyps]) for hyps in hypotheses]
 
     def caption(

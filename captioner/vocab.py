@@ -39,6 +39,11 @@ class Vocabulary:
         kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
         return cls([*SPECIALS, *kept])
 
+    @property
+    def never_generated(self) -> tuple[int, ...]:
+        """Ids no caption may contain: <pad>, <bos> and <unk> (<eos> ends one)."""
+        return (self.pad_id, self.bos_id, self.unk_id)
+
     def __len__(self) -> int:
         return len(self.words)
 

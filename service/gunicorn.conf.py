@@ -65,4 +65,3 @@ def worker_exit(server, worker):
     state = getattr(app, "extensions", {}).get("captioner") if app is not None else None
     if state is not None:
         state.close()
-

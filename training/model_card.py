@@ -46,7 +46,7 @@ def attention_entropy(model: Captioner, spec: DataSpec, split: str, cache_dir: s
     regions = cache.regions([s.image for s in samples if cache.usable(s.image)])
     v = model.vocabulary
     hyps = generate(model.decoder, regions, regions.mean(dim=1), DecodeConfig(num_beams=3, return_attention=True),
-                    bos_id=v.bos_id, eos_id=v.eos_id, banned_ids=(v.pad_id, v.bos_id, v.unk_id))
+                    bos_id=v.bos_id, eos_id=v.eos_id, banned_ids=v.never_generated)
     entropies = []
     for h in hyps:
         alpha = h[0].attention[: len(h[0].tokens)]  # words only

@@ -29,18 +29,16 @@ class SelfCritical:
         """references: per training image (indexed as in the batches), its tokenised captions."""
         if samples < 2:
             raise ValueError("self-critical training needs at least 2 samples per image for its baseline")
-        self.vocab, self.samples = vocab, samples
+        self.vocab = vocab
         self.cider = CiderD(references)
-        self.banned = (vocab.pad_id, vocab.bos_id, vocab.unk_id)
         self.decode = DecodeConfig(num_beams=1, do_sample=True, num_return_sequences=samples,
                                    max_new_tokens=max_new_tokens, no_repeat_ngram_size=0)
 
-    @torch.no_grad()
     def sample(self, decoder, regions: torch.Tensor, pooled: torch.Tensor, seed: int) -> list[list[Hypothesis]]:
         """K sampled captions per image of regions (B, P, E), pooled (B, E), in row order."""
         config = dataclasses.replace(self.decode, seed=seed)
         return generate(decoder, regions, pooled, config, bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id,
-                        banned_ids=self.banned, best_first=False)
+                        banned_ids=self.vocab.never_generated, best_first=False)
 
     def advantages(self, images: list[int], hypotheses: list[list[Hypothesis]]) -> tuple[torch.Tensor, float]:
         """-> (advantage per sequence (B*K,), mean reward)."""
@@ -63,11 +61,11 @@ class SelfCritical:
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
         """logits (N, T, V) of the sampled sequences, targets (N, T), advantages (N,)."""
         # The distribution the sampler drew from: banned tokens, and <eos> before min_new_tokens.
-        banned = torch.tensor(self.banned, device=logits.device)
+        banned = torch.tensor(self.vocab.never_generated, device=logits.device)
         logits = logits.float().index_fill(-1, banned, float("-inf"))
         logits[:, : self.decode.min_new_tokens, self.vocab.eos_id] = float("-inf")
         logp = nnf.log_softmax(logits, dim=-1)
         mask = targets != self.vocab.pad_id
-        token_logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
+        token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
         weighted = advantages.to(token_logp.device)[:, None] * token_logp
         return -weighted.sum() / mask.sum().clamp(min=1)

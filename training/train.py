@@ -201,7 +201,7 @@ def evaluate(
         chunk = list(range(start, min(start + batch_size, len(samples))))
         regions = regions_of(chunk)
         hyps = generate(decoder, regions, regions.mean(dim=1), decode, bos_id=vocab.bos_id, eos_id=vocab.eos_id,
-                        banned_ids=(vocab.pad_id, vocab.bos_id, vocab.unk_id))
+                        banned_ids=vocab.never_generated)
         for i, h in zip(chunk, hyps):
             predictions[samples[i].image_id] = vocab.decode(h[0].tokens)
     references = {s.image_id: s.captions for s in samples}

@@ -99,7 +99,7 @@ def test_the_gradient_pass_replays_the_sampling_policy_dropout_included():
     sequences, targets = critic.sequences(hypotheses)
     logits, _ = decoder(regions, regions.mean(dim=1), sequences)
     # The sampler records log-softmax values before removing banned words (as beam search ranks).
-    logp = logits.log_softmax(dim=-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    logp = logits.log_softmax(dim=-1).gather(-1, targets[..., None]).squeeze(-1)
     flat = [h for hyps in hypotheses for h in hyps]
     for row, h in enumerate(flat):
         assert torch.allclose(logp[row, : len(h.token_log_probs)], torch.tensor(h.token_log_probs), atol=1e-4)
