@@ -59,7 +59,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     settings = ServiceConfig.resolve(config)
     workers = int(os.environ.get("CAPTIONER_WORKERS") or 1)  # gunicorn.conf.py sets it for its workers
     threads = settings.torch_threads or max(1, len(os.sched_getaffinity(0)) // workers)
-    torch.set_num_threads(threads)
+    # Only the batching thread computes in parallel (see batcher.py): loading the model and the
+    # request threads' preprocessing run on one thread each.
+    torch.set_num_threads(1)
 
     if settings.checkpoint:
         model = Captioner.from_checkpoint(settings.checkpoint, device=settings.device)
@@ -67,12 +69,17 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         model = Captioner.default(device=settings.device)
     handler = CaptionHandler(model, max_pixels=settings.max_pixels)
     metrics = Metrics()
+
+    def observe_traffic(name: str, value: float) -> None:  # the warm-up batch is not counted
+        if state.ready:
+            metrics.observe(name, value)
+
     batcher = MicroBatcher(handler.infer, max_batch_size=settings.max_batch_size,
                            max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
-                           observe=metrics.observe)
+                           observe=observe_traffic, torch_threads=threads)
     state = ServiceState(settings, model, handler, batcher, metrics)
-    if settings.warmup:
-        handler.warmup()
+    if settings.warmup:  # in the batching thread, which runs every batch
+        handler.warmup(batcher)
     state.ready = True
     metrics.ready.set(1)
 

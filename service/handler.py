@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -21,6 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from captioner.api import Captioner, CaptionResult
 from captioner.decoding import DecodeConfig
+
+from .batcher import MicroBatcher
 
 
 class CaptionHandler:
@@ -46,10 +49,11 @@ class CaptionHandler:
     def postprocess(self, results: Sequence[CaptionResult], *, attention: bool = False) -> list[dict[str, Any]]:
         return [result_to_json(result, attention=attention) for result in results]
 
-    def warmup(self) -> None:
+    def warmup(self, batcher: MicroBatcher) -> None:
+        """One short caption of a grey image through `batcher` (first-call allocations, lazy inits)."""
         size = self.model.preprocessing.size
-        pixels = torch.full((1, 3, size, size), 128, dtype=torch.uint8)
-        self.infer(pixels, DecodeConfig(max_new_tokens=3))
+        pixels = torch.full((3, size, size), 128, dtype=torch.uint8)
+        batcher.submit([pixels], DecodeConfig(max_new_tokens=3), deadline=time.monotonic() + 300)[0].wait()
 
 
 def result_to_json(result: CaptionResult, *, attention: bool) -> dict[str, Any]:

@@ -177,3 +177,21 @@ def test_observer_sees_batch_sizes_and_queue_depth(batcher_factory):
     assert ("queue_depth", 4) in seen
     assert ("batch_size", 4) in seen
     assert any(name == "inference_s" for name, _ in seen)
+
+
+def test_only_the_batching_thread_computes_with_its_torch_threads():
+    """The service's speed rests on this: one OpenMP thread team per process (see batcher.py)."""
+    process_wide = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        batcher = MicroBatcher(lambda pixels, config: [torch.get_num_threads()] * len(pixels), torch_threads=2)
+        job, = batcher.submit([torch.zeros(3, 4, 4, dtype=torch.uint8)], DecodeConfig(), deadline=time.monotonic() + 10)
+        assert job.wait() == 2
+        other = []
+        thread = threading.Thread(target=lambda: other.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert torch.get_num_threads() == 1 and other == [1]
+        batcher.close()
+    finally:
+        torch.set_num_threads(process_wide)
