@@ -1,6 +1,6 @@
 """Inference speed: encoder alone against encoder + decoding, per image, on this machine.
 
-    python benchmarks/bench_inference.py [--checkpoint PATH] [--images DIR] [--repeats 5]
+    python benchmarks/bench_inference.py [--checkpoint PATH] [--images DIR] [--repeats 5] [--device cuda]
 
 Times `Captioner.encode` (the encoder alone) and `Captioner.caption_pixels` (encoder + greedy or
 beam-3 decoding) on the same preprocessed photos, at batch 1 and batch 16, interleaved and
@@ -41,6 +41,8 @@ def time_per_image(function, pixels: torch.Tensor, batch: int) -> float:
     started = time.perf_counter()
     for start in range(0, len(pixels), batch):
         function(pixels[start:start + batch])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the encoder's output may still be computing
     return (time.perf_counter() - started) * 1000 / len(pixels)
 
 
@@ -51,10 +53,11 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=32, help="images per timed pass")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = Captioner.from_checkpoint(args.checkpoint)
+    model = Captioner.from_checkpoint(args.checkpoint, device=args.device)
     pixels = load_photos(args.images, args.count, model)
     greedy, beam3 = DecodeConfig(num_beams=1), DecodeConfig(num_beams=3)
     cases = {
@@ -73,7 +76,7 @@ def main() -> None:
     ms = {key: statistics.median(values) for key, values in samples.items()}
     lengths = [len(r.sequences[0].words) for r in model.caption_pixels(pixels, beam3)]
 
-    print(f"checkpoint: {args.checkpoint}  threads: {torch.get_num_threads()}  images: {len(pixels)}  "
+    print(f"checkpoint: {args.checkpoint}  device: {model.device}  threads: {torch.get_num_threads()}  images: {len(pixels)}  "
           f"mean beam-3 caption length: {statistics.mean(lengths):.1f} words")
     print(f"{'':12}{'ms/image b1':>14}{'ms/image b16':>14}{'ratio b1':>10}{'ratio b16':>11}")
     for name in cases:
@@ -90,6 +93,7 @@ def main() -> None:
         "greedy_b16_over_encoder": round(ms[("greedy", 16)] / ms[("encoder", 16)], 3),
         "beam3_b1_over_encoder": round(ms[("beam3", 1)] / ms[("encoder", 1)], 3),
         "beam3_b16_over_encoder": round(ms[("beam3", 16)] / ms[("encoder", 16)], 3),
+        "device": str(model.device),
     }
     print(json.dumps(figures))
 

@@ -97,6 +97,7 @@ def build_or_load(
 def _build(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Path], folder: Path,
            batch_size: int, workers: int, progress: bool) -> None:
     encoder = encoder.eval()
+    device = next(encoder.parameters()).device
     dataset = ImageFileDataset(paths, preprocessing)
     valid = np.zeros(len(paths), dtype=bool)
     temporary = folder / "regions.npy.tmp"
@@ -106,11 +107,11 @@ def _build(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Path]
         for batch in pixel_loader(dataset, batch_size=batch_size, workers=workers):
             failures.extend(batch.failures)
             if batch.indices:
-                regions, _ = encoder.extract(preprocessing.normalize(batch.pixels))  # (B, P, E)
+                regions, _ = encoder.extract(preprocessing.normalize(batch.pixels.to(device)))  # (B, P, E)
                 if array is None:
                     shape = (len(paths), *regions.shape[1:])
                     array = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float16, shape=shape)
-                array[batch.indices] = regions.to(torch.float16).numpy()
+                array[batch.indices] = regions.to(torch.float16).cpu().numpy()
                 valid[batch.indices] = True
             bar.update(len(batch.indices) + len(batch.failures))
     if array is None:

@@ -436,8 +436,9 @@ def main(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        start = "resuming" if payload else f"starting from {cfg.model.init_from}" if cfg.model.init_from else "from scratch"
         log.info("vocabulary %d words; %d training images, %d validation images; %s",
-                 len(ctx.vocab), len(ctx.items), len(ctx.val_samples), "resuming" if payload else "from scratch")
+                 len(ctx.vocab), len(ctx.items), len(ctx.val_samples), start)
     writer = _tensorboard(out) if ctx.rank == 0 else None
     deadline = None if cfg.run.time_budget_minutes is None else time.monotonic() + 60 * cfg.run.time_budget_minutes
     stale = 0

@@ -1,0 +1,49 @@
+"""The feature cache: each image encoded once, stale caches never reused, unreadable images kept out."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from captioner.preprocessing import Preprocessing
+from tests.conftest import make_photo
+from training import features
+
+
+@pytest.fixture
+def images(tmp_path):
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"photo{i}.jpg")
+        paths[-1].write_bytes(make_photo(seed=i))
+    paths.append(tmp_path / "broken.jpg")
+    paths[-1].write_bytes(b"not a jpeg")
+    return paths
+
+
+def test_cache_holds_the_encoders_regions_and_marks_unreadable_images(encoder, images, tmp_path):
+    preprocessing = Preprocessing(size=224, resize="squash")
+    cache = features.build_or_load(encoder, preprocessing, images, tmp_path / "cache", workers=0, progress=False)
+    assert cache.valid.tolist() == [True, True, True, False]
+    pixels = torch.stack([preprocessing.load(p) for p in images[:3]])
+    with torch.no_grad():
+        expected, _ = encoder.extract(preprocessing.normalize(pixels))  # (3, P, E)
+    assert cache.array.dtype.name == "float16"
+    torch.testing.assert_close(cache.regions(images[:3]), expected, atol=2e-2, rtol=2e-3)
+
+
+def test_cache_is_reused_and_a_changed_preprocessing_builds_a_new_one(encoder, images, tmp_path, monkeypatch):
+    preprocessing = Preprocessing(size=224, resize="squash")
+    first = features.build_or_load(encoder, preprocessing, images, tmp_path / "cache", workers=0, progress=False)
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the cache was built again")
+
+    monkeypatch.setattr(features, "_build", must_not_build)
+    again = features.build_or_load(encoder, preprocessing, images, tmp_path / "cache", workers=0, progress=False)
+    assert again.folder == first.folder
+    cropped = dataclasses.replace(preprocessing, resize="crop")
+    with pytest.raises(AssertionError, match="built again"):
+        features.build_or_load(encoder, cropped, images, tmp_path / "cache", workers=0, progress=False)
