@@ -91,7 +91,7 @@ class RunSettings:
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda"
     amp: bool = True  # bf16 autocast on CUDA
-    compile: bool = False  # torch.compile the decoder on CUDA
+    compile: bool = False  # torch.compile the model on CUDA (cross-entropy; captions padded to one length)
     checkpoint_every_steps: int = 200
     time_budget_minutes: float | None = None
     progress: bool = True

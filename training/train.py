@@ -152,6 +152,8 @@ def train_one_epoch(
 def _cross_entropy_loss(ctx: "Context", images: list[int], generator: torch.Generator, sampling: float):
     """Teacher forcing on K captions per image. -> (loss, {"ce": ...})."""
     inputs, tokens = ctx.items.batch(images, ctx.cfg.data.captions_per_image, generator)
+    if ctx.compiled:  # one caption length, so torch.compile builds one graph instead of one per length
+        tokens = nnf.pad(tokens, (0, ctx.cfg.model.max_caption_tokens + 2 - tokens.shape[1]), value=ctx.vocab.pad_id)
     inputs, tokens = inputs.to(ctx.device), tokens.to(ctx.device)
     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
         logits, alphas = ctx.model(inputs, tokens[:, :-1], sample_prob=sampling)
@@ -303,8 +305,13 @@ class Context:
         model: torch.nn.Module = self.network
         if self.world > 1:
             model = DistributedDataParallel(model)
-        if self.cfg.run.compile and self.device.type == "cuda":
+        # Not for self-critical training: its gradient pass replays the eager sampler's dropout
+        # masks, which compiled dropout would not draw alike.
+        self.compiled = self.cfg.run.compile and self.device.type == "cuda" and self.self_critical is None
+        if self.compiled:
             model = torch.compile(model)
+        elif self.cfg.run.compile:
+            log.warning("run.compile ignored: it needs CUDA and the cross-entropy objective")
         return model
 
     def prepare_epoch(self, epoch: int) -> None:

@@ -114,3 +114,21 @@ def test_two_process_data_parallel_training_tracks_one_process(flickr_dir, tmp_p
     for a, b in zip(one, two):
         assert abs(a - b) / a < 0.1, (one, two)
     assert (double / "best.pt").is_file()
+
+
+def test_padding_captions_to_one_length_leaves_the_loss_unchanged(vocab):
+    """What lets torch.compile train on one caption length: padded positions add nothing."""
+    from captioner.decoder import Decoder
+    from tests.conftest import tiny_decoder_config
+    from training.train import caption_loss
+
+    torch.manual_seed(0)
+    decoder = Decoder(tiny_decoder_config(len(vocab))).eval()
+    regions = torch.randn(2, 5, 24)
+    tokens = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 2, 0, 0], [1, 9, 10, 2, 0], [1, 11, 2, 0, 0]])  # 2 per image
+    padded = torch.nn.functional.pad(tokens, (0, 4), value=vocab.pad_id)
+    losses = []
+    for t in (tokens, padded):
+        logits, alphas = decoder(regions, regions.mean(dim=1), t[:, :-1])
+        losses.append(caption_loss(logits, alphas, t[:, 1:], vocab.pad_id, label_smoothing=0.1, attention_reg=0.5))
+    torch.testing.assert_close(losses[0], losses[1])
