@@ -76,8 +76,8 @@ def main() -> None:
     ms = {key: statistics.median(values) for key, values in samples.items()}
     lengths = [len(r.sequences[0].words) for r in model.caption_pixels(pixels, beam3)]
 
-    print(f"checkpoint: {args.checkpoint}  device: {model.device}  threads: {torch.get_num_threads()}  images: {len(pixels)}  "
-          f"mean beam-3 caption length: {statistics.mean(lengths):.1f} words")
+    print(f"checkpoint: {args.checkpoint}  device: {model.device}  threads: {torch.get_num_threads()}  "
+          f"images: {len(pixels)}  mean beam-3 caption length: {statistics.mean(lengths):.1f} words")
     print(f"{'':12}{'ms/image b1':>14}{'ms/image b16':>14}{'ratio b1':>10}{'ratio b16':>11}")
     for name in cases:
         print(f"{name:12}{ms[(name, 1)]:>14.2f}{ms[(name, 16)]:>14.2f}"

@@ -6,7 +6,8 @@ step), with the project's own training loop, on the same images and captions.
 Both runs take the same batches (32 images x 5 captions) through `train_one_epoch`; the cache is
 built before timing (its one-time cost is printed too), and the last --warmup-batches of an
 untimed first epoch go before the timed one (allocator, kernel choice, torch.compile if asked).
-On a GPU (`--device cuda [--compile]`) the same script measures there. The last line is one JSON object with the figures.
+On a GPU (`--device cuda [--compile]`) the same script measures there. The last line is one
+JSON object with the figures.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ def throughput(overrides: list[str], warmup_batches: int) -> tuple[float, float,
     _synchronize(ctx.device)
     warmup = time.perf_counter() - started
     progress = Progress(epoch=1)
-    _synchronize(ctx.device)
     started = time.perf_counter()
     train_one_epoch(ctx, progress)
     _synchronize(ctx.device)
