@@ -3,6 +3,9 @@
     python -m training.model_card --model runs/att/best.pt --baseline runs/noatt/best.pt \
         --data ../shared/data/flickr8k --split dev --out MODEL_CARD.md --figure docs/attention.png
 
+For a two-stage model, --stage1 and --baseline-stage1 name the checkpoints each stage 2 started
+from; they are measured too, and --stage1-history / --baseline-stage1-history add their curves.
+
 For each checkpoint: dev-split metrics with greedy and beam-3 decoding, caption diversity, and,
 with attention, how peaked the attention is (mean entropy against uniform). The figure shows the
 attention of the model's caption for a photo that ships with the project (examples/).
@@ -169,6 +172,9 @@ def main() -> None:
     parser.add_argument("--notes", default="", help="extra markdown appended to the card")
     parser.add_argument("--history", help="the model's run metrics.jsonl: per-epoch validation table")
     parser.add_argument("--baseline-history", help="the baseline run's metrics.jsonl")
+    parser.add_argument("--baseline-stage1", help="for a fine-tuned baseline: the checkpoint it started from")
+    parser.add_argument("--stage1-history", help="stage 1's metrics.jsonl, with --stage1")
+    parser.add_argument("--baseline-stage1-history", help="the baseline's stage-1 metrics.jsonl")
     args = parser.parse_args()
     spec = DataSpec(format="flickr", path=args.data)
     started = time.time()
@@ -179,10 +185,16 @@ def main() -> None:
         rows["with attention, stage 1 only"] = measure(Captioner.from_checkpoint(args.stage1), spec, args.split,
                                                        args.cache_dir)
     entropy = attention_entropy(model, spec, args.split, args.cache_dir)
-    baseline = None
     if args.baseline:
-        baseline = Captioner.from_checkpoint(args.baseline)
-        rows["without attention"] = measure(baseline, spec, args.split, args.cache_dir)
+        baseline_name = "without attention, stages 1 + 2" if args.baseline_stage1 else "without attention"
+        rows[baseline_name] = measure(Captioner.from_checkpoint(args.baseline), spec, args.split, args.cache_dir)
+    if args.baseline_stage1:
+        rows["without attention, stage 1 only"] = measure(Captioner.from_checkpoint(args.baseline_stage1), spec,
+                                                          args.split, args.cache_dir)
+    stage1_curves = ""
+    if args.stage1_history:
+        stage1_curves = ("\n## Stage-1 validation (dev split, beam 3, every epoch)\n\n"
+                         + _history_table(args.stage1_history, args.baseline_stage1_history) + "\n")
     caption = attention_figure(model, ROOT / "examples" / "chelsea.jpg", Path(args.figure))
     summary = _training_summary(model.provenance or {})
     described = model.describe()
@@ -227,7 +239,7 @@ for `examples/chelsea.jpg`, "{caption}", with the attention of each word:
 ## Validation during training (dev split, beam 3, every epoch of the last stage)
 
 {_history_table(args.history, args.baseline_history)}
-
+{stage1_curves}
 {args.notes}
 
 Measured by `python -m training.model_card` in {time.time() - started:.0f} s on {time.strftime('%Y-%m-%d')}.
