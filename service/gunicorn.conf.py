@@ -12,9 +12,8 @@ bind = os.environ.get("CAPTIONER_BIND", "{}:{}".format(os.environ.get("CAPTIONER
                                                        os.environ.get("CAPTIONER_PORT", "8000")))
 # One worker per 4 cores by default (one on small machines): each worker micro-batches on its own
 # and gives its few torch threads to the convolutions, while the decoder's small per-step
-# operations never wait on a large thread team. On this project's 2-core machine one worker and
-# two (one thread each) served about equally (benchmarks/bench_service.py), and one worker keeps
-# micro-batching about 3x as fast as no batching.
+# operations never wait on a large thread team. On this project's 2-core machine one worker serves
+# 0.92x to 0.99x the library's own batched throughput at 16 clients (benchmarks/bench_service.py).
 workers = int(os.environ.get("CAPTIONER_WORKERS") or 0) or max(1, len(os.sched_getaffinity(0)) // 4)
 # Request threads per worker: they decode images in parallel and wait on the micro-batcher.
 threads = int(os.environ.get("CAPTIONER_THREADS", "16"))
