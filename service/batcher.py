@@ -80,15 +80,12 @@ class MicroBatcher:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, args=(torch_threads,), name="captioner-batcher",
-                                        daemon=True)
-        if torch_threads is None:
-            self._thread.start()
-            return
         process_wide = torch.get_num_threads()
-        self._owns_threads = threading.Event()
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(torch_threads, started), name="captioner-batcher",
+                                        daemon=True)
         self._thread.start()
-        self._owns_threads.wait()
+        started.wait()
         # torch.set_num_threads also sets the count that threads adopt on their first parallel
         # operation: put the process-wide count back now that the batching thread has its own.
         torch.set_num_threads(process_wide)
@@ -128,11 +125,11 @@ class MicroBatcher:
 
     # -- batching thread -------------------------------------------------------------------------
 
-    def _run(self, torch_threads: int | None) -> None:
+    def _run(self, torch_threads: int | None, started: threading.Event) -> None:
         if torch_threads is not None:
             torch.get_num_threads()  # first adopt the process-wide count, so that the next line sticks
             torch.set_num_threads(torch_threads)
-            self._owns_threads.set()
+        started.set()
         while True:
             batch = self._gather()
             if batch is None:

@@ -153,7 +153,8 @@ def _cross_entropy_loss(ctx: "Context", images: list[int], generator: torch.Gene
     """Teacher forcing on K captions per image. -> (loss, {"ce": ...})."""
     inputs, tokens = ctx.items.batch(images, ctx.cfg.data.captions_per_image, generator)
     if ctx.compiled:  # one caption length, so torch.compile builds one graph instead of one per length
-        tokens = nnf.pad(tokens, (0, ctx.cfg.model.max_caption_tokens + 2 - tokens.shape[1]), value=ctx.vocab.pad_id)
+        longest = ctx.cfg.model.max_caption_tokens + 2  # with <bos> and <eos>
+        tokens = nnf.pad(tokens, (0, longest - tokens.shape[1]), value=ctx.vocab.pad_id)
     inputs, tokens = inputs.to(ctx.device), tokens.to(ctx.device)
     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
         logits, alphas = ctx.model(inputs, tokens[:, :-1], sample_prob=sampling)
@@ -443,7 +444,8 @@ def main(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        start = "resuming" if payload else f"starting from {cfg.model.init_from}" if cfg.model.init_from else "from scratch"
+        start = ("resuming" if payload else f"starting from {cfg.model.init_from}" if cfg.model.init_from
+                 else "from scratch")
         log.info("vocabulary %d words; %d training images, %d validation images; %s",
                  len(ctx.vocab), len(ctx.items), len(ctx.val_samples), start)
     writer = _tensorboard(out) if ctx.rank == 0 else None

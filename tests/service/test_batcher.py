@@ -185,7 +185,8 @@ def test_only_the_batching_thread_computes_with_its_torch_threads():
     torch.set_num_threads(1)
     try:
         batcher = MicroBatcher(lambda pixels, config: [torch.get_num_threads()] * len(pixels), torch_threads=2)
-        job, = batcher.submit([torch.zeros(3, 4, 4, dtype=torch.uint8)], DecodeConfig(), deadline=time.monotonic() + 10)
+        pixels = torch.zeros(3, 4, 4, dtype=torch.uint8)
+        job, = batcher.submit([pixels], DecodeConfig(), deadline=time.monotonic() + 10)
         assert job.wait() == 2
         other = []
         thread = threading.Thread(target=lambda: other.append(torch.get_num_threads()))

@@ -15,9 +15,11 @@ import torch
 
 from captioner.api import Captioner
 from captioner.cli import main as cli_main
+from captioner.decoder import Decoder
+from tests.conftest import tiny_decoder_config
 from tests.training.conftest import tiny_train_overrides
 from training.config import load_config
-from training.train import main
+from training.train import caption_loss, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -118,14 +120,11 @@ def test_two_process_data_parallel_training_tracks_one_process(flickr_dir, tmp_p
 
 def test_padding_captions_to_one_length_leaves_the_loss_unchanged(vocab):
     """What lets torch.compile train on one caption length: padded positions add nothing."""
-    from captioner.decoder import Decoder
-    from tests.conftest import tiny_decoder_config
-    from training.train import caption_loss
-
     torch.manual_seed(0)
     decoder = Decoder(tiny_decoder_config(len(vocab))).eval()
     regions = torch.randn(2, 5, 24)
-    tokens = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 2, 0, 0], [1, 9, 10, 2, 0], [1, 11, 2, 0, 0]])  # 2 per image
+    # <bos>=1 ... <eos>=2, <pad>=0; two captions per image
+    tokens = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 2, 0, 0], [1, 9, 10, 2, 0], [1, 11, 2, 0, 0]])
     padded = torch.nn.functional.pad(tokens, (0, 4), value=vocab.pad_id)
     losses = []
     for t in (tokens, padded):
