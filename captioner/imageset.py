@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -25,20 +25,26 @@ class PixelBatch:
 
 
 class ImageFileDataset(Dataset):
+    """`transform(index, pixels)`, if given, changes each decoded (3, S, S) uint8 image; it must be
+    picklable to run in worker processes."""
+
     def __init__(self, paths: Sequence[str | os.PathLike], preprocessing: Preprocessing,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS,
+                 transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
         self.paths = list(paths)
         self.preprocessing = preprocessing
         self.max_pixels = max_pixels
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return index, self.preprocessing.load(self.paths[index], max_pixels=self.max_pixels), None
+            pixels = self.preprocessing.load(self.paths[index], max_pixels=self.max_pixels)
         except (ImageError, OSError) as error:
             return index, None, str(error) if isinstance(error, ImageError) else f"{self.paths[index]}: {error}"
+        return index, pixels if self.transform is None else self.transform(index, pixels), None
 
 
 def collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> PixelBatch:

@@ -8,21 +8,21 @@ from __future__ import annotations
 import logging
 
 import torch
-import torchvision.transforms.v2.functional as tvf
 
 from captioner.images import ImageError
 from captioner.preprocessing import Preprocessing
 from captioner.vocab import Vocabulary, tokenize
 
+from .augment import light_augment
 from .data import Sample
-from .features import FeatureCache
+from .features import FeatureViews
 
 log = logging.getLogger(__name__)
 
 
 class CaptionBatches:
     def __init__(self, samples: list[Sample], vocab: Vocabulary, max_tokens: int, *,
-                 cache: FeatureCache | None = None, preprocessing: Preprocessing | None = None,
+                 cache: FeatureViews | None = None, preprocessing: Preprocessing | None = None,
                  augment: bool = False):
         if (cache is None) == (preprocessing is None):
             raise ValueError("give either a feature cache or the preprocessing to load images with")
@@ -42,7 +42,8 @@ class CaptionBatches:
 
     def batch(self, images: list[int], k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """-> inputs, tokens (B*K, T) padded with K captions per image (without replacement
-        where the image has enough). inputs: regions (B, P, E) float from the cache, or pixels
+        where the image has enough). inputs: regions (B, P, E) float from the cache (a random
+        view of each image), or pixels
         (B, 3, S, S) uint8."""
         images, inputs = self.inputs(images, generator)
         sequences = []
@@ -57,7 +58,7 @@ class CaptionBatches:
     def inputs(self, images: list[int], generator: torch.Generator) -> tuple[list[int], torch.Tensor]:
         """-> (the images kept, their inputs): unreadable images are dropped when loading pixels."""
         if self.cache is not None:
-            return images, self.cache.regions([self.images[i] for i in images])
+            return images, self.cache.regions([self.images[i] for i in images], generator)
         images, pixels = self._pixels(images, generator)
         return images, torch.stack(pixels)
 
@@ -74,20 +75,6 @@ class CaptionBatches:
         if not kept:
             raise ValueError(f"no image of this batch could be read: {[str(self.images[i]) for i in images]}")
         return kept, pixels
-
-
-def light_augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """(3, S, S) uint8 -> a random 85-100 % crop resized back, with +-10 % brightness and
-    contrast. No flips: they would swap "left" and "right" in the captions."""
-    size = pixels.shape[-1]
-    scale, brightness, contrast = (0.85 + 0.15 * torch.rand(1, generator=generator).item(),
-                                   0.9 + 0.2 * torch.rand(1, generator=generator).item(),
-                                   0.9 + 0.2 * torch.rand(1, generator=generator).item())
-    side = max(1, round(size * scale))
-    top, left = (int(torch.randint(0, size - side + 1, (1,), generator=generator)) for _ in range(2))
-    pixels = tvf.resized_crop(pixels, top, left, side, side, [size, size], antialias=True)
-    pixels = tvf.adjust_brightness(pixels, brightness)
-    return tvf.adjust_contrast(pixels, contrast)
 
 
 def encode_caption(vocab: Vocabulary, caption: str, max_tokens: int) -> list[int]:

@@ -53,7 +53,14 @@ class DataSettings:
     captions_per_image: int = 5  # sequences per image in a batch; the image is encoded once
     cache_dir: str = "cache/features"
     use_cache: bool = True  # frozen encoder: encode each image once; false runs the encoder every step
+    # Cached views of each training image: the plain one and cache_views - 1 light augmentations
+    # (crop, brightness, contrast); each batch takes a random view. Costs one encoding pass per view.
+    cache_views: int = 1
     workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.cache_views < 1:
+            raise ValueError(f"data.cache_views must be at least 1, not {self.cache_views}")
 
 
 @dataclass

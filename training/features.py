@@ -2,8 +2,12 @@
 
 Region features are stored as fp16 in a memory-mapped `.npy` of shape (N, P, E), with a JSON index
 of the image paths. The cache folder is keyed by the backbone, a fingerprint of its weights, the
-preprocessing and the image list, so changing any of them builds a new cache instead of silently
-reusing a stale one. Files are written under temporary names and renamed when complete.
+preprocessing, the image list and the view, so changing any of them builds a new cache instead of
+silently reusing a stale one. Files are written under temporary names and renamed when complete.
+
+Augmentation with a frozen encoder: view 0 is each image as preprocessed; views 1.. are fixed
+light augmentations of it (`SeededAugment`), each cached like view 0. `FeatureViews` then gives
+each image of a training batch one of its views at random.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from captioner.encoder import Encoder
 from captioner.imageset import ImageFileDataset, pixel_loader
 from captioner.preprocessing import Preprocessing
 
+from .augment import SeededAugment
+
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 
@@ -36,14 +42,16 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Path]) -> str:
-    description = {
+def cache_key(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Path], view: int = 0) -> str:
+    description: dict = {
         "version": CACHE_VERSION,
         "backbone": encoder.config.backbone,
         "weights": weights_fingerprint(encoder),
         "preprocessing": preprocessing.to_dict(),
         "images": [str(Path(p).resolve()) for p in paths],
     }
+    if view:  # view 0 keeps the key it had before views existed
+        description["view"] = [view, "light_augment v1"]
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -71,6 +79,23 @@ class FeatureCache:
         return torch.from_numpy(np.stack([self.array[r] for r in rows]).astype(np.float32))
 
 
+class FeatureViews:
+    """Several cached views of the same images; an image is usable if every view could read it."""
+
+    def __init__(self, views: Sequence[FeatureCache]):
+        self.views = list(views)
+
+    def usable(self, path: str | os.PathLike) -> bool:
+        return all(view.usable(path) for view in self.views)
+
+    def regions(self, paths: Sequence[str | os.PathLike], generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, P, E) float32: view 0 without a generator, else a random view per image."""
+        if generator is None or len(self.views) == 1:
+            return self.views[0].regions(paths)
+        picks = torch.randint(0, len(self.views), (len(paths),), generator=generator).tolist()
+        return torch.cat([self.views[v].regions([p]) for v, p in zip(picks, paths)])
+
+
 def build_or_load(
     encoder: Encoder,
     preprocessing: Preprocessing,
@@ -80,8 +105,9 @@ def build_or_load(
     batch_size: int = 32,
     workers: int = 2,
     progress: bool = True,
+    view: int = 0,
 ) -> FeatureCache:
-    folder = Path(cache_root) / cache_key(encoder, preprocessing, paths)
+    folder = Path(cache_root) / cache_key(encoder, preprocessing, paths, view)
     if (folder / "index.json").is_file():
         log.info("feature cache hit: %s", folder)
         return FeatureCache(folder)
@@ -90,20 +116,21 @@ def build_or_load(
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others then read its result
         if (folder / "index.json").is_file():
             return FeatureCache(folder)
-        _build(encoder, preprocessing, paths, folder, batch_size, workers, progress)
+        _build(encoder, preprocessing, paths, folder, batch_size, workers, progress, view)
     return FeatureCache(folder)
 
 
 def _build(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Path], folder: Path,
-           batch_size: int, workers: int, progress: bool) -> None:
+           batch_size: int, workers: int, progress: bool, view: int) -> None:
     encoder = encoder.eval()
     device = next(encoder.parameters()).device
-    dataset = ImageFileDataset(paths, preprocessing)
+    dataset = ImageFileDataset(paths, preprocessing, transform=SeededAugment(view) if view else None)
     valid = np.zeros(len(paths), dtype=bool)
     temporary = folder / "regions.npy.tmp"
     array = None
     failures = []
-    with tqdm(total=len(paths), desc="encoding images", unit="img", disable=not progress) as bar:
+    description = f"encoding images (view {view})" if view else "encoding images"
+    with tqdm(total=len(paths), desc=description, unit="img", disable=not progress) as bar:
         for batch in pixel_loader(dataset, batch_size=batch_size, workers=workers):
             failures.extend(batch.failures)
             if batch.indices:

@@ -267,10 +267,11 @@ class Context:
         self.finetuning = False
         self.items = self.val_cache = None
         if cfg.data.use_cache:
-            self.train_cache = self._cache([s.image for s in self.train_samples])
+            train_images = [s.image for s in self.train_samples]
+            train_views = features.FeatureViews([self._cache(train_images, view) for view in range(cfg.data.cache_views)])
             self.val_cache = self._cache([s.image for s in self.val_samples])
             self.items = CaptionBatches(self.train_samples, self.vocab, cfg.model.max_caption_tokens,
-                                        cache=self.train_cache)
+                                        cache=train_views)
         else:
             self.items = CaptionBatches(self.train_samples, self.vocab, cfg.model.max_caption_tokens,
                                         preprocessing=self.preprocessing)
@@ -327,10 +328,10 @@ class Context:
         self.model = self._wrap()  # DDP must see the newly trainable parameters
         log.info("epoch %d: fine-tuning the encoder's last %d stages", epoch + 1, self.cfg.model.encoder.trainable_stages)
 
-    def _cache(self, paths: list[Path]) -> features.FeatureCache:
+    def _cache(self, paths: list[Path], view: int = 0) -> features.FeatureCache:
         def build() -> features.FeatureCache:
             return features.build_or_load(self.encoder, self.preprocessing, paths, self.cfg.data.cache_dir,
-                                          workers=self.cfg.data.workers, progress=self.cfg.run.progress)
+                                          workers=self.cfg.data.workers, progress=self.cfg.run.progress, view=view)
         if self.world > 1:
             if self.rank == 0:
                 build()

@@ -47,3 +47,22 @@ def test_cache_is_reused_and_a_changed_preprocessing_builds_a_new_one(encoder, i
     cropped = dataclasses.replace(preprocessing, resize="crop")
     with pytest.raises(AssertionError, match="built again"):
         features.build_or_load(encoder, cropped, images, tmp_path / "cache", workers=0, progress=False)
+
+
+def test_augmented_views_are_cached_apart_reproducibly_and_drawn_per_image(encoder, images, tmp_path):
+    preprocessing = Preprocessing(size=224, resize="squash")
+    build = lambda root, view: features.build_or_load(  # noqa: E731
+        encoder, preprocessing, images, root, workers=0, progress=False, view=view)
+    plain, augmented = build(tmp_path / "cache", 0), build(tmp_path / "cache", 1)
+    assert augmented.folder != plain.folder
+    assert augmented.valid.tolist() == [True, True, True, False]
+    assert not torch.allclose(augmented.regions(images[:3]), plain.regions(images[:3]))
+    rebuilt = build(tmp_path / "elsewhere", 1)  # the same augmentation every time it is built
+    torch.testing.assert_close(rebuilt.regions(images[:3]), augmented.regions(images[:3]))
+
+    views = features.FeatureViews([plain, augmented])
+    assert not views.usable(images[3]) and views.usable(images[0])
+    torch.testing.assert_close(views.regions(images[:3]), plain.regions(images[:3]))  # no generator: view 0
+    drawn = views.regions(images[:1] * 64, torch.Generator().manual_seed(0))  # (64, P, E)
+    from_plain = [torch.equal(row, plain.regions(images[:1])[0]) for row in drawn]
+    assert 0 < sum(from_plain) < 64  # both views drawn
