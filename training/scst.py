@@ -3,6 +3,9 @@ metric itself. For each image the decoder samples K captions; each is rewarded w
 against the image's references, minus the mean reward of the image's other K-1 samples (the
 baseline of Luo, 2020: no extra greedy decode, and the advantages of an image sum to zero). The
 loss is the REINFORCE estimate, -advantage x log p(caption), averaged over the sampled tokens.
+As in Luo's reference code, `<eos>` counts as a word of the finished samples and of the references,
+so the reward sees how a caption ends: one cut off by the length limit ("a man in a") misses the
+references' final n-grams ("grass <eos>").
 
 The decoder samples in training mode: dropout keeps the model from simply sharpening onto the
 captions it has memorised for the training images (in eval mode the reward of its samples rises
@@ -23,6 +26,8 @@ from captioner.vocab import Vocabulary
 from .batches import pad_sequences
 from .cider import CiderD
 
+EOS_WORD = "<eos>"  # never a word of a tokenised caption
+
 
 class SelfCritical:
     def __init__(self, vocab: Vocabulary, references: list[list[list[str]]], *, samples: int, max_new_tokens: int):
@@ -30,7 +35,7 @@ class SelfCritical:
         if samples < 2:
             raise ValueError("self-critical training needs at least 2 samples per image for its baseline")
         self.vocab = vocab
-        self.cider = CiderD(references)
+        self.cider = CiderD([[[*ref, EOS_WORD] for ref in refs] for refs in references])
         self.decode = DecodeConfig(num_beams=1, do_sample=True, num_return_sequences=samples,
                                    max_new_tokens=max_new_tokens, no_repeat_ngram_size=0)
 
@@ -42,12 +47,15 @@ class SelfCritical:
 
     def advantages(self, images: list[int], hypotheses: list[list[Hypothesis]]) -> tuple[torch.Tensor, float]:
         """-> (advantage per sequence (B*K,), mean reward)."""
-        words = self.vocab.words
-        rewards = torch.tensor([[self.cider.score(image, [words[t] for t in h.tokens]) for h in hyps]
+        rewards = torch.tensor([[self.cider.score(image, self._words(h)) for h in hyps]
                                 for image, hyps in zip(images, hypotheses)])  # (B, K)
         k = rewards.shape[1]
         baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
         return (rewards - baseline).flatten(), float(rewards.mean())
+
+    def _words(self, hypothesis: Hypothesis) -> list[str]:
+        words = [self.vocab.words[t] for t in hypothesis.tokens]
+        return [*words, EOS_WORD] if hypothesis.finished else words
 
     def sequences(self, hypotheses: list[list[Hypothesis]]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> decoder inputs (N, T) `<bos> w1..wn` and targets (N, T) `w1..wn [<eos>]`, padded."""

@@ -50,6 +50,9 @@ def test_advantages_use_the_other_samples_as_baseline_and_the_loss_follows_them(
     advantages, reward = critic.advantages([0], hyps)
     assert advantages.shape == (3,) and advantages.sum().abs() < 1e-6  # zero-sum within an image
     assert advantages[0] > 0 > advantages[1]
+    # The ending counts: the same words score less when the length limit cut them off.
+    cut_off, _ = critic.advantages([0], [[H("a dog runs on the grass"), H("a dog runs on the grass", False), H("a")]])
+    assert cut_off[0] > cut_off[1]
     inputs, targets = critic.sequences(hyps)
     assert inputs[0, 0] == vocab.bos_id and targets[0, 6] == vocab.eos_id
     assert targets[2, 2] == vocab.pad_id  # an unfinished caption gets no <eos> target
