@@ -140,18 +140,23 @@ def _recipe(provenance: dict[str, Any], training_time: str) -> str:
         stages.append(_recipe(init.get("provenance", {}), "").rstrip())
     summary = _training_summary(provenance)
     optim, decoder = summary["optim"], summary["decoder"]
+    views = provenance.get("config", {}).get("data", {}).get("cache_views", 1)
+    inputs = (f"features from {views} cached views of each photo (the plain one and {views - 1} light "
+              f"augmentations), one drawn at random per step; " if views > 1 else "")
+    warmup = f" after {optim.get('warmup_steps')} warm-up steps" if optim.get("warmup_steps") else ""
     if optim.get("objective") == "scst":
         stages.append(
             f"- Stage 2, self-critical fine-tuning from `{init['path'] if init else '?'}`: {optim.get('scst_samples')} sampled "
             f"captions per image rewarded by CIDEr-D (document frequencies from the training captions), baseline "
-            f"the mean of the image's other samples, dropout on with its masks replayed in the gradient pass; AdamW lr "
-            f"{optim.get('lr')}, cosine decay, {optim.get('batch_images')} images per step; best epoch {summary['epochs']:.0f}.")
+            f"the mean of the image's other samples, dropout on with its masks replayed in the gradient pass; {inputs}"
+            f"AdamW lr {optim.get('lr')}, cosine decay{warmup}, {optim.get('batch_images')} images per step; "
+            f"best epoch {summary['epochs']:.0f}.")
     else:
         stages.append(
-            f"- {'Stage 1, c' if not init else 'C'}ross-entropy with teacher forcing: AdamW lr {optim.get('lr')} with warm-up and "
-            f"cosine decay, {optim.get('batch_images')} images x 5 captions per step, dropout {decoder.get('dropout')}, "
-            f"doubly stochastic attention weight {optim.get('attention_reg')}, gradient clipping {optim.get('grad_clip')}; "
-            f"best epoch {summary['epochs']:.0f}.")
+            f"- {'Stage 1, c' if not init else 'C'}ross-entropy with teacher forcing: {inputs}AdamW lr {optim.get('lr')} "
+            f"with warm-up and cosine decay, {optim.get('batch_images')} images x 5 captions per step, dropout "
+            f"{decoder.get('dropout')}, doubly stochastic attention weight {optim.get('attention_reg')}, gradient "
+            f"clipping {optim.get('grad_clip')}; best epoch {summary['epochs']:.0f}.")
     if training_time:
         stages.append(f"- Training time, on this project's 2-core CPU: {training_time}.")
     return "\n".join(stages) + "\n"
@@ -175,7 +180,12 @@ def main() -> None:
     parser.add_argument("--baseline-stage1", help="for a fine-tuned baseline: the checkpoint it started from")
     parser.add_argument("--stage1-history", help="stage 1's metrics.jsonl, with --stage1")
     parser.add_argument("--baseline-stage1-history", help="the baseline's stage-1 metrics.jsonl")
+    parser.add_argument("--also", action="append", default=[], metavar="LABEL=CHECKPOINT",
+                        help="another checkpoint to measure as a row of the table (repeatable)")
     args = parser.parse_args()
+    also = [extra.partition("=")[::2] for extra in args.also]
+    if not all(label and path for label, path in also):
+        parser.error("--also takes LABEL=CHECKPOINT")
     spec = DataSpec(format="flickr", path=args.data)
     started = time.time()
     model = Captioner.from_checkpoint(args.model)
@@ -191,6 +201,8 @@ def main() -> None:
     if args.baseline_stage1:
         rows["without attention, stage 1 only"] = measure(Captioner.from_checkpoint(args.baseline_stage1), spec,
                                                           args.split, args.cache_dir)
+    for label, path in also:
+        rows[label] = measure(Captioner.from_checkpoint(path), spec, args.split, args.cache_dir)
     stage1_curves = ""
     if args.stage1_history:
         stage1_curves = ("\n## Stage-1 validation (dev split, beam 3, every epoch)\n\n"
