@@ -43,8 +43,7 @@ class CaptionBatches:
     def batch(self, images: list[int], k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """-> inputs, tokens (B*K, T) padded with K captions per image (without replacement
         where the image has enough). inputs: regions (B, P, E) float from the cache (a random
-        view of each image), or pixels
-        (B, 3, S, S) uint8."""
+        view of each image), or pixels (B, 3, S, S) uint8."""
         images, inputs = self.inputs(images, generator)
         sequences = []
         for i in images:

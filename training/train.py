@@ -268,10 +268,10 @@ class Context:
         self.items = self.val_cache = None
         if cfg.data.use_cache:
             train_images = [s.image for s in self.train_samples]
-            train_views = features.FeatureViews([self._cache(train_images, view) for view in range(cfg.data.cache_views)])
+            views = [self._cache(train_images, view) for view in range(cfg.data.cache_views)]
             self.val_cache = self._cache([s.image for s in self.val_samples])
             self.items = CaptionBatches(self.train_samples, self.vocab, cfg.model.max_caption_tokens,
-                                        cache=train_views)
+                                        cache=features.FeatureViews(views))
         else:
             self.items = CaptionBatches(self.train_samples, self.vocab, cfg.model.max_caption_tokens,
                                         preprocessing=self.preprocessing)

@@ -61,7 +61,8 @@ def test_training_run_writes_a_loadable_model_and_its_records(flickr_dir, tmp_pa
 
 
 def test_killed_run_resumes_to_the_same_weights(flickr_dir, tmp_path):
-    overrides = tiny_train_overrides(flickr_dir, tmp_path / "x", **{"optim.batch_images": 2})
+    # Two cached views: the random view of each image must be drawn alike after resuming too.
+    overrides = tiny_train_overrides(flickr_dir, tmp_path / "x", **{"optim.batch_images": 2, "data.cache_views": 2})
     straight = tmp_path / "straight"
     subprocess.run(_train_command(*overrides, f"--run.out_dir={straight}"), check=True, env=_env(),
                    capture_output=True, timeout=300, cwd=ROOT)
