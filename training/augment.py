@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torchvision.transforms.v2.functional as tvf
 
+AUGMENT_VERSION = 1  # part of cached views' keys: bump it when light_augment changes
+
 
 def light_augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """(3, S, S) uint8 -> a random 85-100 % crop resized back, with +-10 % brightness and

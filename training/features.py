@@ -28,7 +28,7 @@ from captioner.encoder import Encoder
 from captioner.imageset import ImageFileDataset, pixel_loader
 from captioner.preprocessing import Preprocessing
 
-from .augment import SeededAugment
+from .augment import AUGMENT_VERSION, SeededAugment
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -51,7 +51,7 @@ def cache_key(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Pa
         "images": [str(Path(p).resolve()) for p in paths],
     }
     if view:  # view 0 keeps the key it had before views existed
-        description["view"] = [view, "light_augment v1"]
+        description["view"] = [view, AUGMENT_VERSION]
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
 
 

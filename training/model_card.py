@@ -5,6 +5,7 @@
 
 For a two-stage model, --stage1 and --baseline-stage1 name the checkpoints each stage 2 started
 from; they are measured too, and --stage1-history / --baseline-stage1-history add their curves.
+--also LABEL=CHECKPOINT (repeatable) measures any other checkpoint as one more row.
 
 For each checkpoint: dev-split metrics with greedy and beam-3 decoding, caption diversity, and,
 with attention, how peaked the attention is (mean entropy against uniform). The figure shows the
@@ -191,18 +192,13 @@ def main() -> None:
     model = Captioner.from_checkpoint(args.model)
     name = "with attention, stages 1 + 2 (bundled)" if args.stage1 else "with attention"
     rows = {name: measure(model, spec, args.split, args.cache_dir)}
-    if args.stage1:
-        rows["with attention, stage 1 only"] = measure(Captioner.from_checkpoint(args.stage1), spec, args.split,
-                                                       args.cache_dir)
+    baseline_name = "without attention, stages 1 + 2" if args.baseline_stage1 else "without attention"
+    others = [("with attention, stage 1 only", args.stage1), (baseline_name, args.baseline),
+              ("without attention, stage 1 only", args.baseline_stage1), *also]
+    for label, path in others:
+        if path:
+            rows[label] = measure(Captioner.from_checkpoint(path), spec, args.split, args.cache_dir)
     entropy = attention_entropy(model, spec, args.split, args.cache_dir)
-    if args.baseline:
-        baseline_name = "without attention, stages 1 + 2" if args.baseline_stage1 else "without attention"
-        rows[baseline_name] = measure(Captioner.from_checkpoint(args.baseline), spec, args.split, args.cache_dir)
-    if args.baseline_stage1:
-        rows["without attention, stage 1 only"] = measure(Captioner.from_checkpoint(args.baseline_stage1), spec,
-                                                          args.split, args.cache_dir)
-    for label, path in also:
-        rows[label] = measure(Captioner.from_checkpoint(path), spec, args.split, args.cache_dir)
     stage1_curves = ""
     if args.stage1_history:
         stage1_curves = ("\n## Stage-1 validation (dev split, beam 3, every epoch)\n\n"
