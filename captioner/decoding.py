@@ -10,12 +10,15 @@ P regions, R returned sequences per image.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import Sequence
 
 import torch
 
 from .decoder import Decoder, DecoderState
+from .vocab import tokenize
 
 NEG_INF = float("-inf")
+MAX_CONSTRAINTS = 3  # required words per image: the search keeps 2^C states of K beams
 
 
 @dataclass
@@ -33,6 +36,8 @@ class DecodeConfig:
     top_p: float = 1.0
     seed: int | None = None
     return_attention: bool = False
+    force_words: tuple[str, ...] = ()  # words every caption must say (any form of each: cat or cats)
+    tags: bool = True  # also require the model's confident visual tags (models that carry a tagger)
 
     LIMITS = {"num_beams": (1, 16), "num_return_sequences": (1, 16), "max_new_tokens": (1, 100),
               "min_new_tokens": (0, 100), "no_repeat_ngram_size": (0, 10), "top_k": (0, 100_000)}
@@ -54,6 +59,11 @@ class DecodeConfig:
             raise ValueError("min_new_tokens must not exceed max_new_tokens")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.tags, bool):
+            raise ValueError(f"tags must be true or false, got {self.tags!r}")
+        self.force_words = _words(self.force_words)
+        if self.force_words and self.do_sample:
+            raise ValueError("force_words needs search: it does not combine with do_sample=True")
         if self.do_sample:
             if self.num_beams != 1:
                 raise ValueError("sampling draws independent sequences: use num_beams=1 with do_sample=True")
@@ -70,6 +80,21 @@ class DecodeConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _words(value) -> tuple[str, ...]:
+    """force_words as given (a list, or a comma-separated string) -> distinct lowercase words."""
+    if isinstance(value, str):
+        value = [w for w in value.split(",") if w.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(w, str) for w in value):
+        raise ValueError(f"force_words must be a list of words, got {value!r}")
+    words = tuple(dict.fromkeys(w.strip().lower() for w in value))
+    if len(words) > MAX_CONSTRAINTS:
+        raise ValueError(f"force_words takes at most {MAX_CONSTRAINTS} words, got {len(words)}")
+    for word in words:
+        if len(word) > 40 or tokenize(word) != [word]:
+            raise ValueError(f"force_words: {word!r} is not a single word")
+    return words
 
 
 @dataclass
@@ -95,16 +120,31 @@ def generate(
     eos_id: int,
     banned_ids: tuple[int, ...] = (),
     best_first: bool = True,
+    constraints: Sequence[Sequence[Sequence[int]]] | None = None,
+    excluded: Sequence[Sequence[int]] | None = None,
 ) -> list[list[Hypothesis]]:
     """Caption a batch of encoded images: regions (B, P, E), pooled (B, E) -> for each image,
     `num_return_sequences` hypotheses, best first. `banned_ids` (<pad>, <bos>, <unk>) are never
     generated. `best_first=False` leaves sampled sequences in the order of their rows, image by
-    image (self-critical training replays those rows' dropout masks)."""
+    image (self-critical training replays those rows' dropout masks). `constraints[b]`: image b's
+    required words, each a sequence of word ids of which one must appear (a word's forms);
+    `excluded[b]`: word ids image b's captions must not say. Both need search (constrained beam
+    search, with one beam per state when num_beams is 1)."""
     rules = _Rules(config, eos_id, banned_ids)
+    required = None
+    if constraints is not None or excluded is not None:
+        for given in (constraints, excluded):
+            if given is not None and len(given) != regions.shape[0]:
+                raise ValueError(f"constraints for {len(given)} images, but {regions.shape[0]} images")
+        required = _Constraints.build(constraints or [[]] * regions.shape[0], excluded, decoder.config.vocab_size)
+        if required is not None and config.do_sample:
+            raise ValueError("required words need search: they do not combine with do_sample=True")
     with torch.inference_mode():  # less per-op overhead than no_grad: decoding is many small ops
         state = decoder.init_state(regions, pooled)
-        search = _beam_search if config.num_beams > 1 else _sample
-        results = search(decoder, state, bos_id, rules)
+        if config.num_beams > 1 or required is not None:
+            results = _beam_search(decoder, state, bos_id, rules, required)
+        else:
+            results = _sample(decoder, state, bos_id, rules)
     for hypotheses in results:
         if best_first:
             hypotheses.sort(key=lambda h: h.score, reverse=True)
@@ -271,67 +311,99 @@ class _Pool:
         ]
 
 
-def _beam_search(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules) -> list[list[Hypothesis]]:
+def _beam_search(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules,
+                 constraints: "_Constraints | None" = None) -> list[list[Hypothesis]]:
     """Vectorised beam search with a pool of finished hypotheses per image, as in Hugging Face
     `generate`: each step takes the top 2K of the K*V candidates; an <eos> among the first K
     enters the pool, the best K others continue. An image is done when its pool is full (and,
     without `early_stopping`, no live beam can beat the pool's worst); done images leave the
-    batch, so an image's result never depends on the others. After `max_new_tokens` the live beams join the pool unfinished, so
-    every image gets a caption even when no beam finished."""
+    batch, so an image's result never depends on the others. After `max_new_tokens` the live
+    beams join the pool unfinished, so every image gets a caption even when no beam finished.
+
+    Required words (constrained beam search, Anderson et al. 2017): with C constraints each image
+    keeps K beams in each of S = 2^C states, the set of constraints met so far. A candidate moves
+    to the state of its beam plus the constraints its word meets; every state keeps its own best
+    K, and only beams that met every constraint may end. Without constraints S = 1 and this is
+    plain beam search."""
     config = rules.config
     b_all, k = state.image_gates.shape[0], config.num_beams
     device, vocab = state.h.device, decoder.config.vocab_size
+    s = 1 if constraints is None else constraints.states  # S
+    r = s * k  # R rows per image: beams of state 0, then of state 1, ...
     want_alpha = config.return_attention and decoder.config.attention
     regions = state.memory.shape[1] if want_alpha else None
     pool = _Pool(b_all, max(k, config.num_return_sequences), config.max_new_tokens, regions, device)
 
     active = torch.arange(b_all, device=device)  # original index of each image still searching
-    state = state.repeat(k)
-    beam_logp = torch.zeros(b_all, k, device=device)
-    beam_logp[:, 1:] = NEG_INF  # the K beams start identical: expand only the first
-    history = torch.empty(b_all, k, 0, dtype=torch.long, device=device)  # (B, K, t)
-    history_logps = torch.empty(b_all, k, 0, device=device)
-    history_alpha = torch.empty(b_all, k, 0, regions, device=device) if want_alpha else None
-    tokens = torch.full((b_all * k,), bos, dtype=torch.long, device=device)
-    first_rows = torch.arange(b_all, device=device)[:, None] * k  # (B, 1) first row of each image
+    state = state.repeat(r)
+    beam_logp = torch.full((b_all, s, k), NEG_INF, device=device)
+    beam_logp[:, 0, 0] = 0.0  # every image starts with one beam, in state 0 (nothing met yet)
+    history = torch.empty(b_all, r, 0, dtype=torch.long, device=device)  # (B, R, t)
+    history_logps = torch.empty(b_all, r, 0, device=device)
+    history_alpha = torch.empty(b_all, r, 0, regions, device=device) if want_alpha else None
+    tokens = torch.full((b_all * r,), bos, dtype=torch.long, device=device)
+    first_rows = torch.arange(b_all, device=device)[:, None, None] * r  # (B, 1, 1) first row of each image
     among_first_k = torch.arange(2 * k, device=device) < k  # (2K,)
+    row_state = torch.arange(s, device=device).repeat_interleave(k)  # (R,) the state of each row
+    goal = (torch.zeros(b_all, dtype=torch.long, device=device) if constraints is None
+            else constraints.goal.to(device))  # (B,) the state with every constraint met, of each active image
+    word_bits = None if constraints is None else constraints.word_bits.to(device)  # (B, V), likewise
+    banned = None if constraints is None or constraints.banned is None else constraints.banned.to(device)  # (B, V)
 
     for step in range(config.max_new_tokens):
         b = active.shape[0]
-        beam_rows = first_rows[:b]
+        image_rows = first_rows[:b]
         logits, state, alpha = decoder.step(tokens, state)
-        logp = rules.log_probs(logits, history.view(b * k, -1))  # (N, V)
-        top_logp, top_index = (beam_logp.view(-1, 1) + logp).view(b, k * vocab).topk(2 * k, dim=1)  # (B, 2K)
-        origin = torch.div(top_index, vocab, rounding_mode="floor")  # beam each candidate extends
+        logp = rules.log_probs(logits, history.view(b * r, -1)).view(b, r, vocab)  # (B, R, V)
+        if banned is not None:
+            logp.masked_fill_(banned[:, None], NEG_INF)
+        candidates = beam_logp.view(b, r, 1) + logp  # (B, R, V)
+        if s == 1:
+            top_logp, top_index = candidates.view(b, 1, r * vocab).topk(2 * k, dim=2)  # (B, 1, 2K)
+        else:
+            logp[:, :, rules.eos].masked_fill_(row_state[None] != goal[:, None], NEG_INF)  # end only at the goal
+            candidates[:, :, rules.eos] = beam_logp.view(b, r) + logp[:, :, rules.eos]
+            target = row_state[None, :, None] | word_bits[:, None]  # (B, R, V) state each candidate moves to
+            states = torch.arange(s, device=device).view(1, s, 1, 1)
+            per_state = candidates[:, None].masked_fill(target[:, None] != states, NEG_INF)  # (B, S, R, V)
+            top_logp, top_index = per_state.view(b, s, r * vocab).topk(2 * k, dim=2)  # (B, S, 2K)
+        origin = torch.div(top_index, vocab, rounding_mode="floor")  # row (within the image) each extends
         word = top_index % vocab
-        word_logp = logp[(beam_rows + origin).view(-1), word.view(-1)].view(b, 2 * k)
+        word_logp = logp.view(b * r, vocab)[(image_rows + origin).view(-1), word.view(-1)].view(b, s, 2 * k)
         is_eos = (word == rules.eos) & (top_logp > NEG_INF)
 
         def extend(rows: torch.Tensor, new_word: torch.Tensor, new_logp: torch.Tensor):
             """Histories of candidates: rows (B, C) of the flat (N, ...) beams + their last step."""
             c = rows.shape[1]
-            flat = rows.view(-1)
+            flat = rows.reshape(-1)
             grown = (
-                torch.cat([history.view(b * k, -1)[flat].view(b, c, -1), new_word[..., None]], dim=2),
-                torch.cat([history_logps.view(b * k, -1)[flat].view(b, c, -1), new_logp[..., None]], dim=2),
+                torch.cat([history.view(b * r, -1)[flat].view(b, c, -1), new_word.reshape(b, c, 1)], dim=2),
+                torch.cat([history_logps.view(b * r, -1)[flat].view(b, c, -1), new_logp.reshape(b, c, 1)], dim=2),
             )
             if not want_alpha:
                 return (*grown, None)
-            past = history_alpha.view(b * k, *history_alpha.shape[2:])[flat].view(b, c, -1, regions)
+            past = history_alpha.view(b * r, *history_alpha.shape[2:])[flat].view(b, c, -1, regions)
             return (*grown, torch.cat([past, alpha[flat].view(b, c, 1, regions)], dim=2))
 
-        # 1) An <eos> among the first K candidates finishes a hypothesis.
-        enters = is_eos & among_first_k
+        # 1) An <eos> among the goal state's first K candidates finishes a hypothesis.
+        at_goal = goal.view(b, 1, 1).expand(b, 1, 2 * k) if s > 1 else None
+
+        def goal_of(t: torch.Tensor) -> torch.Tensor:  # (B, S, 2K) -> (B, 2K): the goal state's
+            return t[:, 0] if s == 1 else t.gather(1, at_goal).squeeze(1)
+
+        enters = goal_of(is_eos) & among_first_k
         if bool(enters.any()):
-            eos_tokens, eos_logps, eos_alpha = extend(beam_rows + origin, word, word_logp)
-            pool.merge(active, rules.score(top_logp, step + 1).masked_fill(~enters, NEG_INF),
+            eos_tokens, eos_logps, eos_alpha = extend(image_rows[:, 0] + goal_of(origin), goal_of(word),
+                                                      goal_of(word_logp))
+            pool.merge(active, rules.score(goal_of(top_logp), step + 1).masked_fill(~enters, NEG_INF),
                        eos_tokens, eos_logps, eos_alpha, length=step + 1, finished=True)
 
-        # 2) The best K other candidates continue.
-        beam_logp, live = top_logp.masked_fill(is_eos, NEG_INF).topk(k, dim=1)  # (B, K)
-        rows = beam_rows + origin.gather(1, live)  # (B, K)
-        tokens = word.gather(1, live).view(-1)
-        history, history_logps, history_alpha = extend(rows, word.gather(1, live), word_logp.gather(1, live))
+        # 2) The best K other candidates of each state continue.
+        beam_logp, live = top_logp.masked_fill(is_eos, NEG_INF).topk(k, dim=2)  # (B, S, K)
+        rows = (image_rows + origin.gather(2, live)).view(b, r)  # (B, R)
+        live_words = word.gather(2, live).view(b, r)
+        tokens = live_words.view(-1)
+        history, history_logps, history_alpha = extend(rows, live_words, word_logp.gather(2, live).view(b, r))
         state = state.reorder(rows.view(-1))
 
         # 3) Done images leave the batch: with early_stopping as soon as their pool is full, else
@@ -339,7 +411,7 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules)
         worst_kept = pool.score[active, -1]
         done = worst_kept > NEG_INF
         if not config.early_stopping:
-            best_live = beam_logp.max(dim=1).values
+            best_live = beam_logp.view(b, r).max(dim=1).values
             done &= (worst_kept >= rules.score(best_live, step + 1)) | (best_live == NEG_INF)
         if bool(done.any()):
             stay = (~done).nonzero().squeeze(1)
@@ -348,9 +420,63 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules)
             active, state = active[stay], state.select_images(stay)
             beam_logp, history, history_logps = beam_logp[stay], history[stay], history_logps[stay]
             history_alpha = None if history_alpha is None else history_alpha[stay]
-            tokens = tokens.view(-1, k)[stay].view(-1)
+            tokens = tokens.view(-1, r)[stay].view(-1)
+            goal = goal[stay]
+            word_bits = None if word_bits is None else word_bits[stay]
+            banned = None if banned is None else banned[stay]
 
-    # max_new_tokens reached: the live beams compete unfinished.
-    pool.merge(active, rules.score(beam_logp, config.max_new_tokens), history, history_logps, history_alpha,
+    # max_new_tokens reached: the live beams at the goal compete unfinished; an image none of
+    # whose beams met every constraint keeps its best beams of any state.
+    b = active.shape[0]
+    final_logp = beam_logp.view(b, r)
+    if s > 1:
+        reached = row_state[None] == goal[:, None]  # (B, R)
+        fallback = ~(reached & (final_logp > NEG_INF)).any(dim=1, keepdim=True)
+        final_logp = final_logp.masked_fill(~reached & ~fallback, NEG_INF)
+    pool.merge(active, rules.score(final_logp, config.max_new_tokens), history, history_logps, history_alpha,
                length=config.max_new_tokens, finished=False)
     return pool.results(config.num_return_sequences, config.length_penalty)
+
+
+@dataclass
+class _Constraints:
+    """Required and excluded words of a batch: image b must say, for each of its constraints, one
+    of that constraint's word ids, and none of its excluded ids. word_bits (B, V): bit c set where
+    a word meets constraint c; goal (B,): the bits of all of an image's constraints; states = 2^C
+    for the most constrained image; banned (B, V) or None: the excluded words."""
+
+    word_bits: torch.Tensor
+    goal: torch.Tensor
+    states: int
+    banned: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, constraints: Sequence[Sequence[Sequence[int]]], excluded: Sequence[Sequence[int]] | None,
+              vocab_size: int) -> "_Constraints | None":
+        """constraints[b] = image b's constraints, each a sequence of word ids (its forms);
+        excluded[b] = the ids image b must not say."""
+        most = max((len(c) for c in constraints), default=0)
+        if most > MAX_CONSTRAINTS:
+            raise ValueError(f"at most {MAX_CONSTRAINTS} required words per image, got {most}")
+        check = lambda i: int(i) if 0 <= int(i) < vocab_size else _outside(i)  # noqa: E731
+        bits = torch.zeros(len(constraints), vocab_size, dtype=torch.long)
+        goal = torch.zeros(len(constraints), dtype=torch.long)
+        for image, required in enumerate(constraints):
+            for c, ids in enumerate(required):
+                for i in ids:
+                    bits[image, check(i)] |= 1 << c
+                goal[image] |= 1 << c
+        banned = None
+        if excluded is not None and any(excluded):
+            banned = torch.zeros(len(excluded), vocab_size, dtype=torch.bool)
+            for image, ids in enumerate(excluded):
+                banned[image, [check(i) for i in ids]] = True
+            if bool((banned & (bits > 0)).any()):
+                raise ValueError("a word cannot be both required and excluded")
+        if most == 0 and banned is None:
+            return None
+        return cls(bits, goal, 1 << most, banned)
+
+
+def _outside(i) -> int:
+    raise ValueError(f"required or excluded word id {i} is outside the vocabulary")

@@ -139,3 +139,87 @@ def test_invalid_options_are_clear_value_errors(bad):
         DecodeConfig(**bad)
     with pytest.raises(ValueError, match="unknown decoding option"):
         DecodeConfig.from_kwargs(beam_size=3)
+
+
+# -- required words (constrained beam search) -------------------------------------------------
+
+def _says(hypothesis, ids) -> bool:
+    return any(i in hypothesis.tokens for i in ids)
+
+
+def test_required_words_appear_in_every_returned_caption(decoder):
+    regions, pooled = _images(6, seed=11)
+    plain = _run(decoder, regions, pooled, num_beams=3)
+    # Words the unconstrained captions do not say, so the constraint has to change them.
+    unused = [w for w in range(4, V) if not any(w in r[0].tokens for r in plain)]
+    assert len(unused) >= 3
+    one, two = (unused[0],), (unused[1], unused[2])  # the second constraint: either of two forms
+    constraints = [[one], [one, two], [], [two], [one, two], []]
+    results = generate(decoder, regions, pooled, DecodeConfig(num_beams=3, num_return_sequences=2),
+                       constraints=constraints, **SPECIAL)
+    for required, hyps, before in zip(constraints, results, plain):
+        assert len(hyps) == 2
+        for h in hyps:
+            assert h.finished and all(_says(h, ids) for ids in required)
+            assert h.log_prob == pytest.approx(sum(h.token_log_probs), abs=1e-4)
+        if not required:  # images without constraints are decoded as before
+            assert hyps[0].tokens == before[0].tokens
+        else:
+            assert hyps[0].log_prob <= before[0].log_prob + 1e-5  # a constraint costs probability
+
+
+def test_constrained_batch_equals_one_by_one(decoder):
+    regions, pooled = _images(5, seed=12)
+    constraints = [[(5,)], [(6, 7), (8,)], [], [(9,)], [(5,), (6,), (7,)]]
+    config = DecodeConfig(num_beams=3, num_return_sequences=3)
+    batch = generate(decoder, regions, pooled, config, constraints=constraints, **SPECIAL)
+    for i in range(5):
+        alone = generate(decoder, regions[i:i + 1], pooled[i:i + 1], config, constraints=[constraints[i]], **SPECIAL)
+        assert [h.tokens for h in alone[0]] == [h.tokens for h in batch[i]]
+
+
+def test_required_word_with_one_beam_and_with_attention(decoder):
+    regions, pooled = _images(3, seed=13)
+    results = generate(decoder, regions, pooled, DecodeConfig(num_beams=1, return_attention=True),
+                       constraints=[[(10,)], [(11,)], [(12,), (13,)]], **SPECIAL)
+    for required, hyps in zip([[(10,)], [(11,)], [(12,), (13,)]], results):
+        h = hyps[0]
+        assert all(_says(h, ids) for ids in required)
+        assert h.attention.shape == (len(h.token_log_probs), P)
+
+
+def test_required_words_reject_sampling_and_too_many(decoder):
+    regions, pooled = _images(1)
+    with pytest.raises(ValueError, match="do_sample"):
+        generate(decoder, regions, pooled, DecodeConfig(num_beams=1, do_sample=True), constraints=[[(5,)]], **SPECIAL)
+    with pytest.raises(ValueError, match="at most"):
+        generate(decoder, regions, pooled, DecodeConfig(), constraints=[[(5,), (6,), (7,), (8,)]], **SPECIAL)
+    with pytest.raises(ValueError, match="outside"):
+        generate(decoder, regions, pooled, DecodeConfig(), constraints=[[(V + 3,)]], **SPECIAL)
+
+
+def test_unmet_constraint_still_gives_a_caption(decoder):
+    """A word that cannot fit in max_new_tokens: the best beams of any state are returned."""
+    regions, pooled = _images(2, seed=14)
+    results = generate(decoder, regions, pooled, DecodeConfig(num_beams=2, max_new_tokens=1, min_new_tokens=1),
+                       constraints=[[(5,), (6,)], []], **SPECIAL)
+    assert all(len(r) == 1 and r[0].tokens for r in results)
+
+
+def test_excluded_words_never_appear(decoder):
+    regions, pooled = _images(4, seed=15)
+    plain = _run(decoder, regions, pooled, num_beams=3)
+    said = [sorted(set(r[0].tokens)) for r in plain]
+    excluded = [said[0], [], said[2][:1], said[3]]
+    results = generate(decoder, regions, pooled, DecodeConfig(num_beams=3, num_return_sequences=2),
+                       excluded=excluded, **SPECIAL)
+    for ban, hyps, before in zip(excluded, results, plain):
+        for h in hyps:
+            assert not set(ban) & set(h.tokens)
+        if not ban:
+            assert hyps[0].tokens == before[0].tokens
+    both = generate(decoder, regions[:1], pooled[:1], DecodeConfig(num_beams=2), constraints=[[(said[1][0],)]],
+                    excluded=[said[0]], **SPECIAL)
+    assert said[1][0] in both[0][0].tokens and not set(said[0]) & set(both[0][0].tokens)
+    with pytest.raises(ValueError, match="both required and excluded"):
+        generate(decoder, regions[:1], pooled[:1], DecodeConfig(), constraints=[[(5,)]], excluded=[[5]], **SPECIAL)
