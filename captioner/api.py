@@ -21,10 +21,11 @@ from PIL import Image
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .decoder import Decoder, DecoderConfig
-from .decoding import DecodeConfig, Hypothesis, generate
+from .decoding import MAX_CONSTRAINTS, DecodeConfig, Hypothesis, generate
 from .encoder import Encoder, EncoderConfig
 from .images import DEFAULT_MAX_PIXELS, ImageSource
 from .preprocessing import Preprocessing
+from .tagger import Tagger
 from .vocab import Vocabulary
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "default.pt"
@@ -52,10 +53,36 @@ class Caption:
 
 
 @dataclass
+class Requirement:
+    """A word the captions had to say, and why: `source` is "request" (force_words) or "tag"
+    (the model's tagger saw it, with calibrated `confidence`)."""
+
+    word: str
+    forms: list[str]
+    source: str
+    confidence: float | None = None
+    classes: list[str] = field(default_factory=list)  # for tags: the ImageNet classes behind it
+
+    def ids(self, vocabulary: Vocabulary) -> list[int]:
+        return [vocabulary.index[w] for w in self.forms]
+
+    def to_dict(self, caption: Caption | None = None) -> dict[str, Any]:
+        data: dict[str, Any] = {"word": self.word, "forms": self.forms, "source": self.source}
+        if self.confidence is not None:
+            data["confidence"] = round(self.confidence, 4)
+        if self.classes:
+            data["classes"] = self.classes
+        if caption is not None:
+            data["satisfied"] = any(w in caption.words for w in self.forms)
+        return data
+
+
+@dataclass
 class CaptionResult:
-    """The n-best captions of one image, best first."""
+    """The n-best captions of one image, best first, and the words they were required to say."""
 
     sequences: list[Caption]
+    required: list[Requirement] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -71,7 +98,8 @@ class CaptionResult:
 
     def to_dict(self, *, attention: bool = False) -> dict[str, Any]:
         return {"caption": self.text, "score": self.score,
-                "sequences": [s.to_dict(attention=attention) for s in self.sequences]}
+                "sequences": [s.to_dict(attention=attention) for s in self.sequences],
+                "required": [r.to_dict(self.sequences[0]) for r in self.required]}
 
 
 class Captioner:
@@ -83,6 +111,7 @@ class Captioner:
         preprocessing: Preprocessing,
         *,
         provenance: dict[str, Any] | None = None,
+        tagger: Tagger | None = None,
         device: str | torch.device = "cpu",
     ):
         if decoder.config.vocab_size != len(vocabulary):
@@ -94,6 +123,7 @@ class Captioner:
         self.vocabulary = vocabulary
         self.preprocessing = preprocessing
         self.provenance = provenance or {}
+        self.tagger = None if tagger is None else tagger.to(self.device)
         self.checkpoint_sha256: str | None = None
 
     # -- loading and saving ----------------------------------------------------------------------
@@ -110,9 +140,11 @@ class Captioner:
             state = payload["state_dict"]
             encoder.load_state_dict(_prefixed(state, "encoder."), strict=True)
             decoder.load_state_dict(_prefixed(state, "decoder."), strict=True)
+            tagger = Tagger.from_dict(payload["tagger"]) if payload.get("tagger") else None
         except (TypeError, KeyError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{path}: checkpoint does not describe a valid model ({error})") from error
-        model = cls(encoder, decoder, vocabulary, preprocessing, provenance=payload.get("provenance"), device=device)
+        model = cls(encoder, decoder, vocabulary, preprocessing, provenance=payload.get("provenance"),
+                    tagger=tagger, device=device)
         model.checkpoint_sha256 = _sha256(path)
         return model
 
@@ -129,7 +161,7 @@ class Captioner:
         """Everything `from_checkpoint` needs, for `save_checkpoint` (training adds its state)."""
         state = {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
         state.update({f"decoder.{k}": v for k, v in self.decoder.state_dict().items()})
-        return {
+        payload = {
             "encoder": self.encoder.config.to_dict(),
             "decoder": self.decoder.config.to_dict(),
             "vocabulary": self.vocabulary.to_dict(),
@@ -137,6 +169,9 @@ class Captioner:
             "provenance": self.provenance,
             "state_dict": {k: v.detach().cpu().contiguous() for k, v in state.items()},
         }
+        if self.tagger is not None:
+            payload["tagger"] = self.tagger.to_dict()
+        return payload
 
     def save(self, path: str | os.PathLike, *, half: bool = False) -> None:
         save_checkpoint(self.checkpoint_payload(), path, half=half)
@@ -157,12 +192,41 @@ class Captioner:
     @torch.inference_mode()
     def caption_pixels(self, pixels: torch.Tensor, config: DecodeConfig | None = None) -> list[CaptionResult]:
         """(B, 3, S, S) uint8 preprocessed images -> one result per image."""
-        config = config or DecodeConfig()
         regions, pooled = self.encode(pixels)
+        return self.caption_features(regions, pooled, config)
+
+    @torch.inference_mode()
+    def caption_features(self, regions: torch.Tensor, pooled: torch.Tensor,
+                         config: DecodeConfig | None = None) -> list[CaptionResult]:
+        """Encoded images, regions (B, P, E) and pooled (B, E) -> one result per image, with the
+        words each had to say: `force_words`, then (with `tags`) the tagger's confident words."""
+        config = config or DecodeConfig()
+        requested = self.requested_words(config)
+        required = [list(requested) for _ in range(pooled.shape[0])]
+        if config.tags and self.tagger is not None and not config.do_sample:
+            for words, tags in zip(required, self.tagger.tags(pooled, vocabulary=self.vocabulary)):
+                taken = {form for r in words for form in r.forms}
+                for tag in tags:
+                    if len(words) < MAX_CONSTRAINTS and not taken.intersection(tag.forms):
+                        words.append(Requirement(tag.word, list(tag.forms), "tag", tag.confidence, list(tag.classes)))
+                        taken.update(tag.forms)
         v = self.vocabulary
+        constraints = [[r.ids(v) for r in words] for words in required] if any(required) else None
         hypotheses = generate(self.decoder, regions, pooled, config, bos_id=v.bos_id, eos_id=v.eos_id,
-                              banned_ids=v.never_generated)
-        return [CaptionResult([self._caption(h) for h in hyps]) for hyps in hypotheses]
+                              banned_ids=v.never_generated, constraints=constraints)
+        return [CaptionResult([self._caption(h) for h in hyps], words) for hyps, words in zip(hypotheses, required)]
+
+    def requested_words(self, config: DecodeConfig) -> list[Requirement]:
+        """`force_words` with their forms in this model's vocabulary; ValueError for a word it
+        does not know (it could never say it)."""
+        required = []
+        for word in config.force_words:
+            forms = self.vocabulary.forms(word)
+            if not forms:
+                raise ValueError(f"force_words: {word!r} is not in this model's vocabulary of "
+                                 f"{len(self.vocabulary)} words, so no caption can say it")
+            required.append(Requirement(word, forms, "request"))
+        return required
 
     def caption(
         self,
@@ -176,6 +240,7 @@ class Captioner:
         (B, 3, H, W) tensor). Decoding options are those of `DecodeConfig` (Hugging Face names).
         One image gives one `CaptionResult`; a list or batch tensor gives a list."""
         config = DecodeConfig.from_kwargs(**decode_options)
+        self.requested_words(config)  # an unknown word fails before any image is read
         single = not _is_batch(images)
         items = [images] if single else list(images)
         results: list[CaptionResult] = []
@@ -205,6 +270,7 @@ class Captioner:
             "preprocessing": self.preprocessing.to_dict(),
             "parameters": sum(p.numel() for p in self.encoder.parameters())
             + sum(p.numel() for p in self.decoder.parameters()),
+            "tagger": None if self.tagger is None else self.tagger.describe(),
             "checkpoint_sha256": self.checkpoint_sha256,
             "provenance": self.provenance,
         }

@@ -40,6 +40,9 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                help=f"(default: {default})")
+        elif isinstance(default, tuple):
+            group.add_argument(flag, metavar="WORD[,WORD]", default=None,
+                               help="words every caption must say, comma-separated (default: none)")
         else:
             kind = float if isinstance(default, float) else int
             group.add_argument(flag, type=kind, default=None, help=f"(default: {default})")
@@ -79,13 +82,23 @@ def _caption(args: argparse.Namespace) -> int:
             continue
         if args.json:
             print(json.dumps({"image": path, **result.to_dict(attention=bool(options.get("return_attention")))}))
-        elif len(result.sequences) == 1:
+            continue
+        if len(result.sequences) == 1:
             print(f"{path}\t{result.text}")
         else:
             print(path)
             for rank, seq in enumerate(result.sequences, 1):
                 print(f"  {rank}. {seq.text}  (score {seq.score:.3f}, log-prob {seq.log_prob:.2f})")
+        if result.required and not args.quiet_required:
+            print("  required: " + "; ".join(_why(r) for r in result.required), file=sys.stderr)
     return 1 if failed else 0
+
+
+def _why(requirement) -> str:
+    if requirement.source == "tag":
+        seen = f", seen as {requirement.classes[0]}" if requirement.classes else ""
+        return f"{requirement.word!r} (tagger, confidence {requirement.confidence:.2f}{seen})"
+    return f"{requirement.word!r} (requested)"
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -116,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     caption = commands.add_parser("caption", help="caption image files")
     caption.add_argument("images", nargs="+", metavar="IMAGE")
     caption.add_argument("--json", action="store_true", help="one JSON object per image")
+    caption.add_argument("--quiet-required", action="store_true",
+                         help="do not list the required words and why on stderr")
     add_model_arguments(caption)
     add_decode_arguments(caption)
     caption.set_defaults(func=_caption)

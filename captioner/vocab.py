@@ -44,6 +44,21 @@ class Vocabulary:
         """Ids no caption may contain: <pad>, <bos> and <unk> (<eos> ends one)."""
         return (self.pad_id, self.bos_id, self.unk_id)
 
+    def forms(self, word: str) -> list[str]:
+        """The word and its singular or plural in this vocabulary (cat -> cat, cats; bus -> bus,
+        buses; puppies -> puppies, puppy): what a required word may appear as."""
+        word = word.lower()
+        candidates = [word, word + "s", word + "es"]
+        if word.endswith("y"):
+            candidates.append(word[:-1] + "ies")
+        if word.endswith("ies"):
+            candidates.append(word[:-3] + "y")
+        if word.endswith("es"):
+            candidates.append(word[:-2])
+        if word.endswith("s"):
+            candidates.append(word[:-1])
+        return [w for w in dict.fromkeys(candidates) if w in self.index and w not in SPECIALS]
+
     def __len__(self) -> int:
         return len(self.words)
 

@@ -97,8 +97,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
 # -- request parsing ------------------------------------------------------------------------------
 
-def parse_options(pairs: list[tuple[str, str]]) -> DecodeConfig:
-    """Query/form fields -> `DecodeConfig`; anything wrong is a 422 with the reason."""
+def parse_options(pairs: list[tuple[str, str]], model: Captioner | None = None) -> DecodeConfig:
+    """Query/form fields -> `DecodeConfig`; anything wrong is a 422 with the reason (with `model`,
+    also a required word it does not know)."""
     options: dict[str, Any] = {}
     for name, raw in pairs:
         if name not in _OPTION_FIELDS:
@@ -107,7 +108,10 @@ def parse_options(pairs: list[tuple[str, str]]) -> DecodeConfig:
             raise Problem(422, f"option {name!r} given more than once")
         options[name] = _convert(name, raw)
     try:
-        return DecodeConfig.from_kwargs(**options)
+        decode = DecodeConfig.from_kwargs(**options)
+        if model is not None:
+            model.requested_words(decode)
+        return decode
     except (ValueError, TypeError) as error:
         raise Problem(422, str(error)) from None
 
@@ -115,6 +119,8 @@ def parse_options(pairs: list[tuple[str, str]]) -> DecodeConfig:
 def _convert(name: str, raw: str) -> Any:
     default = _OPTION_FIELDS[name].default
     text = raw.strip().lower()
+    if isinstance(default, tuple):  # force_words: comma-separated words
+        return text
     if isinstance(default, bool):
         if text in _TRUE:
             return True
@@ -272,7 +278,7 @@ def _register_routes(app: Flask, state: ServiceState) -> None:
     def captions() -> Response:
         started = g.started
         images, filenames, pairs = read_images(config)
-        decode = parse_options(pairs)
+        decode = parse_options(pairs, state.model)
         decoded_at = time.monotonic()
         pixels = _preprocess(handler, images)
         preprocessed_at = time.monotonic()
@@ -298,7 +304,7 @@ def _register_routes(app: Flask, state: ServiceState) -> None:
         images, _, pairs = read_images(config)
         if len(images) != 1:
             raise Problem(400, f"send exactly one image for the heat map, not {len(images)}")
-        decode = dataclasses.replace(parse_options(pairs), return_attention=True)
+        decode = dataclasses.replace(parse_options(pairs, state.model), return_attention=True)
         pixels = _preprocess(handler, images)
         results, _ = _caption(state, pixels, decode, g.started)
         png = attention_png(pixels[0], results[0])

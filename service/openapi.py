@@ -28,6 +28,9 @@ _DESCRIPTIONS = {
     "top_p": "nucleus sampling threshold",
     "seed": "random seed for reproducible sampling",
     "return_attention": "include each word's attention grid in the response",
+    "force_words": "comma-separated words every caption must say (any form: cat or cats); "
+                   "the response's `required` says which words were required and why",
+    "tags": "also require the model's confident visual tags (models with a tagger)",
 }
 
 
@@ -35,6 +38,9 @@ def option_schema(field: dataclasses.Field) -> dict[str, Any]:
     default = field.default
     if isinstance(default, bool):
         schema: dict[str, Any] = {"type": "boolean"}
+    elif isinstance(default, tuple):
+        schema = {"type": "string", "maxLength": 200, "pattern": "^[A-Za-z0-9', ]*$"}
+        default = ",".join(default)
     elif field.name == "seed":
         schema = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
     elif isinstance(default, int):

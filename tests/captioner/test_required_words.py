@@ -1,0 +1,44 @@
+"""Required words through the library: force_words, their forms, and what the result says."""
+
+import pytest
+
+from captioner.vocab import SPECIALS, Vocabulary
+from tests.conftest import make_photo
+
+
+def test_force_words_appear_and_the_result_says_why(tiny_captioner):
+    images = [make_photo(seed=s) for s in range(3)]
+    plain = tiny_captioner.caption(images, num_beams=3)
+    absent = next(w for w in ("bike", "park", "ball", "sofa") if all(w not in r.words for r in
+                                                                     (p.sequences[0] for p in plain)))
+    results = tiny_captioner.caption(images, num_beams=3, num_return_sequences=2, force_words=[absent])
+    for result in results:
+        assert all(absent in seq.words for seq in result.sequences)
+        [required] = result.required
+        assert (required.word, required.source) == (absent, "request")
+        assert result.to_dict()["required"] == [{"word": absent, "forms": [absent], "source": "request",
+                                                 "satisfied": True}]
+    # The same words as a comma-separated string (the CLI's and the HTTP API's form), with greedy search.
+    again = tiny_captioner.caption(images[0], num_beams=1, force_words=f"{absent},dog")
+    assert absent in again.sequences[0].words and "dog" in again.sequences[0].words
+
+
+def test_unknown_or_invalid_force_words_are_refused(tiny_captioner, photo_bytes):
+    with pytest.raises(ValueError, match="not in this model's vocabulary"):
+        tiny_captioner.caption(photo_bytes, force_words=["giraffe"])
+    with pytest.raises(ValueError, match="single word"):
+        tiny_captioner.caption(photo_bytes, force_words=["fire hydrant"])
+    with pytest.raises(ValueError, match="at most"):
+        tiny_captioner.caption(photo_bytes, force_words=["a", "dog", "cat", "red"])
+    with pytest.raises(ValueError, match="do_sample"):
+        tiny_captioner.caption(photo_bytes, num_beams=1, do_sample=True, force_words=["dog"])
+
+
+def test_word_forms_come_from_the_vocabulary():
+    vocab = Vocabulary([*SPECIALS, "cat", "cats", "bus", "buses", "puppy", "puppies", "dog"])
+    assert vocab.forms("cat") == ["cat", "cats"]
+    assert vocab.forms("cats") == ["cats", "cat"]
+    assert vocab.forms("bus") == ["bus", "buses"]
+    assert vocab.forms("puppies") == ["puppies", "puppy"]
+    assert vocab.forms("dog") == ["dog"]
+    assert vocab.forms("zebra") == []
