@@ -28,11 +28,18 @@ def register(commands) -> None:
     evaluate.add_argument("--results", help="write COCO results JSON here")
     evaluate.add_argument("--cache-dir", default="cache/features")
     evaluate.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java)")
+    evaluate.add_argument("--instances", metavar="PATH",
+                          help="COCO instances JSON for the CHAIR hallucination figures (default, for COCO data: "
+                               "instances_<split>2017.json beside the captions file, when there)")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                          help="bootstrap draws for the 95%% intervals (0: none)")
     evaluate.add_argument("--json", action="store_true")
     export = commands.add_parser("export", help="strip a checkpoint's training state and store it in fp16")
     export.add_argument("source", metavar="CHECKPOINT")
     export.add_argument("target", metavar="OUT")
     export.add_argument("--fp32", action="store_true", help="keep fp32 weights")
+    export.add_argument("--no-tagger", action="store_true",
+                        help="do not attach the encoder's ImageNet tagger (guided decoding then has no tags)")
     export.set_defaults(func=_export)
 
     from captioner.cli import add_decode_arguments, add_model_arguments
@@ -75,7 +82,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     model = Captioner.from_checkpoint(path, device=args.device) if path else Captioner.default(device=args.device)
     spec = DataSpec(format=args.format, path=args.data, images=args.images)
     metrics = evaluate_checkpoint(model, spec, args.split, decode, cache_dir=args.cache_dir,
-                                  results_path=args.results, meteor=not args.no_meteor)
+                                  results_path=args.results, meteor=not args.no_meteor, instances=args.instances,
+                                  resamples=args.bootstrap)
     print(json.dumps(metrics) if args.json else format_table(metrics))
     return 0
 
@@ -83,6 +91,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
-    size = export_checkpoint(args.source, args.target, half=not args.fp32)
+    size = export_checkpoint(args.source, args.target, half=not args.fp32, tagger=not args.no_tagger)
     print(f"{args.target}: {size / 1e6:.1f} MB")
     return 0
