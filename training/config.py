@@ -56,6 +56,9 @@ class DataSettings:
     # Cached views of each training image: the plain one and cache_views - 1 light augmentations
     # (crop, brightness, contrast); each batch takes a random view. Costs one encoding pass per view.
     cache_views: int = 1
+    # Captions without photos (CSV image,caption or one per line): their words join the vocabulary,
+    # and every step adds optim.text_batch of them as language-model training (image input absent).
+    text: list[str] = field(default_factory=list)
     workers: int = 2
 
     def __post_init__(self) -> None:
@@ -81,6 +84,8 @@ class OptimSettings:
     finetune_from_epoch: int = -1  # >= 0: unfreeze model.encoder.trainable_stages from that epoch
     objective: str = "xe"  # "xe": teacher-forced cross-entropy; "scst": self-critical CIDEr-D
     scst_samples: int = 5  # captions sampled per image; each one's baseline is the others' mean
+    text_batch: int = 80  # captions without photos per step (with data.text)
+    text_weight: float = 0.5  # weight of their language-model cross-entropy in the loss
 
 
 @dataclass
@@ -97,7 +102,7 @@ class RunSettings:
     out_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda"
-    amp: bool = True  # bf16 autocast on CUDA
+    amp: bool = True  # bf16 autocast on CUDA, and on CPUs with bf16 instructions (AVX-512 BF16, AMX)
     compile: bool = False  # torch.compile the model on CUDA (cross-entropy; captions padded to one length)
     checkpoint_every_steps: int = 200
     time_budget_minutes: float | None = None

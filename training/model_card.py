@@ -88,6 +88,38 @@ def attention_figure(model: Captioner, image: Path, out: Path) -> str:
     return seq.text
 
 
+def guidance_figure(model: Captioner, photos: list[Path], out: Path, columns: int = 4) -> list[dict[str, Any]]:
+    """Photos from outside the training data, each with its caption without and with the
+    tagger's guidance (the library defaults otherwise). -> what each photo got."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    shown = []
+    rows = math.ceil(len(photos) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4.6 * rows), squeeze=False)
+    for axis, photo in zip(axes.flat, photos):
+        plain = model.caption(photo, tags=False)
+        guided = model.caption(photo)
+        tags = ", ".join(f"{r.word} {r.confidence:.2f}" for r in guided.required) or "none"
+        shown.append({"photo": photo.name, "plain": plain.text, "guided": guided.text, "tags": tags})
+        axis.imshow(Image.open(photo).convert("RGB").resize((320, 240)))
+        text = (f"without tags: {plain.text}\nwith tags: {guided.text}\ntags: {tags}")
+        axis.set_title("\n".join(textwrap.fill(line, 44) for line in text.split("\n")), fontsize=8, loc="left")
+        axis.axis("off")
+    for axis in list(axes.flat)[len(photos):]:
+        axis.axis("off")
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=72)
+    plt.close(figure)
+    return shown
+
+
 def _table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
     header = "| model | decoding | " + " | ".join(METRICS) + " |"
     lines = [header, "|" + "---|" * (len(METRICS) + 2)]

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from captioner.checkpoint import load_checkpoint, save_checkpoint
+from captioner.cpu import native_bf16
 from captioner.decoder import Decoder, DecoderConfig
 from captioner.decoding import DecodeConfig, generate
 from captioner.encoder import Encoder
@@ -43,6 +44,7 @@ from .batches import CaptionBatches
 from .data import Sample, load_dataset
 from .metrics import caption_metrics, diversity
 from .scst import SelfCritical
+from .text import TextBatches, read_corpora
 
 log = logging.getLogger("captioner.train")
 
@@ -74,9 +76,18 @@ class CaptionModel(torch.nn.Module):
             return self.encoder(pixels)
         return inputs, inputs.mean(dim=1)
 
-    def forward(self, inputs: torch.Tensor, tokens: torch.Tensor, sample_prob: float = 0.0):
+    def forward(self, inputs: torch.Tensor, tokens: torch.Tensor, sample_prob: float = 0.0,
+                text_tokens: torch.Tensor | None = None):
+        """-> logits (N, T, V), attention (N, T, P) or None, and for captions without photos
+        `text_tokens` (M, T'), their logits (M, T', V) or None. One forward for both, so that
+        DistributedDataParallel sees one pass per step."""
         regions, pooled = self.encode(inputs)
-        return self.decoder(regions, pooled, tokens, sample_prob=sample_prob)
+        logits, alphas = self.decoder(regions, pooled, tokens, sample_prob=sample_prob)
+        text_logits = None
+        if text_tokens is not None:  # the image input absent: one all-zero region
+            absent = regions.new_zeros(1, 1, regions.shape[-1])
+            text_logits, _ = self.decoder(absent, absent[:, 0], text_tokens)
+        return logits, alphas, text_logits
 
 
 # -- the training step ------------------------------------------------------------------------
@@ -156,12 +167,30 @@ def _cross_entropy_loss(ctx: "Context", images: list[int], generator: torch.Gene
         longest = ctx.cfg.model.max_caption_tokens + 2  # with <bos> and <eos>
         tokens = nnf.pad(tokens, (0, longest - tokens.shape[1]), value=ctx.vocab.pad_id)
     inputs, tokens = inputs.to(ctx.device), tokens.to(ctx.device)
+    text = _text_tokens(ctx, generator)
     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
-        logits, alphas = ctx.model(inputs, tokens[:, :-1], sample_prob=sampling)
+        logits, alphas, text_logits = ctx.model(inputs, tokens[:, :-1], sample_prob=sampling,
+                                                text_tokens=None if text is None else text[:, :-1])
     loss, ce = caption_loss(logits.float(), None if alphas is None else alphas.float(), tokens[:, 1:],
                             ctx.vocab.pad_id, label_smoothing=ctx.cfg.optim.label_smoothing,
                             attention_reg=ctx.cfg.optim.attention_reg)
-    return loss, {"ce": ce.item()}
+    return _with_text_loss(ctx, loss, text, text_logits, {"ce": ce.item()})
+
+
+def _text_tokens(ctx: "Context", generator: torch.Generator) -> torch.Tensor | None:
+    """A batch of captions without photos (drawn after the photo batch, from the same generator)."""
+    if ctx.text is None or ctx.cfg.optim.text_batch <= 0:
+        return None
+    return ctx.text.batch(ctx.cfg.optim.text_batch, generator).to(ctx.device)
+
+
+def _with_text_loss(ctx: "Context", loss: torch.Tensor, text: torch.Tensor | None,
+                    text_logits: torch.Tensor | None, figures: dict[str, float]):
+    """loss + text_weight x the language-model cross-entropy of the captions without photos."""
+    if text is None:
+        return loss, figures
+    text_ce = nnf.cross_entropy(text_logits.float().flatten(0, 1), text[:, 1:].flatten(), ignore_index=ctx.vocab.pad_id)
+    return loss + ctx.cfg.optim.text_weight * text_ce, {**figures, "text_ce": text_ce.item()}
 
 
 def _self_critical_loss(ctx: "Context", images: list[int], generator: torch.Generator):
@@ -177,10 +206,14 @@ def _self_critical_loss(ctx: "Context", images: list[int], generator: torch.Gene
         hypotheses = ctx.self_critical.sample(ctx.decoder, regions, pooled, seed)
     advantages, reward = ctx.self_critical.advantages(images, hypotheses)
     sequences, targets = ctx.self_critical.sequences(hypotheses)
+    text = _text_tokens(ctx, generator)
     _set_rng_state(ctx.device, dropout_rng)
     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
-        logits, _ = ctx.model(inputs, sequences.to(ctx.device))
-    return ctx.self_critical.loss(logits, targets.to(ctx.device), advantages), {"reward": reward}
+        # The photo pass draws its dropout first, so the replayed masks are the sampler's.
+        logits, _, text_logits = ctx.model(inputs, sequences.to(ctx.device),
+                                           text_tokens=None if text is None else text[:, :-1])
+    loss = ctx.self_critical.loss(logits, targets.to(ctx.device), advantages)
+    return _with_text_loss(ctx, loss, text, text_logits, {"reward": reward})
 
 
 def _scheduled_sampling(cfg: TrainConfig, epoch: int) -> float:
@@ -193,24 +226,31 @@ def _scheduled_sampling(cfg: TrainConfig, epoch: int) -> float:
 
 @torch.no_grad()
 def evaluate(
-    decoder: Decoder, vocab: Vocabulary, regions_of, samples: list[Sample], decode: DecodeConfig,
-    *, batch_size: int = 50, meteor: bool = True, progress: bool = False,
+    captions_of: Callable[[list[int]], list[str]], samples: list[Sample], *, batch_size: int = 50,
+    meteor: bool = True, progress: bool = False,
 ) -> tuple[dict[str, float], dict[str, str]]:
     """Caption `samples` with real decoding (not teacher forcing) and score them.
-    `regions_of(indices) -> (B, P, E)` gives encoder features. Returns (metrics, captions)."""
-    decoder.eval()
+    `captions_of(indices)` gives those samples' top captions. Returns (metrics, captions)."""
     predictions: dict[str, str] = {}
     for start in tqdm(range(0, len(samples), batch_size), desc="validating", disable=not progress, unit="batch"):
         chunk = list(range(start, min(start + batch_size, len(samples))))
-        regions = regions_of(chunk)
-        hyps = generate(decoder, regions, regions.mean(dim=1), decode, bos_id=vocab.bos_id, eos_id=vocab.eos_id,
-                        banned_ids=vocab.never_generated)
-        for i, h in zip(chunk, hyps):
-            predictions[samples[i].image_id] = vocab.decode(h[0].tokens)
+        for i, caption in zip(chunk, captions_of(chunk)):
+            predictions[samples[i].image_id] = caption
     references = {s.image_id: s.captions for s in samples}
     metrics = caption_metrics(predictions, references, meteor=meteor)
     metrics.update(diversity(predictions))
     return metrics, predictions
+
+
+def decoder_captions(decoder: Decoder, vocab: Vocabulary, regions_of, decode: DecodeConfig):
+    """`captions_of` for `evaluate` from a bare decoder: `regions_of(indices) -> (B, P, E)`."""
+    def captions_of(indices: list[int]) -> list[str]:
+        decoder.eval()
+        regions = regions_of(indices)
+        hyps = generate(decoder, regions, regions.mean(dim=1), decode, bos_id=vocab.bos_id, eos_id=vocab.eos_id,
+                        banned_ids=vocab.never_generated)
+        return [vocab.decode(h[0].tokens) for h in hyps]
+    return captions_of
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -223,7 +263,8 @@ class Context:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = _device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
-        self.amp = cfg.run.amp and self.device.type == "cuda"
+        # bf16 autocast where the hardware computes bf16 natively (on other CPUs it is emulated, slower).
+        self.amp = cfg.run.amp and (self.device.type == "cuda" or (self.device.type == "cpu" and native_bf16()))
         self.out = Path(cfg.run.out_dir)
 
         self.train_samples = load_dataset(cfg.data.train, cfg.data.train_split)
@@ -240,8 +281,11 @@ class Context:
         if source is not None:
             self.vocab = Vocabulary.from_dict(source["vocabulary"])
             encoder_config = dataclasses.replace(encoder_config, backbone=source["encoder"]["backbone"])
-        else:  # from the training split only
-            self.vocab = Vocabulary.build((c for s in self.train_samples for c in s.captions), cfg.model.min_word_count)
+        text_captions = read_corpora(cfg.data.text)
+        if source is None:  # from the training data only: the training split's captions and the text corpora
+            self.vocab = Vocabulary.build([*(c for s in self.train_samples for c in s.captions), *text_captions],
+                                          cfg.model.min_word_count)
+        self.text = TextBatches(text_captions, self.vocab, cfg.model.max_caption_tokens) if text_captions else None
 
         self.encoder = Encoder(encoder_config)
         self.preprocessing = dataclasses.replace(self.encoder.native_preprocessing, resize=cfg.model.resize)
@@ -463,8 +507,8 @@ def main(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         record: dict[str, Any] = {"epoch": progress.epoch + 1, "step": progress.step, **result,
                                   "epoch_seconds": round(time.monotonic() - started, 1)}
         if ctx.rank == 0 and (progress.epoch + 1) % cfg.eval.every_epochs == 0:
-            metrics, _ = evaluate(ctx.decoder, ctx.vocab, ctx.val_regions, ctx.val_samples, cfg.eval.decode,
-                                  meteor=cfg.eval.meteor, progress=cfg.run.progress)
+            captions_of = decoder_captions(ctx.decoder, ctx.vocab, ctx.val_regions, cfg.eval.decode)
+            metrics, _ = evaluate(captions_of, ctx.val_samples, meteor=cfg.eval.meteor, progress=cfg.run.progress)
             record.update({f"val_{k}": v for k, v in metrics.items()})
             if metrics["CIDEr-D"] > progress.best_cider:
                 progress.best_cider, progress.best_epoch = metrics["CIDEr-D"], progress.epoch + 1
