@@ -54,14 +54,16 @@ class Caption:
 
 @dataclass
 class Requirement:
-    """A word the captions had to say, and why: `source` is "request" (force_words) or "tag"
-    (the model's tagger saw it, with calibrated `confidence`)."""
+    """A word the captions had to say (or, `excluded`, must not say), and why: `source` is
+    "request" (force_words) or "tag" (the model's tagger, with calibrated `confidence`: high for a
+    required tag, near zero for an excluded one)."""
 
     word: str
     forms: list[str]
     source: str
     confidence: float | None = None
     classes: list[str] = field(default_factory=list)  # for tags: the ImageNet classes behind it
+    excluded: bool = False
 
     def ids(self, vocabulary: Vocabulary) -> list[int]:
         return [vocabulary.index[w] for w in self.forms]
@@ -73,7 +75,7 @@ class Requirement:
         if self.classes:
             data["classes"] = self.classes
         if caption is not None:
-            data["satisfied"] = any(w in caption.words for w in self.forms)
+            data["satisfied"] = any(w in caption.words for w in self.forms) != self.excluded
         return data
 
 
@@ -83,6 +85,7 @@ class CaptionResult:
 
     sequences: list[Caption]
     required: list[Requirement] = field(default_factory=list)
+    excluded: list[Requirement] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -99,7 +102,8 @@ class CaptionResult:
     def to_dict(self, *, attention: bool = False) -> dict[str, Any]:
         return {"caption": self.text, "score": self.score,
                 "sequences": [s.to_dict(attention=attention) for s in self.sequences],
-                "required": [r.to_dict(self.sequences[0]) for r in self.required]}
+                "required": [r.to_dict(self.sequences[0]) for r in self.required],
+                "excluded": [r.to_dict(self.sequences[0]) for r in self.excluded]}
 
 
 class Captioner:
@@ -199,22 +203,29 @@ class Captioner:
     def caption_features(self, regions: torch.Tensor, pooled: torch.Tensor,
                          config: DecodeConfig | None = None) -> list[CaptionResult]:
         """Encoded images, regions (B, P, E) and pooled (B, E) -> one result per image, with the
-        words each had to say: `force_words`, then (with `tags`) the tagger's confident words."""
+        words each had to say: `force_words`, then (with `tags`) the tagger's confident words; and
+        (with `tags`) the words the tagger is sure the photo does not show, which it must not say."""
         config = config or DecodeConfig()
+        v = self.vocabulary
         requested = self.requested_words(config)
         required = [list(requested) for _ in range(pooled.shape[0])]
+        excluded: list[list[Requirement]] = [[] for _ in required]
         if config.tags and self.tagger is not None and not config.do_sample:
-            for words, tags in zip(required, self.tagger.tags(pooled, vocabulary=self.vocabulary)):
+            tags, absent = self.tagger.tags(pooled, vocabulary=v), self.tagger.absent(pooled, vocabulary=v)
+            for words, image_tags, banned, image_absent in zip(required, tags, excluded, absent):
                 taken = {form for r in words for form in r.forms}
-                for tag in tags:
+                for tag in image_tags:
                     if len(words) < MAX_CONSTRAINTS and not taken.intersection(tag.forms):
                         words.append(Requirement(tag.word, list(tag.forms), "tag", tag.confidence, list(tag.classes)))
                         taken.update(tag.forms)
-        v = self.vocabulary
+                banned.extend(Requirement(t.word, list(t.forms), "tag", t.confidence, excluded=True)
+                              for t in image_absent if not taken.intersection(t.forms))
         constraints = [[r.ids(v) for r in words] for words in required] if any(required) else None
+        bans = [[i for r in words for i in r.ids(v)] for words in excluded] if any(excluded) else None
         hypotheses = generate(self.decoder, regions, pooled, config, bos_id=v.bos_id, eos_id=v.eos_id,
-                              banned_ids=v.never_generated, constraints=constraints)
-        return [CaptionResult([self._caption(h) for h in hyps], words) for hyps, words in zip(hypotheses, required)]
+                              banned_ids=v.never_generated, constraints=constraints, excluded=bans)
+        return [CaptionResult([self._caption(h) for h in hyps], words, banned)
+                for hyps, words, banned in zip(hypotheses, required, excluded)]
 
     def requested_words(self, config: DecodeConfig) -> list[Requirement]:
         """`force_words` with their forms in this model's vocabulary; ValueError for a word it

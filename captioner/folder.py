@@ -328,6 +328,8 @@ def caption_record(path: str, result) -> dict[str, Any]:
         record["sequences"] = [{"caption": s.text, "score": round(s.score, 6)} for s in result.sequences]
     if result.required:  # the words the caption had to say, and why
         record["required"] = [r.to_dict(result.sequences[0]) for r in result.required]
+    if result.excluded:
+        record["excluded"] = [r.to_dict(result.sequences[0]) for r in result.excluded]
     return record
 
 

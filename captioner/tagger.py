@@ -32,6 +32,11 @@ import torch
 FORMAT_VERSION = 1
 WORDS_FILE = Path(__file__).parent / "data" / "imagenet_words.json"
 _CLASSES_PER_TAG = 3  # Tag.classes: at most this many ImageNet classes behind a word
+# How decoding uses the tags (fitted by training.calibrate_tagger, stored with the mapping):
+# words at or above `threshold` (at most `max_tags`) must be said; `absent_words`, the words
+# whose low confidence reliably means that no caption names them, must not be said below
+# `absent_below`.
+DEFAULT_GUIDANCE = {"threshold": 0.5, "max_tags": 2, "absent_below": 0.0, "absent_words": []}
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Tagger:
         calibration: dict[str, Any] | None = None,
         backbone: str = "efficientnet_lite0",
         class_ids: list[str] | None = None,
+        guidance: dict[str, Any] | None = None,
     ):
         if weight.dim() != 2 or bias.shape != (weight.shape[0],):
             raise ValueError(f"classifier weight (C, E) and bias (C,) expected, got {tuple(weight.shape)} "
@@ -82,6 +88,10 @@ class Tagger:
         self.forms = {w: list(forms[w]) for w in self.words}
         self.calibration = calibration
         self.backbone = backbone
+        self.guidance = {**DEFAULT_GUIDANCE, **(guidance or {})}
+        unknown = sorted(set(self.guidance["absent_words"]) - set(self.words))
+        if unknown:
+            raise ValueError(f"absent_words that are not tag words: {unknown[:5]}")
         column = {w: i for i, w in enumerate(self.words)}
         mapped = [(c, column[w]) for c, w in enumerate(self.class_words) if w is not None]
         self._classes = torch.tensor([c for c, _ in mapped], dtype=torch.long)  # classes with a word
@@ -104,12 +114,12 @@ class Tagger:
     @classmethod
     def from_mapping(cls, weight: torch.Tensor, bias: torch.Tensor, mapping: dict, *,
                      backbone: str = "efficientnet_lite0") -> "Tagger":
-        """A head and a mapping file's contents (`classes`, `words`, `calibration`)."""
+        """A head and a mapping file's contents (`classes`, `words`, `calibration`, `guidance`)."""
         classes = mapping["classes"]
         return cls(weight, bias, [c["name"] for c in classes], [c["word"] for c in classes],
                    {w: entry["forms"] for w, entry in mapping["words"].items()},
                    calibration=mapping.get("calibration"), backbone=backbone,
-                   class_ids=[c["wnid"] for c in classes])
+                   class_ids=[c["wnid"] for c in classes], guidance=_guidance(mapping.get("guidance")))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain containers and tensors (the weight in fp16): `torch.load(weights_only=True)` reads it."""
@@ -123,6 +133,7 @@ class Tagger:
             "class_words": list(self.class_words),
             "forms": {w: list(f) for w, f in self.forms.items()},
             "calibration": None if self.calibration is None else dict(self.calibration),
+            "guidance": dict(self.guidance),
         }
 
     @classmethod
@@ -131,7 +142,7 @@ class Tagger:
             raise ValueError(f"tagger format {data.get('format_version')!r}; this version reads {FORMAT_VERSION}")
         return cls(data["weight"], data["bias"], data["class_names"], data["class_words"], data["forms"],
                    calibration=data.get("calibration"), backbone=data.get("backbone", "efficientnet_lite0"),
-                   class_ids=data.get("class_ids"))
+                   class_ids=data.get("class_ids"), guidance=data.get("guidance"))
 
     def to(self, device: str | torch.device) -> "Tagger":
         self.weight, self.bias = self.weight.to(device), self.bias.to(device)
@@ -141,7 +152,7 @@ class Tagger:
     def describe(self) -> dict[str, Any]:
         return {"backbone": self.backbone, "classes": len(self.class_names),
                 "mapped_classes": int(self._classes.numel()), "words": len(self.words),
-                "calibration": self.calibration}
+                "calibration": self.calibration, "guidance": self.guidance}
 
     # -- scoring -----------------------------------------------------------------------------------
 
@@ -170,10 +181,32 @@ class Tagger:
         return self.calibrate(self.raw_scores(pooled)[0])
 
     @torch.inference_mode()
-    def tags(self, pooled: torch.Tensor, *, threshold: float = 0.5, max_tags: int = 2,
+    def absent(self, pooled: torch.Tensor, *, vocabulary=None) -> list[list[Tag]]:
+        """Per image, the `absent_words` whose confidence is below `absent_below`: words the
+        photo almost surely does not show (with a vocabulary, only their forms in it)."""
+        words = self.guidance["absent_words"]
+        if not words:
+            return [[] for _ in range(pooled.shape[0])]
+        columns = [self.words.index(w) for w in words]
+        confidence = self.word_probs(pooled)[:, columns].cpu()  # (B, A)
+        results = []
+        for row in confidence.tolist():
+            image = []
+            for word, value in zip(words, row):
+                forms = [f for f in self.forms[word] if vocabulary is None or f in vocabulary.index]
+                if value < self.guidance["absent_below"] and forms:
+                    image.append(Tag(word, forms, value))
+            results.append(image)
+        return results
+
+    @torch.inference_mode()
+    def tags(self, pooled: torch.Tensor, *, threshold: float | None = None, max_tags: int | None = None,
              vocabulary=None) -> list[list[Tag]]:
-        """Per image, up to `max_tags` words with confidence >= `threshold`, best first. With a
-        `captioner.vocab.Vocabulary`, only words with a form in it, and only those forms."""
+        """Per image, up to `max_tags` words with confidence >= `threshold` (by default the
+        tagger's guidance settings), best first. With a `captioner.vocab.Vocabulary`, only words
+        with a form in it, and only those forms."""
+        threshold = self.guidance["threshold"] if threshold is None else threshold
+        max_tags = self.guidance["max_tags"] if max_tags is None else max_tags
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         if max_tags < 0:
@@ -214,6 +247,12 @@ def platt_input(raw: torch.Tensor, kind: str = "logit") -> torch.Tensor:
     if kind == "log":
         return raw.clamp_min(1e-12).log()
     return raw.clamp(1e-12, 1 - 1e-6).logit()
+
+
+def _guidance(guidance: dict | None) -> dict[str, Any] | None:
+    if guidance is None:
+        return None
+    return {k: guidance[k] for k in DEFAULT_GUIDANCE if k in guidance}
 
 
 def _platt(calibration: dict | None) -> dict | None:

@@ -67,7 +67,8 @@ def result_to_json(result: CaptionResult, *, attention: bool) -> dict[str, Any]:
             item["attention_shape"] = list(grid.shape)
         sequences.append(item)
     return {"caption": result.text, "score": result.score, "sequences": sequences,
-            "required": [r.to_dict(result.sequences[0]) for r in result.required]}
+            "required": [r.to_dict(result.sequences[0]) for r in result.required],
+            "excluded": [r.to_dict(result.sequences[0]) for r in result.excluded]}
 
 
 # -- attention heat maps as a PNG ---------------------------------------------------------------

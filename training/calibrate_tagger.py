@@ -112,6 +112,25 @@ def tag_precision(tagger: Tagger, pooled: torch.Tensor, samples: list[Sample], t
             "precision": round(sum(hits) / len(hits), 4) if hits else None}
 
 
+def absent_words(tagger: Tagger, pooled: torch.Tensor, samples: list[Sample], *, below: float,
+                 min_photos: int, max_miss: float) -> dict[str, dict]:
+    """The words whose low confidence reliably means no caption names them: among the photos
+    whose captions name the word (at least `min_photos` of them), at most `max_miss` have a
+    confidence below `below`. -> word: {photos, miss rate, share of the other photos below}."""
+    y = labels(tagger, samples)  # (N, W)
+    low = (tagger.word_probs(pooled) < below).double()
+    found = {}
+    for column, word in enumerate(tagger.words):
+        positives = int(y[:, column].sum())
+        if positives < min_photos:
+            continue
+        miss = float((low[:, column] * y[:, column]).sum()) / positives
+        others = float((low[:, column] * (1 - y[:, column])).sum()) / max(1, len(samples) - positives)
+        if miss <= max_miss:
+            found[word] = {"photos": positives, "miss": round(miss, 4), "excluded_share_of_others": round(others, 4)}
+    return found
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="the Flickr8k folder (fit on train, report on dev)")
@@ -121,6 +140,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", default="cache/features")
     parser.add_argument("--floor", type=float, default=DEFAULT_FLOOR, help="pairs with a raw score at or below this are left out")
     parser.add_argument("--input", choices=PLATT_INPUTS, default="logit", help="what Platt scaling is linear in")
+    parser.add_argument("--threshold", type=float, default=0.5, help="guidance: require tags at this confidence")
+    parser.add_argument("--max-tags", type=int, default=2, help="guidance: at most this many required tags")
+    parser.add_argument("--absent-below", type=float, nargs="+", default=[0.05, 0.08, 0.1, 0.15, 0.2],
+                        help="guidance: exclude a reliable word below this confidence (the largest of these "
+                             "at which some word is reliable)")
+    parser.add_argument("--absent-min-photos", type=int, default=100,
+                        help="a word is judged reliable on at least this many training photos naming it")
+    parser.add_argument("--absent-max-miss", type=float, default=0.02,
+                        help="reliable: at most this share of the photos naming it fall below --absent-below")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
@@ -185,6 +213,22 @@ def main(argv: list[str] | None = None) -> None:
         "preprocessing": "squash 224, the pretrained efficientnet_lite0 encoder (training's feature cache)",
         "reliability": report,
         "bins": BINS,
+    }
+    pooled, samples = data["flickr8k train"][:2]
+    below, absent = 0.0, {}
+    for candidate in sorted(args.absent_below):
+        found = absent_words(calibrated, pooled, samples, below=candidate, min_photos=args.absent_min_photos,
+                             max_miss=args.absent_max_miss)
+        print(f"  reliable below {candidate}: {found}")
+        if found:
+            below, absent = candidate, found
+    print(f"words excluded below confidence {below} (train photos naming them, miss rate, "
+          f"share of the other photos excluded): {absent}")
+    mapping["guidance"] = {
+        "threshold": args.threshold, "max_tags": args.max_tags, "absent_below": below,
+        "absent_words": sorted(absent), "absent_evidence": absent,
+        "absent_rule": f"on the flickr8k train photos, at least {args.absent_min_photos} name the word and at most "
+                       f"{args.absent_max_miss:.0%} of those have a confidence below {below}",
     }
     write_json(mapping, args.out)
     if not (math.isfinite(a) and math.isfinite(b)):

@@ -164,6 +164,17 @@ OVERRIDES: dict[str, str | None] = {
     "n03804744": None,  # nail; captions' nails are fingernails
     "n03032252": "theater",  # cinema -> "house" (the more general "building" outnumbers "theater")
     "n03529860": None,  # home theater -> "building"
+    "n02403003": "cow",  # ox -> "cattle"; captions say cow
+    "n02992529": "phone",  # cellular telephone -> "cellphone"; captions say (cell) phone
+    "n03461385": "store",  # grocery store -> "grocery"
+    "n03594734": "jeans",  # jean -> "jean"
+    "n03595614": "shirt",  # jersey, T-shirt -> "jersey", a sports shirt in captions
+    "n03743016": None,  # megalith -> "monument"
+    "n03877472": "pajamas",  # pajama -> "pajama"
+    "n04355933": "sunglasses",  # sunglass -> "sunglass"
+    "n04356056": "sunglasses",
+    "n04447861": "toilet",  # toilet seat -> "seat"; captions name the toilet
+    "n04509417": None,  # unicycle: never in a caption of the dev photos it fires on (bikes, mostly)
 }
 
 

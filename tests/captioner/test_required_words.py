@@ -42,3 +42,32 @@ def test_word_forms_come_from_the_vocabulary():
     assert vocab.forms("puppies") == ["puppies", "puppy"]
     assert vocab.forms("dog") == ["dog"]
     assert vocab.forms("zebra") == []
+
+
+def test_tagger_guidance_says_cat_and_not_dog(tiny_captioner, tmp_path):
+    """The tiny decoder is random, but guidance is real: the tagger sees the cat in chelsea.jpg,
+    the caption must say it and, the tagger being sure there is no dog, must not say dog."""
+    from pathlib import Path
+
+    from captioner.api import Captioner
+    from captioner.tagger import Tagger
+
+    path = tmp_path / "tagged.pt"
+    payload = tiny_captioner.checkpoint_payload()
+    payload["tagger"] = Tagger.imagenet().to_dict()
+    from captioner.checkpoint import save_checkpoint
+
+    save_checkpoint(payload, path)
+    model = Captioner.from_checkpoint(path)
+    chelsea = Path(__file__).resolve().parents[2] / "examples" / "chelsea.jpg"
+    result = model.caption(chelsea, num_beams=3, num_return_sequences=2)
+    assert [(r.word, r.source) for r in result.required] == [("cat", "tag")]
+    assert result.required[0].confidence > 0.5 and result.required[0].classes
+    assert [r.word for r in result.excluded] == ["dog"]
+    for seq in result.sequences:
+        assert "cat" in seq.words and "dog" not in seq.words
+    body = result.to_dict()
+    assert body["required"][0]["satisfied"] and body["excluded"][0]["satisfied"]
+    plain = model.caption(chelsea, num_beams=3, tags=False)
+    assert plain.required == [] and plain.excluded == []
+    assert model.describe()["tagger"]["words"] > 100

@@ -157,3 +157,27 @@ def test_mapping_file(mapping: dict):
     assert all(entry["forms"][0] == word and entry["count"] > 0 for word, entry in words.items())
     calibration = mapping["calibration"]
     assert math.isfinite(calibration["a"]) and math.isfinite(calibration["b"]) and calibration["a"] > 0
+
+
+def test_absent_words_and_guidance_travel_with_the_tagger():
+    guidance = {"threshold": 0.6, "max_tags": 1, "absent_below": 0.05, "absent_words": ["dog"]}
+    tagger = Tagger(torch.eye(4), torch.zeros(4), ["tabby", "tiger cat", "beagle", "school bus"],
+                    ["cat", "cat", "dog", "bus"], {"cat": ["cat", "cats"], "dog": ["dog", "dogs"], "bus": ["bus"]},
+                    guidance=guidance)
+    pooled = torch.cat([pooled_for(0.5, 0.47, 0.01, 0.02), pooled_for(0.1, 0.1, 0.7, 0.1)])
+    assert [[t.word for t in image] for image in tagger.absent(pooled)] == [["dog"], []]
+    assert [[t.word for t in image] for image in tagger.tags(pooled)] == [["cat"], ["dog"]]  # threshold 0.6
+    buffer = io.BytesIO()
+    torch.save(tagger.to_dict(), buffer)
+    buffer.seek(0)
+    again = Tagger.from_dict(torch.load(buffer, weights_only=True))
+    assert again.guidance == guidance
+    with pytest.raises(ValueError, match="absent_words"):
+        Tagger(torch.eye(4), torch.zeros(4), ["a", "b", "c", "d"], ["cat", "cat", "dog", "bus"],
+               {"cat": ["cat"], "dog": ["dog"], "bus": ["bus"]}, guidance={"absent_words": ["zebra"]})
+
+
+def test_bundled_guidance_excludes_dog_only_where_reliable(mapping: dict):
+    guidance = mapping["guidance"]
+    assert "dog" in guidance["absent_words"] and 0 < guidance["absent_below"] <= 0.2
+    assert all(e["miss"] <= 0.05 for e in guidance["absent_evidence"].values())

@@ -19,3 +19,12 @@ def test_export_strips_training_state_and_halves_weights(tiny_checkpoint, tmp_pa
     original, shipped = Captioner.from_checkpoint(tiny_checkpoint), Captioner.from_checkpoint(target)
     a, b = original.caption(photo_bytes, num_beams=3), shipped.caption(photo_bytes, num_beams=3)
     assert abs(a.score - b.score) < 0.05  # fp16 storage barely moves the scores
+
+
+def test_export_attaches_the_imagenet_tagger_to_a_frozen_encoder(tiny_checkpoint, tmp_path):
+    tagged, bare = tmp_path / "tagged.pt", tmp_path / "bare.pt"
+    export_checkpoint(tiny_checkpoint, tagged)
+    export_checkpoint(tiny_checkpoint, bare, tagger=False)
+    assert Captioner.from_checkpoint(tagged).tagger is not None
+    assert Captioner.from_checkpoint(bare).tagger is None
+    assert torch.load(tagged, weights_only=True)["tagger"]["weight"].dtype == torch.float16

@@ -62,7 +62,10 @@ def test_training_run_writes_a_loadable_model_and_its_records(flickr_dir, tmp_pa
 
 def test_killed_run_resumes_to_the_same_weights(flickr_dir, tmp_path):
     # Two cached views: the random view of each image must be drawn alike after resuming too.
-    overrides = tiny_train_overrides(flickr_dir, tmp_path / "x", **{"optim.batch_images": 2, "data.cache_views": 2})
+    text = tmp_path / "text.csv"  # and text batches, drawn from the same generator
+    text.write_text("image,caption\nx.jpg,A giraffe eats leaves\ny.jpg,A cat on the sofa\n")
+    overrides = tiny_train_overrides(flickr_dir, tmp_path / "x", **{"optim.batch_images": 2, "data.cache_views": 2,
+                                                                  "data.text": f"[{text}]", "optim.text_batch": 3})
     straight = tmp_path / "straight"
     subprocess.run(_train_command(*overrides, f"--run.out_dir={straight}"), check=True, env=_env(),
                    capture_output=True, timeout=300, cwd=ROOT)
@@ -132,3 +135,19 @@ def test_padding_captions_to_one_length_leaves_the_loss_unchanged(vocab):
         logits, alphas = decoder(regions, regions.mean(dim=1), t[:, :-1])
         losses.append(caption_loss(logits, alphas, t[:, 1:], vocab.pad_id, label_smoothing=0.1, attention_reg=0.5))
     torch.testing.assert_close(losses[0], losses[1])
+
+
+def test_captions_without_photos_teach_words_and_train_the_language_model(flickr_dir, tmp_path):
+    text = tmp_path / "text.csv"
+    text.write_text("image,caption\nx.jpg,A giraffe eats leaves.\ny.jpg,Two giraffes near a tree\n"
+                    "z.jpg,A giraffe on the grass\n")
+    out = tmp_path / "run"
+    cfg = load_config(None, tiny_train_overrides(flickr_dir, out, **{
+        "data.text": f"[{text}]", "optim.text_batch": 4, "optim.epochs": 2, "model.min_word_count": 2}))
+    main(cfg)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("train_text_ce" in r for r in records)
+    model = Captioner.from_checkpoint(out / "best.pt")
+    assert "giraffe" in model.vocabulary.words  # seen 3 times, in the text only
+    assert "zebra" not in model.vocabulary.words  # dev-only words stay out
+    assert model.caption(flickr_dir / "images" / "1000_img.jpg", num_beams=2, force_words=["giraffe"]).text
