@@ -71,3 +71,18 @@ def test_tagger_guidance_says_cat_and_not_dog(tiny_captioner, tmp_path):
     plain = model.caption(chelsea, num_beams=3, tags=False)
     assert plain.required == [] and plain.excluded == []
     assert model.describe()["tagger"]["words"] > 100
+
+
+def test_cli_force_words(tiny_checkpoint, tmp_path, capsys):
+    import json
+
+    from captioner.cli import main
+
+    photo = tmp_path / "p.jpg"
+    photo.write_bytes(make_photo(seed=4))
+    assert main(["caption", str(photo), "--checkpoint", tiny_checkpoint, "--force-words", "bike,sofa", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert {"bike", "sofa"} <= set(record["caption"].split())
+    assert [r["word"] for r in record["required"]] == ["bike", "sofa"]
+    assert main(["caption", str(photo), "--checkpoint", tiny_checkpoint, "--force-words", "giraffe"]) == 2
+    assert "not in this model's vocabulary" in capsys.readouterr().err

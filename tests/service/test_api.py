@@ -351,3 +351,22 @@ def test_options_that_exhaust_the_vocabulary_still_caption(client, route, beams)
         seq = response.get_json()["images"][0]["sequences"][0]
         assert seq["finished"] and "<pad>" not in seq["words"]
         assert len(seq["words"]) == len(set(seq["words"]))
+
+
+def test_force_words_over_http_say_why_and_unknown_words_are_422(client, tiny_captioner):
+    photo = make_photo(seed=6)
+    response = client.post("/v1/captions?force_words=bike,sofa&num_beams=2", data=photo, content_type="image/jpeg")
+    assert response.status_code == 200, response.data
+    body = response.get_json()
+    [image] = body["images"]
+    assert {"bike", "sofa"} <= set(image["sequences"][0]["words"])
+    assert [(r["word"], r["source"], r["satisfied"]) for r in image["required"]] == [
+        ("bike", "request", True), ("sofa", "request", True)]
+    assert image["caption"] == tiny_captioner.caption(photo, num_beams=2, force_words=["bike", "sofa"]).text
+    assert body["options"]["force_words"] == ["bike", "sofa"]
+    problem = assert_problem(client.post("/v1/captions?force_words=giraffe", data=photo, content_type="image/jpeg"), 422)
+    assert "giraffe" in problem["detail"] and "vocabulary" in problem["detail"]
+    assert_problem(client.post("/v1/captions?force_words=a,b,c,d", data=photo, content_type="image/jpeg"), 422)
+    form = {"image": (io.BytesIO(photo), "p.jpg", "image/jpeg"), "force_words": "bike", "tags": "false"}
+    response = client.post("/v1/captions", data=form, content_type="multipart/form-data")
+    assert response.status_code == 200 and "bike" in response.get_json()["images"][0]["sequences"][0]["words"]
