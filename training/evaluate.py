@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from captioner.api import Captioner
 from captioner.decoding import DecodeConfig

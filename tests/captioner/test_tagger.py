@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.encoder import Encoder, build_backbone
+from captioner.encoder import Encoder, EncoderConfig, build_backbone
 from captioner.tagger import WORDS_FILE, Tag, Tagger
 from captioner.vocab import SPECIALS, Vocabulary
 
@@ -136,6 +136,16 @@ def test_tags_are_per_image():
 def test_imagenet_knows_only_its_own_backbone():
     with pytest.raises(ValueError, match="efficientnet_lite0"):
         Tagger.imagenet("resnet50")
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_larger_lite_encoders_load_from_their_wheels_and_see_the_cat(backbone: str):
+    encoder = Encoder(EncoderConfig(backbone=backbone)).eval()
+    size = {"efficientnet_lite1": 240, "efficientnet_lite2": 260}[backbone]
+    assert encoder.native_preprocessing.size == size and encoder.feature_dim == 1280
+    pixels = encoder.native_preprocessing.load(EXAMPLES / "chelsea.jpg")[None]
+    _, pooled = encoder.extract(encoder.native_preprocessing.normalize(pixels))
+    assert Tagger.imagenet(backbone).tags(pooled)[0][0].word == "cat"
 
 
 def test_mapping_file(mapping: dict):
