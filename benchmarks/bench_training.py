@@ -1,5 +1,7 @@
-"""Training throughput: from the feature cache against end to end (JPEG decoding + encoder every
-step), with the project's own training loop, on the same images and captions.
+"""Training throughput against the hardware: captions/s from the feature cache, the matrix FLOPs of
+one cached step (counted by `torch.utils.flop_counter`) per second, against the machine's fp32
+matrix peak (a large `torch.mm`, timed in the same run with the same threads), and end to end
+(JPEG decoding + encoder every step), with the project's own training loop on the same images.
 
     python benchmarks/bench_training.py [--data ../shared/data/flickr8k] [--images 320] [--device cuda]
 
@@ -29,9 +31,38 @@ from training.config import load_config  # noqa: E402
 from training.train import Context, Progress, train_one_epoch  # noqa: E402
 
 
-def throughput(overrides: list[str], warmup_batches: int) -> tuple[float, float, float]:
+def matrix_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of the best of `repeats` (size x size) @ (size x size) products."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is a warm-up
+        _synchronize(device)
+        started = time.perf_counter()
+        torch.mm(a, b)
+        _synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size ** 3 / best / 1e9
+
+
+def step_flops(ctx: Context) -> int:
+    """Matrix FLOPs (forward and backward) of one cached training step of the run's recipe."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from training.train import _cross_entropy_loss
+
+    generator = torch.Generator().manual_seed(0)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss, _ = _cross_entropy_loss(ctx, list(range(ctx.cfg.optim.batch_images)), generator, 0.0)
+        loss.backward()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def throughput(overrides: list[str], warmup_batches: int) -> tuple[float, float, float, Context]:
     """(captions per second of one training epoch, seconds spent building the context, seconds of
-    the warm-up batches)."""
+    the warm-up batches, the run's context)."""
     started = time.perf_counter()
     ctx = Context(load_config(ROOT / "training/configs/flickr8k.yaml", overrides), None)
     setup = time.perf_counter() - started
@@ -45,7 +76,7 @@ def throughput(overrides: list[str], warmup_batches: int) -> tuple[float, float,
     _synchronize(ctx.device)
     elapsed = time.perf_counter() - started
     captions = progress.batches_done * ctx.cfg.optim.batch_images * ctx.cfg.data.captions_per_image
-    return captions / elapsed, setup, warmup
+    return captions / elapsed, setup, warmup, ctx
 
 
 def _synchronize(device: torch.device) -> None:
@@ -68,20 +99,48 @@ def main() -> None:
               "--data.val.limit=8", f"--data.cache_dir={cache_dir}", f"--run.device={args.device}",
               "--run.progress=false", f"--run.compile={str(args.compile).lower()}",
               f"--run.out_dir={tempfile.mkdtemp(prefix='bench_training_run_')}"]
-    cached, cache_build, warmup = throughput(common + ["--data.use_cache=true"], args.warmup_batches)
-    uncached, _, _ = throughput(common + ["--data.use_cache=false"], args.warmup_batches)
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    cached, cache_build, warmup, ctx = throughput(common + ["--data.use_cache=true"], args.warmup_batches)
+    flops = step_flops(ctx)
+    captions_per_step = ctx.cfg.optim.batch_images * ctx.cfg.data.captions_per_image
+    gflops = flops / 1e9 * cached / captions_per_step  # matrix GFLOP/s of the timed epoch
+    peak = matrix_peak(ctx.device, torch.bfloat16 if ctx.device.type == "cuda" else torch.float32)
+    uncached, _, _, _ = throughput(common + ["--data.use_cache=false"], args.warmup_batches)
+    device = ctx.device.type
+    amp = "bf16 autocast" if ctx.amp else "fp32"
     print(f"device: {device}  threads: {torch.get_num_threads()}  images: {args.images} "
-          f"(32 images x 5 captions per step)")
+          f"({ctx.cfg.optim.batch_images} images x {ctx.cfg.data.captions_per_image} captions per step"
+          f"{f' + {ctx.cfg.optim.text_batch} captions without photos' if ctx.text is not None else ''}; {amp})")
+    if device == "cpu":
+        from captioner.cpu import BF16_FLAGS, cpu_flags
+
+        print(f"CPU: {_cpu_name()}; bf16 instructions: {[f for f in BF16_FLAGS if f in cpu_flags()] or 'none'}")
     print(f"{'mode':28}{'captions/s':>12}")
     print(f"{'from the feature cache':28}{cached:>12.1f}")
     print(f"{'end to end (decode+encode)':28}{uncached:>12.1f}")
     print(f"cached / uncached: {cached / uncached:.1f}x   (building the cache took {cache_build:.1f} s, once; "
           f"the {args.warmup_batches} warm-up batches {warmup:.1f} s)")
-    print(json.dumps({"cached_captions_per_s": round(cached, 1), "uncached_captions_per_s": round(uncached, 1),
-                      "cached_over_uncached": round(cached / uncached, 2), "device": device,
-                      "images": args.images, "compile": args.compile, "cache_build_s": round(cache_build, 1),
-                      "cached_warmup_s": round(warmup, 1)}))
+    print(f"one cached step: {flops / 1e9:.1f} GFLOP of matrix products; {gflops:.1f} GFLOP/s against an fp32 "
+          f"torch.mm peak of {peak:.1f} GFLOP/s (2048 x 2048, same threads): {gflops / peak:.1%} of peak")
+    figures = {"cached_captions_per_s": round(cached, 1), "uncached_captions_per_s": round(uncached, 1),
+               "cached_over_uncached": round(cached / uncached, 2), "device": device,
+               "images": args.images, "compile": args.compile, "cache_build_s": round(cache_build, 1),
+               "cached_warmup_s": round(warmup, 1), "step_gflop": round(flops / 1e9, 2), "amp": ctx.amp}
+    prefix = "gpu" if device == "cuda" else "cpu"
+    figures.update({f"{prefix}_gflops_per_s": round(gflops, 1), f"{prefix}_peak_gflops_per_s": round(peak, 1),
+                    f"{prefix}_fraction_of_peak": round(gflops / peak, 3)})
+    if device == "cuda":
+        figures["gpu_captions_per_s"] = round(cached, 1)
+    print(json.dumps(figures))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 if __name__ == "__main__":

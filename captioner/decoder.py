@@ -156,29 +156,45 @@ class Decoder(nn.Module):
         tokens: torch.Tensor,
         *,
         sample_prob: float = 0.0,
+        fused: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher forcing. regions (B, P, E), pooled (B, E); tokens (N, T) are the inputs
         (<bos> w1 ... wn, padded) of N = B*K captions, K per image, adjacent. With `sample_prob`
         > 0 (scheduled sampling), each input after the first is replaced, with that probability,
         by the model's own previous prediction. Returns logits (N, T, V) and attention weights
-        (N, T, P) or None."""
+        (N, T, P) or None. `fused=False` computes exactly the same step by step, module by module
+        (the reference the fused path is tested against)."""
         state = self.init_state(regions, pooled)
         k = tokens.shape[0] // pooled.shape[0]
         if k > 1:
             state = state.repeat(k)
         word_gates = self.word_gates(self.embedding(tokens))  # (N, T, G), all steps at once
-        logits, alphas = [], []
-        for t in range(tokens.shape[1]):
-            gates = word_gates[:, t]
-            if sample_prob > 0 and t > 0:
-                own = self.word_gates(self.embedding(logits[-1].detach().argmax(dim=-1)))
-                swap = torch.rand(tokens.shape[0], 1, device=tokens.device) < sample_prob
-                gates = torch.where(swap, own, gates)
-            step_logits, state, alpha = self._advance(gates, state)
-            logits.append(step_logits)
-            alphas.append(alpha)
+        alphas = []
+        if sample_prob > 0 or not fused:  # each step's logits are needed before the next step
+            logits = []
+            for t in range(tokens.shape[1]):
+                gates = word_gates[:, t]
+                if sample_prob > 0 and t > 0:
+                    own = self.word_gates(self.embedding(logits[-1].detach().argmax(dim=-1)))
+                    swap = torch.rand(tokens.shape[0], 1, device=tokens.device) < sample_prob
+                    gates = torch.where(swap, own, gates)
+                step_logits, state, alpha = self._advance(gates, state)
+                logits.append(step_logits)
+                alphas.append(alpha)
+            stacked = torch.stack(logits, dim=1)
+        else:
+            # Fewer, larger products: the top layer's three projections of h in one product per
+            # step, and the output layer once for all steps. Dropout is drawn in the same order as
+            # step by step (self-critical training replays the sampler's masks).
+            top = self._fused_top()
+            outputs = []
+            for t in range(tokens.shape[1]):
+                output, state, alpha = self._recur(word_gates[:, t], state, top=top)
+                outputs.append(output)
+                alphas.append(alpha)
+            stacked = self._logits(torch.stack(outputs, dim=1))  # (N, T, V)
         stacked_alphas = torch.stack(alphas, dim=1) if self.config.attention else None
-        return torch.stack(logits, dim=1), stacked_alphas
+        return stacked, stacked_alphas
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -192,13 +208,32 @@ class Decoder(nn.Module):
             self._inference = _InferenceWeights.build(self, key)
         return self._inference
 
+    def _fused_top(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top layer's projections of h (hidden gates, attention query, context gate) as one
+        (G [+ A + F], D) weight and bias, built once per forward; gradients reach each part."""
+        top = self.hidden_gates[-1]
+        if not self.config.attention:
+            return top.weight, top.bias
+        weight = torch.cat([top.weight, self.hidden_att.weight, self.context_gate.weight])
+        bias = torch.cat([top.bias, top.bias.new_zeros(self.config.attention_dim), self.context_gate.bias])
+        return weight, bias
+
     def _advance(
         self, word_gates: torch.Tensor, state: DecoderState, fast: "_InferenceWeights | None" = None
     ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
         """One step from the word's gate contribution (N, G); `fast` in inference."""
+        output, new_state, alpha = self._recur(word_gates, state, fast)
+        return self._logits(output, fast), new_state, alpha  # (N, V)
+
+    def _recur(
+        self, word_gates: torch.Tensor, state: DecoderState, fast: "_InferenceWeights | None" = None,
+        top: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
+        """The recurrence of one step: -> the top layer's output after dropout (N, D), the next
+        state, attention weights (N, P) or None. `top`: `_fused_top()`'s weight and bias."""
         c = self.config
         b, k = state.image_gates.shape[0], state.group_size
-        top_hidden_gates, query, gate = self._top_projections(state.h[-1], fast)
+        top_hidden_gates, query, gate = self._top_projections(state.h[-1], fast, top)
         gates_in = (word_gates.view(b, k, -1) + state.image_gates[:, None]).view(b * k, -1)  # (N, G)
         alpha = None
         if c.attention:
@@ -216,19 +251,19 @@ class Decoder(nn.Module):
             hs.append(h_new)
             cs.append(c_new)
             layer_input = h_new
-        logits = self._logits(self.dropout(layer_input), fast)  # (N, V)
         new_state = state.with_sequences(torch.stack(hs), None if state.c is None else torch.stack(cs))
-        return logits, new_state, alpha
+        return self.dropout(layer_input), new_state, alpha
 
-    def _top_projections(self, h: torch.Tensor, fast: "_InferenceWeights | None"):
+    def _top_projections(self, h: torch.Tensor, fast: "_InferenceWeights | None", top=None):
         """Everything computed from the top layer's previous state h (N, D): its hidden gates
-        (N, G), the attention query (N, A) and the context gate's input (N, F). In inference one
-        matrix product does all three."""
-        if fast is not None:
-            projected = fast.top(h)  # (N, G + A + F)
+        (N, G), the attention query (N, A) and the context gate's input (N, F). In inference, and
+        in training with `top` (`_fused_top()`), one matrix product does all three."""
+        if fast is not None or top is not None:
+            projected = fast.top(h) if fast is not None else nnf.linear(h, *top)  # (N, G + A + F)
             if not self.config.attention:
                 return projected, None, None
-            return projected.split(fast.top_split, dim=1)
+            c = self.config
+            return projected.split((CELLS[c.cell] * c.hidden_dim, c.attention_dim, c.memory_dim), dim=1)
         hidden_gates = self.hidden_gates[-1](h)
         if not self.config.attention:
             return hidden_gates, None, None

@@ -85,3 +85,29 @@ def test_small_model_overfits_images_to_their_exact_captions():
     results = generate(decoder, regions, pooled, config, bos_id=1, eos_id=2, banned_ids=(0, 1, 3))
     assert [r[0].tokens for r in results] == captions
     assert all(r[0].finished for r in results)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_layers": 2}, {"attention": False}, {"cell": "gru"},
+                                       {"tie_embeddings": False}])
+def test_fused_training_step_computes_the_plain_loss_and_gradients(overrides):
+    """The fused forward (one product for the top layer's projections, one output product for all
+    steps) against the step-by-step, module-by-module one, with dropout drawn from the same seed."""
+    import torch.nn.functional as nnf
+
+    torch.manual_seed(0)
+    decoder = Decoder(tiny_decoder_config(20, dropout=0.3, **overrides)).train()
+    regions = torch.randn(3, 5, 24)
+    tokens = torch.randint(4, 20, (6, 7))
+    results = []
+    for fused in (True, False):
+        decoder.zero_grad()
+        torch.manual_seed(1)
+        logits, _ = decoder(regions, regions.mean(dim=1), tokens[:, :-1], fused=fused)
+        loss = nnf.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in decoder.named_parameters() if p.grad is not None}))
+    (fused_loss, fused_grads), (plain_loss, plain_grads) = results
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert fused_grads.keys() == plain_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
