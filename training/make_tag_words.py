@@ -174,6 +174,7 @@ OVERRIDES: dict[str, str | None] = {
     "n04355933": "sunglasses",  # sunglass -> "sunglass"
     "n04356056": "sunglasses",
     "n04447861": "toilet",  # toilet seat -> "seat"; captions name the toilet
+    "n04487081": "bus",  # trolleybus -> "coach", a person in captions
     "n04509417": None,  # unicycle: never in a caption of the dev photos it fires on (bikes, mostly)
 }
 

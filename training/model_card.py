@@ -168,6 +168,13 @@ def _history_table(history: str | None, _unused: None = None) -> str:
     return "\n".join(lines)
 
 
+def _first_stage(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The provenance of the run that built the vocabulary (a fine-tuned model inherits it)."""
+    while (provenance.get("init_from") or {}).get("provenance"):
+        provenance = provenance["init_from"]["provenance"]
+    return provenance
+
+
 def _training_summary(provenance: dict[str, Any]) -> dict[str, Any]:
     cfg = provenance.get("config", {})
     return {
@@ -250,7 +257,7 @@ def main() -> None:
         coco = DataSpec(format="coco", path=args.coco)
         coco_rows = {label: measure(m, coco, args.coco_split, args.cache_dir) for label, m in models}
         coco_images = next(iter(coco_rows[name].values()))["images"]
-        photos = [s.image for s in load_dataset(coco, args.coco_split)][:8]
+        photos = [s.image for s in load_dataset(coco, args.coco_split)][:12]  # in file order, not chosen
         shown = guidance_figure(model, photos, Path(args.guidance_figure))
     entropy = attention_entropy(model, flickr, args.split, args.cache_dir)
     stage1_curves = ""
@@ -287,7 +294,7 @@ SHA-256 in `captioner info`). Loaded by `Captioner.default()` and every command 
   soft attention with the sigmoid gate, the pooled image vector as a constant input at every step,
   output layer tied to the word embeddings. Vocabulary: {described['vocabulary_size']} words, from the
   training data only (the Flickr8k train captions and the captions without photos, words seen at
-  least {(model.provenance or {}).get('config', {}).get('model', {}).get('min_word_count')} times).
+  least {_first_stage(model.provenance or {}).get('config', {}).get('model', {}).get('min_word_count')} times).
   {described['parameters'] / 1e6:.1f} M parameters in all.
 - Tagger: the encoder's own ImageNet classifier head ({tagger.get('mapped_classes')} of 1000 classes
   mapped through WordNet to {tagger.get('words')} caption words by `training/make_tag_words.py`),
