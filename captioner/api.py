@@ -99,11 +99,14 @@ class CaptionResult:
     def attention(self) -> torch.Tensor | None:
         return self.sequences[0].attention
 
+    def requirements(self) -> dict[str, list[dict[str, Any]]]:
+        """The required and excluded words, each with whether the top caption obeyed it."""
+        return {"required": [r.to_dict(self.sequences[0]) for r in self.required],
+                "excluded": [r.to_dict(self.sequences[0]) for r in self.excluded]}
+
     def to_dict(self, *, attention: bool = False) -> dict[str, Any]:
         return {"caption": self.text, "score": self.score,
-                "sequences": [s.to_dict(attention=attention) for s in self.sequences],
-                "required": [r.to_dict(self.sequences[0]) for r in self.required],
-                "excluded": [r.to_dict(self.sequences[0]) for r in self.excluded]}
+                "sequences": [s.to_dict(attention=attention) for s in self.sequences], **self.requirements()}
 
 
 class Captioner:
@@ -211,7 +214,7 @@ class Captioner:
         required = [list(requested) for _ in range(pooled.shape[0])]
         excluded: list[list[Requirement]] = [[] for _ in required]
         if config.tags and self.tagger is not None and not config.do_sample:
-            tags, absent = self.tagger.tags(pooled, vocabulary=v), self.tagger.absent(pooled, vocabulary=v)
+            tags, absent = self.tagger.guide(pooled, vocabulary=v)
             for words, image_tags, banned, image_absent in zip(required, tags, excluded, absent):
                 taken = {form for r in words for form in r.forms}
                 for tag in image_tags:

@@ -338,7 +338,6 @@ class _InferenceWeights:
     key: tuple
     word_table: torch.Tensor  # (V, G): embedding followed by layer 0's word gates
     top: _Projection  # D -> G [+ A + F]
-    top_split: tuple[int, ...]
     context_gates: _Projection | None  # F -> G
     output_proj: _Projection | None  # D -> E
     output: _Projection  # E or D -> V
@@ -361,7 +360,6 @@ class _InferenceWeights:
             key=key,
             word_table=decoder.word_gates(decoder.embedding.weight),
             top=_Projection(torch.cat(weights), torch.cat(biases)),
-            top_split=tuple(w.shape[0] for w in weights),
             context_gates=_Projection(decoder.context_gates.weight, None) if c.attention else None,
             output_proj=output_proj,
             output=output,

@@ -357,12 +357,12 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules,
         logp = rules.log_probs(logits, history.view(b * r, -1)).view(b, r, vocab)  # (B, R, V)
         if banned is not None:
             logp.masked_fill_(banned[:, None], NEG_INF)
+        if s > 1:  # only beams that met every constraint may end
+            logp[:, :, rules.eos].masked_fill_(row_state[None] != goal[:, None], NEG_INF)
         candidates = beam_logp.view(b, r, 1) + logp  # (B, R, V)
         if s == 1:
             top_logp, top_index = candidates.view(b, 1, r * vocab).topk(2 * k, dim=2)  # (B, 1, 2K)
         else:
-            logp[:, :, rules.eos].masked_fill_(row_state[None] != goal[:, None], NEG_INF)  # end only at the goal
-            candidates[:, :, rules.eos] = beam_logp.view(b, r) + logp[:, :, rules.eos]
             target = row_state[None, :, None] | word_bits[:, None]  # (B, R, V) state each candidate moves to
             states = torch.arange(s, device=device).view(1, s, 1, 1)
             per_state = candidates[:, None].masked_fill(target[:, None] != states, NEG_INF)  # (B, S, R, V)

@@ -326,10 +326,8 @@ def caption_record(path: str, result) -> dict[str, Any]:
     record: dict[str, Any] = {"path": path, "caption": result.text, "score": round(result.score, 6)}
     if len(result.sequences) > 1:
         record["sequences"] = [{"caption": s.text, "score": round(s.score, 6)} for s in result.sequences]
-    if result.required:  # the words the caption had to say, and why
-        record["required"] = [r.to_dict(result.sequences[0]) for r in result.required]
-    if result.excluded:
-        record["excluded"] = [r.to_dict(result.sequences[0]) for r in result.excluded]
+    # The words the caption had to say or avoid, and why (only where there were any).
+    record.update({key: value for key, value in result.requirements().items() if value})
     return record
 
 

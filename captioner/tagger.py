@@ -181,23 +181,18 @@ class Tagger:
         return self.calibrate(self.raw_scores(pooled)[0])
 
     @torch.inference_mode()
+    def guide(self, pooled: torch.Tensor, *, vocabulary=None) -> tuple[list[list[Tag]], list[list[Tag]]]:
+        """What guided decoding uses, from one pass of the head: per image, the words to require
+        (`tags` with the guidance settings) and the words to exclude (`absent`)."""
+        confidence, probs = self._confidence(pooled)
+        return (self._tags(confidence, probs, self.guidance["threshold"], self.guidance["max_tags"], vocabulary),
+                self._absent(confidence, vocabulary))
+
+    @torch.inference_mode()
     def absent(self, pooled: torch.Tensor, *, vocabulary=None) -> list[list[Tag]]:
         """Per image, the `absent_words` whose confidence is below `absent_below`: words the
         photo almost surely does not show (with a vocabulary, only their forms in it)."""
-        words = self.guidance["absent_words"]
-        if not words:
-            return [[] for _ in range(pooled.shape[0])]
-        columns = [self.words.index(w) for w in words]
-        confidence = self.word_probs(pooled)[:, columns].cpu()  # (B, A)
-        results = []
-        for row in confidence.tolist():
-            image = []
-            for word, value in zip(words, row):
-                forms = [f for f in self.forms[word] if vocabulary is None or f in vocabulary.index]
-                if value < self.guidance["absent_below"] and forms:
-                    image.append(Tag(word, forms, value))
-            results.append(image)
-        return results
+        return self._absent(self._confidence(pooled)[0], vocabulary)
 
     @torch.inference_mode()
     def tags(self, pooled: torch.Tensor, *, threshold: float | None = None, max_tags: int | None = None,
@@ -207,13 +202,31 @@ class Tagger:
         with a form in it, and only those forms."""
         threshold = self.guidance["threshold"] if threshold is None else threshold
         max_tags = self.guidance["max_tags"] if max_tags is None else max_tags
+        return self._tags(*self._confidence(pooled), threshold, max_tags, vocabulary)
+
+    def _confidence(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> calibrated word confidences (B, W) and class probabilities (B, C), on the CPU."""
+        raw, probs = self.raw_scores(pooled)
+        return self.calibrate(raw).cpu(), probs.cpu()
+
+    def _forms(self, word: str, vocabulary) -> list[str]:
+        return [f for f in self.forms[word] if vocabulary is None or f in vocabulary.index]
+
+    def _absent(self, confidence: torch.Tensor, vocabulary) -> list[list[Tag]]:
+        words = self.guidance["absent_words"]
+        columns = [self.words.index(w) for w in words]
+        results = []
+        for row in confidence[:, columns].tolist():  # (B, A)
+            results.append([Tag(word, self._forms(word, vocabulary), value) for word, value in zip(words, row)
+                            if value < self.guidance["absent_below"] and self._forms(word, vocabulary)])
+        return results
+
+    def _tags(self, confidence: torch.Tensor, probs: torch.Tensor, threshold: float, max_tags: int,
+              vocabulary) -> list[list[Tag]]:
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         if max_tags < 0:
             raise ValueError(f"max_tags must be >= 0, got {max_tags}")
-        raw, probs = self.raw_scores(pooled)
-        confidence = self.calibrate(raw).cpu()  # (B, W)
-        probs = probs.cpu()
         results: list[list[Tag]] = []
         for image in range(confidence.shape[0]):
             tags: list[Tag] = []
@@ -222,12 +235,9 @@ class Tagger:
                 if len(tags) >= max_tags or confidence[image, column] < threshold:
                     break
                 word = self.words[column]
-                forms = self.forms[word]
-                if vocabulary is not None:
-                    forms = [f for f in forms if f in vocabulary.index]
-                    if not forms:
-                        continue
-                tags.append(Tag(word, forms, float(confidence[image, column]), self._behind(word, probs[image])))
+                forms = self._forms(word, vocabulary)
+                if forms:
+                    tags.append(Tag(word, forms, float(confidence[image, column]), self._behind(word, probs[image])))
             results.append(tags)
         return results
 

@@ -66,9 +66,7 @@ def result_to_json(result: CaptionResult, *, attention: bool) -> dict[str, Any]:
             item["attention"] = [[[round(v, 4) for v in row] for row in word] for word in grid.tolist()]
             item["attention_shape"] = list(grid.shape)
         sequences.append(item)
-    return {"caption": result.text, "score": result.score, "sequences": sequences,
-            "required": [r.to_dict(result.sequences[0]) for r in result.required],
-            "excluded": [r.to_dict(result.sequences[0]) for r in result.excluded]}
+    return {"caption": result.text, "score": result.score, "sequences": sequences, **result.requirements()}
 
 
 # -- attention heat maps as a PNG ---------------------------------------------------------------

@@ -1,9 +1,18 @@
 """Required words through the library: force_words, their forms, and what the result says."""
 
+import json
+from pathlib import Path
+
 import pytest
 
+from captioner.api import Captioner
+from captioner.checkpoint import save_checkpoint
+from captioner.cli import main
+from captioner.tagger import Tagger
 from captioner.vocab import SPECIALS, Vocabulary
 from tests.conftest import make_photo
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def test_force_words_appear_and_the_result_says_why(tiny_captioner):
@@ -47,19 +56,12 @@ def test_word_forms_come_from_the_vocabulary():
 def test_tagger_guidance_says_cat_and_not_dog(tiny_captioner, tmp_path):
     """The tiny decoder is random, but guidance is real: the tagger sees the cat in chelsea.jpg,
     the caption must say it and, the tagger being sure there is no dog, must not say dog."""
-    from pathlib import Path
-
-    from captioner.api import Captioner
-    from captioner.tagger import Tagger
-
     path = tmp_path / "tagged.pt"
     payload = tiny_captioner.checkpoint_payload()
     payload["tagger"] = Tagger.imagenet().to_dict()
-    from captioner.checkpoint import save_checkpoint
-
     save_checkpoint(payload, path)
     model = Captioner.from_checkpoint(path)
-    chelsea = Path(__file__).resolve().parents[2] / "examples" / "chelsea.jpg"
+    chelsea = EXAMPLES / "chelsea.jpg"
     result = model.caption(chelsea, num_beams=3, num_return_sequences=2)
     assert [(r.word, r.source) for r in result.required] == [("cat", "tag")]
     assert result.required[0].confidence > 0.5 and result.required[0].classes
@@ -74,10 +76,6 @@ def test_tagger_guidance_says_cat_and_not_dog(tiny_captioner, tmp_path):
 
 
 def test_cli_force_words(tiny_checkpoint, tmp_path, capsys):
-    import json
-
-    from captioner.cli import main
-
     photo = tmp_path / "p.jpg"
     photo.write_bytes(make_photo(seed=4))
     assert main(["caption", str(photo), "--checkpoint", tiny_checkpoint, "--force-words", "bike,sofa", "--json"]) == 0
