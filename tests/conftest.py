@@ -5,6 +5,9 @@ No test needs ../shared/data or a network."""
 from __future__ import annotations
 
 import io
+import os
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -23,6 +26,32 @@ torch.set_num_threads(1)
 
 WORDS = ["a", "dog", "cat", "runs", "sits", "on", "the", "grass", "sofa", "red", "ball", "with",
          "man", "rides", "bike", "in", "park"]  # 4 specials + 16 words = a vocabulary of 20
+
+
+def require_tool(*names: str, install: str) -> str:
+    """The path of the first of `names` on PATH, for a test that needs an outside program.
+
+    Absent, the test skips with `install` (the command that installs it) in the reason; with
+    CI=true it fails instead, so CI never passes by skipping. CAPTIONER_TEST_<NAME> (the first
+    name, upper case) overrides the lookup with a path; an empty value or a missing file counts as
+    absent, which is how the skip is tested on a machine that has the tool."""
+    variable = "CAPTIONER_TEST_" + re.sub(r"\W", "_", names[0]).upper()
+    if variable in os.environ:
+        found = os.environ[variable] if os.path.isfile(os.environ[variable]) else None
+    else:
+        found = next(filter(None, map(shutil.which, names)), None)
+    if found:
+        return found
+    reason = f"{' / '.join(names)} not found; install it with `{install}`"
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{reason} (CI=true: this test must run in CI)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Headless Chromium for the browser tests (Debian's package; Playwright downloads nothing)."""
+    return require_tool("chromium", "chromium-browser", "google-chrome", install="apt-get install chromium")
 
 
 @pytest.fixture(scope="session")
