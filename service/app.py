@@ -2,9 +2,11 @@
 
     create_app(config=None)   defaults, then CAPTIONER_* environment, then `config` (tests)
 
-The model is loaded and warmed up here, never at import: gunicorn runs `service:create_app()` in
-each worker after the fork (no --preload). HTTP parsing lives here; inference lives in
-`handler.CaptionHandler`; batching in `batcher.MicroBatcher`.
+The models are loaded and warmed up here, never at import: gunicorn runs `service:create_app()`
+in each worker after the fork (no --preload). HTTP parsing, authentication, rate limits and the
+access log live here; the served models and their reload in `models.ModelRegistry`; inference in
+`handler.CaptionHandler`; batching in `batcher.MicroBatcher` (one per model); the SIGTERM drain in
+`worker.DrainingWorker`.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import logging
+import math
 import os
+import threading
 import time
 import uuid
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from flask import Flask, Response, g, jsonify, request, send_from_directory
@@ -26,12 +30,15 @@ from captioner.api import Captioner
 from captioner.decoding import DecodeConfig
 from captioner.images import ImageError
 
+from . import access
 from .batcher import BatcherClosed, DeadlineExceeded, MicroBatcher, QueueFull
 from .config import ServiceConfig
 from .handler import CaptionHandler, attention_png
 from .metrics import Metrics
+from .models import ModelRegistry, ModelSlot, ReloadFailed, UnknownModel
 from .openapi import build_openapi
 from .problems import Problem
+from .ratelimit import TokenBuckets, parse_rate_limit
 
 log = logging.getLogger("captioner.service")
 
@@ -43,55 +50,81 @@ _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 @dataclasses.dataclass
 class ServiceState:
     config: ServiceConfig
-    model: Captioner
-    handler: CaptionHandler
-    batcher: MicroBatcher
+    models: ModelRegistry
     metrics: Metrics
+    rate_limits: TokenBuckets | None = None
     ready: bool = False
+    draining: bool = False  # SIGTERM came: /readyz says 503, answers say Connection: close
+    reload_siblings: Callable[[], None] | None = None  # under gunicorn: tell the other workers
+
+    def begin_drain(self) -> None:
+        self.draining = True
+        self.ready = False
+        self.metrics.ready.set(0)
 
     def close(self) -> None:
         self.ready = False
         self.metrics.ready.set(0)
-        self.batcher.close()
+        self.models.close()
+        if self.rate_limits is not None:
+            self.rate_limits.close()
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     settings = ServiceConfig.resolve(config)
     workers = int(os.environ.get("CAPTIONER_WORKERS") or 1)  # gunicorn.conf.py sets it for its workers
     threads = settings.torch_threads or max(1, len(os.sched_getaffinity(0)) // workers)
-    # Only the batching thread computes in parallel (see batcher.py): loading the model and the
+    # Only the batching threads compute in parallel (see batcher.py): loading the models and the
     # request threads' preprocessing run on one thread each.
     torch.set_num_threads(1)
-
-    if settings.checkpoint:
-        model = Captioner.from_checkpoint(settings.checkpoint, device=settings.device)
-    else:
-        model = Captioner.default(device=settings.device)
-    handler = CaptionHandler(model, max_pixels=settings.max_pixels)
     metrics = Metrics()
+    if settings.access_log:
+        access.configure()
 
-    def observe_traffic(name: str, value: float) -> None:  # the warm-up batch is not counted
-        if state.ready:
-            metrics.observe(name, value)
+    def load_slot(name: str, path: str | None) -> ModelSlot:
+        started = time.monotonic()
+        if path:
+            model = Captioner.from_checkpoint(path, device=settings.device)
+        else:
+            model = Captioner.default(device=settings.device)
+        handler = CaptionHandler(model, max_pixels=settings.max_pixels)
+        warm = threading.Event()
 
-    batcher = MicroBatcher(handler.infer, max_batch_size=settings.max_batch_size,
-                           max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
-                           observe=observe_traffic, torch_threads=threads)
-    state = ServiceState(settings, model, handler, batcher, metrics)
-    if settings.warmup:  # in the batching thread, which runs every batch
-        handler.warmup(batcher)
+        def observe_traffic(metric: str, value: float) -> None:  # the warm-up batch is not counted
+            if warm.is_set():
+                metrics.observe(metric, value)
+
+        batcher = MicroBatcher(handler.infer, max_batch_size=settings.max_batch_size,
+                               max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
+                               observe=observe_traffic, torch_threads=threads)
+        if settings.warmup:  # in the batching thread, which runs every batch
+            try:
+                handler.warmup(batcher)
+            except BaseException:
+                batcher.close()
+                raise
+        warm.set()
+        log.info("model %s loaded: %s in %.1f s", name, handler.model_id, time.monotonic() - started)
+        return ModelSlot(name, path, model, handler, batcher, load_s=time.monotonic() - started)
+
+    limit = parse_rate_limit(settings.rate_limit)
+    buckets = None
+    if limit is not None:
+        shared = os.path.join(settings.runtime_dir, "rate-limits.bin") if settings.runtime_dir else None
+        buckets = TokenBuckets(*limit, path=shared)
+    state = ServiceState(settings, ModelRegistry(settings.model_specs(), load=load_slot), metrics, buckets)
     state.ready = True
     metrics.ready.set(1)
 
     app = Flask(__name__, static_folder=STATIC, static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.config["MAX_FORM_PARTS"] = settings.max_images_per_request + len(_OPTION_FIELDS) + 4
+    app.config["MAX_FORM_PARTS"] = settings.max_images_per_request + len(_OPTION_FIELDS) + 5
     app.extensions["captioner"] = state
     _register_docs(app)
     _register_hooks(app, state)
     _register_routes(app, state)
-    log.info("captioner service ready: %s, %d torch threads, batches of up to %d",
-             handler.model_id, threads, settings.max_batch_size)
+    log.info("captioner service ready: models %s, %d torch threads, batches of up to %d",
+             ", ".join(state.models.names), threads, settings.max_batch_size)
     return app
 
 
@@ -177,17 +210,62 @@ def _preprocess(handler: CaptionHandler, images: list[bytes]) -> list[torch.Tens
     return pixels
 
 
-def _caption(state: ServiceState, pixels: list[torch.Tensor], decode: DecodeConfig, started: float):
+def _model_field(pairs: list[tuple[str, str]]) -> tuple[str | None, list[tuple[str, str]]]:
+    """Split the `model` field (which model answers) from the decoding options."""
+    names = [value.strip() for key, value in pairs if key == "model"]
+    if len(names) > 1:
+        raise Problem(422, "option 'model' given more than once")
+    return (names[0] if names else None), [(key, value) for key, value in pairs if key != "model"]
+
+
+def _slot(state: ServiceState, name: str | None) -> ModelSlot:
+    try:
+        return state.models.get(name)
+    except UnknownModel as error:
+        raise Problem(422, str(error)) from None
+
+
+@dataclasses.dataclass
+class Answer:
+    slot: ModelSlot
+    decode: DecodeConfig
+    pixels: list[torch.Tensor]
+    results: list
+    preprocess_s: float
+    queue_s: float
+    inference_s: float
+
+
+def _caption(state: ServiceState, images: list[bytes], pairs: list[tuple[str, str]], *,
+             attention: bool = False) -> Answer:
+    """Caption `images` with the model the request names. A model reloaded between picking its
+    slot and queueing the images (its batcher closed) is retried on the new slot."""
     config = state.config
+    started = g.started
     deadline = started + config.request_timeout_s
     retry = {"Retry-After": str(config.retry_after_s)}
-    try:
-        jobs = state.batcher.submit(pixels, decode, deadline=deadline, request_key=uuid.uuid4().hex)
-    except QueueFull as error:
-        state.metrics.rejected.labels("queue_full").inc()
-        raise Problem(503, f"the service is busy ({error}); retry later", headers=retry) from None
-    except BatcherClosed as error:
-        raise Problem(503, str(error), headers=retry) from None
+    name, pairs = _model_field(pairs)
+    for _ in range(3):
+        slot = _slot(state, name)
+        g.model = slot.name
+        decode = parse_options(pairs, slot.model)
+        if attention:
+            decode = dataclasses.replace(decode, return_attention=True)
+        preprocess_started = time.monotonic()
+        pixels = _preprocess(slot.handler, images)
+        preprocessed_at = time.monotonic()
+        try:
+            jobs = slot.batcher.submit(pixels, decode, deadline=deadline, request_key=uuid.uuid4().hex)
+        except QueueFull as error:
+            state.metrics.rejected.labels("queue_full").inc()
+            raise Problem(503, f"the service is busy ({error}); retry later", headers=retry) from None
+        except BatcherClosed as error:
+            if state.models.get(slot.name) is not slot:
+                continue  # replaced by a reload: queue on the new version
+            raise Problem(503, str(error), headers=retry) from None
+        break
+    else:
+        raise Problem(503, "the model was being replaced; retry", headers=retry)
     try:
         results = [job.wait() for job in jobs]
     except DeadlineExceeded:
@@ -196,8 +274,16 @@ def _caption(state: ServiceState, pixels: list[torch.Tensor], decode: DecodeConf
                            "retry later", headers=retry) from None
     except BatcherClosed as error:
         raise Problem(503, str(error), headers=retry) from None
+    g.images, g.batch_size = len(jobs), max(job.batch_size for job in jobs)
     queued = max((job.started or deadline) - job.enqueued for job in jobs)
-    return results, queued
+    return Answer(slot, decode, pixels, results, preprocessed_at - preprocess_started, queued,
+                  time.monotonic() - preprocessed_at - queued)
+
+
+def _answered_by(response: Response, slot: ModelSlot) -> Response:
+    response.headers["X-Captioner-Model"] = slot.name
+    response.headers["X-Captioner-Checkpoint"] = slot.sha256 or "unsaved"
+    return response
 
 
 # -- hooks and routes -----------------------------------------------------------------------------
@@ -210,38 +296,62 @@ def _register_hooks(app: Flask, state: ServiceState) -> None:
     @app.before_request
     def _start() -> Response | None:
         g.started = time.monotonic()
+        g.request_id = access.request_id(request.headers.get("X-Request-ID"))
         if request.method == "OPTIONS" and config.cors_origins and request.headers.get("Origin"):
             return Response(status=204)  # CORS preflight; headers added below
-        if keys and request.path.startswith("/v1/"):
+        if not request.path.startswith("/v1/"):
+            return None
+        client = f"address:{request.remote_addr}"
+        if keys:
             header = request.headers.get("Authorization", "")
             scheme, _, token = header.partition(" ")
             given = token.strip().encode() if scheme.lower() == "bearer" else b""
-            matched = False
-            for key in keys:  # compare with every key, in constant time each
-                matched |= hmac.compare_digest(given, key)
-            if not matched:
-                problem = Problem(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                  headers={"WWW-Authenticate": 'Bearer realm="captioner"'})
-                return problem.response()
+            matched = None
+            for index, key in enumerate(keys):  # compare with every key, in constant time each
+                if hmac.compare_digest(given, key):
+                    matched = index
+            if matched is None:
+                return Problem(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                               headers={"WWW-Authenticate": 'Bearer realm="captioner"'}).response(g.request_id)
+            client = f"key:{matched}"
+        if state.rate_limits is not None:
+            allowed, wait_s = state.rate_limits.take(client)
+            if not allowed:
+                metrics.rejected.labels("rate_limit").inc()
+                retry_after = max(1, math.ceil(wait_s))
+                return Problem(429, f"rate limit of {config.rate_limit} (requests/second[,burst]) reached; "
+                                    f"retry in {retry_after} s",
+                               headers={"Retry-After": str(retry_after)}).response(g.request_id)
         return None
 
     @app.after_request
     def _finish(response: Response) -> Response:
         route = request.url_rule.rule if request.url_rule is not None else "(unmatched)"
+        latency = time.monotonic() - g.get("started", time.monotonic())
         metrics.requests.labels(route, request.method, str(response.status_code)).inc()
-        metrics.latency.labels(route).observe(time.monotonic() - g.get("started", time.monotonic()))
+        metrics.latency.labels(route).observe(latency)
         origin = request.headers.get("Origin")
         if origin and config.cors_origins and ("*" in config.cors_origins or origin in config.cors_origins):
             response.headers["Access-Control-Allow-Origin"] = "*" if "*" in config.cors_origins else origin
-            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, X-Request-ID"
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, X-Captioner-Model, X-Captioner-Checkpoint"
             response.headers["Vary"] = "Origin"
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        request_id = g.get("request_id") or access.request_id(None)
+        response.headers["X-Request-ID"] = request_id
+        if state.draining:  # no kept-alive connection outlives the drain
+            response.headers["Connection"] = "close"
+        if config.access_log:
+            access.log.info(access.access_line(
+                request_id=request_id, method=request.method, route=route, path=request.path[:200],
+                status=response.status_code, latency_ms=round(latency * 1000, 2), client=request.remote_addr,
+                model=g.get("model"), images=g.get("images"), batch_size=g.get("batch_size")))
         return response
 
     @app.errorhandler(Problem)
     def _problem(problem: Problem) -> Response:
-        return problem.response()
+        return problem.response(g.get("request_id"))
 
     @app.errorhandler(HTTPException)
     def _http(error: HTTPException) -> Response:
@@ -251,70 +361,76 @@ def _register_hooks(app: Flask, state: ServiceState) -> None:
         detail = error.description or error.name
         if error.code == 413:
             detail = f"the request body is over the limit of {config.max_body_bytes} bytes"
-        return Problem(error.code or 500, detail, headers=headers).response()
+        return Problem(error.code or 500, detail, headers=headers).response(g.get("request_id"))
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        return Problem(500, "internal error; the service logged the details").response()
+        log.exception("unexpected error on %s %s (request %s)", request.method, request.path, g.get("request_id"))
+        return Problem(500, "internal error; the service logged the details").response(g.get("request_id"))
 
 
 def _register_routes(app: Flask, state: ServiceState) -> None:
-    handler, config = state.handler, state.config
-    description = state.model.describe()
-    provenance = description.get("provenance") or {}
-    train_cfg = (provenance.get("config") or {}).get("data") if isinstance(provenance.get("config"), dict) else None
-    model_card = {
-        "id": handler.model_id,
-        **{k: v for k, v in description.items() if k != "provenance"},
-        "training_data": {"data": train_cfg, "train_images": provenance.get("train_images")}
-        if train_cfg or provenance.get("train_images") else None,
-        "metrics": provenance.get("metrics") or {},
-        "provenance": provenance,
-    }
+    config = state.config
     spec = build_openapi(config, captioner.__version__)
 
     @app.post("/v1/captions")
     def captions() -> Response:
-        started = g.started
         images, filenames, pairs = read_images(config)
-        decode = parse_options(pairs, state.model)
-        decoded_at = time.monotonic()
-        pixels = _preprocess(handler, images)
-        preprocessed_at = time.monotonic()
-        results, queued = _caption(state, pixels, decode, started)
-        done_at = time.monotonic()
-        bodies = handler.postprocess(results, attention=decode.return_attention)
-        return jsonify({
+        answer = _caption(state, images, pairs)
+        handler = answer.slot.handler
+        bodies = handler.postprocess(answer.results, attention=answer.decode.return_attention)
+        return _answered_by(jsonify({
             "model": handler.model_id,
+            "model_name": answer.slot.name,
+            "checkpoint_sha256": answer.slot.sha256,
             "images": [{"index": i, "filename": filenames[i], **body} for i, body in enumerate(bodies)],
-            "options": decode.to_dict(),
+            "options": answer.decode.to_dict(),
             "timings_ms": {
-                "preprocess": round((preprocessed_at - decoded_at) * 1000, 2),
-                "queue": round(queued * 1000, 2),
-                "inference": round((done_at - preprocessed_at - queued) * 1000, 2),
-                "total": round((time.monotonic() - started) * 1000, 2),
+                "preprocess": round(answer.preprocess_s * 1000, 2),
+                "queue": round(answer.queue_s * 1000, 2),
+                "inference": round(answer.inference_s * 1000, 2),
+                "total": round((time.monotonic() - g.started) * 1000, 2),
             },
-        })
+        }), answer.slot)
 
     @app.post("/v1/captions/attention.png")
     def attention_image() -> Response:
-        if not state.model.decoder.config.attention:
-            raise Problem(422, "this model was trained without attention: there is no heat map to draw")
         images, _, pairs = read_images(config)
         if len(images) != 1:
             raise Problem(400, f"send exactly one image for the heat map, not {len(images)}")
-        decode = dataclasses.replace(parse_options(pairs, state.model), return_attention=True)
-        pixels = _preprocess(handler, images)
-        results, _ = _caption(state, pixels, decode, g.started)
-        png = attention_png(pixels[0], results[0])
-        response = Response(png, mimetype="image/png")
-        response.headers["X-Caption"] = results[0].text.encode("ascii", "replace").decode()
-        return response
+        name, _ = _model_field(pairs)
+        if not _slot(state, name).model.decoder.config.attention:
+            raise Problem(422, "this model was trained without attention: there is no heat map to draw")
+        answer = _caption(state, images, pairs, attention=True)
+        result = answer.results[0]
+        response = Response(attention_png(answer.pixels[0], result), mimetype="image/png")
+        response.headers["X-Caption"] = result.text.encode("ascii", "replace").decode()
+        return _answered_by(response, answer.slot)
 
     @app.get("/v1/model")
     def model_info() -> Response:
-        return jsonify(model_card)
+        name, _ = _model_field(list(request.args.items(multi=True)))
+        return jsonify(_slot(state, name).card())
+
+    @app.get("/v1/models")
+    def models() -> Response:
+        return jsonify({"default": state.models.default,
+                        "models": [slot.summary() for slot in state.models.slots()]})
+
+    @app.post("/v1/models/<name>/reload")
+    def reload(name: str) -> Response:
+        if name not in state.models.names:
+            raise Problem(404, f"unknown model {name!r}; this service has: {', '.join(state.models.names)}")
+        try:
+            report = state.models.reload(name)
+        except ReloadFailed as error:
+            state.metrics.reloads.labels(name, "failed").inc()
+            slot = state.models.get(name)
+            raise Problem(422, f"{error}; still serving checkpoint {slot.sha256}") from None
+        state.metrics.reloads.labels(name, "changed" if report["changed"] else "unchanged").inc()
+        if report["changed"] and state.reload_siblings is not None:
+            state.reload_siblings()  # the other workers of this server load it too
+        return jsonify(report)
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -322,9 +438,14 @@ def _register_routes(app: Flask, state: ServiceState) -> None:
 
     @app.get("/readyz")
     def readyz() -> Response:
+        if state.draining:
+            raise Problem(503, "the server is shutting down", headers={"Retry-After": str(config.retry_after_s)})
         if not state.ready:
             raise Problem(503, "the model is not loaded and warm yet", headers={"Retry-After": "1"})
-        return jsonify({"status": "ready", "model": handler.model_id, "queue_depth": state.batcher.depth})
+        slots = state.models.slots()
+        return jsonify({"status": "ready", "model": slots[0].handler.model_id,
+                        "models": {slot.name: slot.sha256 for slot in slots},
+                        "queue_depth": sum(slot.batcher.depth for slot in slots)})
 
     @app.get("/metrics")
     def prometheus() -> Response:

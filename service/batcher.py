@@ -55,6 +55,7 @@ class Job:
     result: Any = None
     error: BaseException | None = None
     started: float | None = None
+    batch_size: int = 0  # images in the batch that computed it
     done: threading.Event = field(default_factory=threading.Event)
 
     def wait(self) -> Any:
@@ -113,15 +114,20 @@ class MicroBatcher:
     def depth(self) -> int:
         return len(self._queue)
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = 5.0, *, drain: bool = False) -> None:
+        """Refuse new images (`BatcherClosed`); the queued ones fail too, or with `drain=True`
+        are still computed (a model being replaced) while this returns at once."""
         with self._cond:
             self._closed = True
-            pending, self._queue = list(self._queue), deque()
+            pending = []
+            if not drain:
+                pending, self._queue = list(self._queue), deque()
             self._cond.notify_all()
         for job in pending:
             job.error = BatcherClosed("the service is shutting down")
             job.done.set()
-        self._thread.join(timeout)
+        if not drain:
+            self._thread.join(timeout)
 
     # -- batching thread -------------------------------------------------------------------------
 
@@ -141,7 +147,7 @@ class MicroBatcher:
         with self._cond:
             while not self._queue and not self._closed:
                 self._cond.wait()
-            if self._closed:
+            if not self._queue:  # closed, and nothing left to drain
                 return None
             first = self._queue[0]
             # Wait for company only while the batch is not full and the first job can afford it.
@@ -172,6 +178,7 @@ class MicroBatcher:
         started = time.monotonic()
         for job in batch:
             job.started = started
+            job.batch_size = len(batch)
         try:
             results = self.infer(torch.stack([job.pixels for job in batch]), batch[0].config)
             if len(results) != len(batch):

@@ -13,12 +13,16 @@ from typing import Any, Mapping
 
 from captioner.images import DEFAULT_MAX_PIXELS
 
+from .models import DEFAULT_NAME, parse_model_specs
+from .ratelimit import parse_rate_limit
+
 ENV_PREFIX = "CAPTIONER_"
 
 
 @dataclass
 class ServiceConfig:
     checkpoint: str | None = None  # None: the model bundled with the package
+    models: list[str] = field(default_factory=list)  # "name=path" items; the first is the default
     device: str = "cpu"
     torch_threads: int = 0  # 0: cores / gunicorn workers
     warmup: bool = True  # caption one image before /readyz says ready
@@ -38,6 +42,12 @@ class ServiceConfig:
     # security
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
     cors_origins: list[str] = field(default_factory=list)  # empty: CORS off; "*" allows any
+    rate_limit: str = ""  # "requests/second[,burst]" per API key (or client address); empty: none
+
+    # operations
+    drain_s: float = 5.0  # after SIGTERM: /readyz 503, keep answering this long, then close the socket
+    access_log: bool = True  # one JSON line per request on stderr
+    runtime_dir: str | None = None  # shared by a server's workers (gunicorn.conf.py makes one)
 
     @classmethod
     def resolve(cls, overrides: Mapping[str, Any] | None = None,
@@ -66,6 +76,18 @@ class ServiceConfig:
             raise ValueError("max_wait_ms must be >= 0 and request_timeout_s > 0")
         if self.max_queue < self.max_images_per_request:
             raise ValueError("max_queue must hold at least one full request (max_images_per_request)")
+        if self.drain_s < 0:
+            raise ValueError("drain_s must be >= 0")
+        if self.models and self.checkpoint:
+            raise ValueError("give either checkpoint (one model) or models (name=path,...), not both")
+        self.model_specs()
+        parse_rate_limit(self.rate_limit)
+
+    def model_specs(self) -> list[tuple[str, str | None]]:
+        """[(name, checkpoint path or None for the bundled model)], the default first."""
+        if self.models:
+            return list(parse_model_specs(self.models))
+        return [(DEFAULT_NAME, self.checkpoint)]
 
 
 def _parse(name: str, raw: str, kind: str) -> Any:

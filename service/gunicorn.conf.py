@@ -17,18 +17,25 @@ bind = os.environ.get("CAPTIONER_BIND", "{}:{}".format(os.environ.get("CAPTIONER
 workers = int(os.environ.get("CAPTIONER_WORKERS") or 0) or max(1, len(os.sched_getaffinity(0)) // 4)
 # Request threads per worker: they decode images in parallel and wait on the micro-batcher.
 threads = int(os.environ.get("CAPTIONER_THREADS", "16"))
-worker_class = "gthread"
+# gthread, plus a drain after SIGTERM (answer for CAPTIONER_DRAIN_S, then close the socket) and a
+# model reload on SIGHUP to a worker: service/worker.py.
+worker_class = "service.worker.DrainingWorker"
 preload_app = False
 timeout = int(os.environ.get("CAPTIONER_WORKER_TIMEOUT", "120"))  # covers loading the model
-graceful_timeout = 30
+# After SIGTERM the master waits this long for its workers: the drain, then the requests in flight.
+graceful_timeout = int(float(os.environ.get("CAPTIONER_DRAIN_S") or 5)
+                       + float(os.environ.get("CAPTIONER_REQUEST_TIMEOUT_S") or 30) + 5)
 keepalive = 5
 backlog = 256
 limit_request_line = 8190
 limit_request_fields = 100
-accesslog = os.environ.get("CAPTIONER_ACCESS_LOG", "-") or None
+# The service writes its own structured access log (one JSON line per request, with the request
+# id, model and batch size; CAPTIONER_ACCESS_LOG=false turns it off); gunicorn's stays off.
+accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("CAPTIONER_LOG_LEVEL", "info")
 proc_name = "captioner"
+control_socket_disable = True  # gunicorn's control socket (in $HOME): not used, and one per host
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 
 # Read by create_app in each worker: torch threads share the cores among workers.
@@ -39,14 +46,20 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     import tempfile
 
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="captioner-metrics-")
+# State all workers share (the rate limits' token buckets).
+if not os.environ.get("CAPTIONER_RUNTIME_DIR"):
+    import tempfile
+
+    os.environ["CAPTIONER_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="captioner-runtime-")
 
 
 def on_starting(server):
-    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    os.makedirs(folder, exist_ok=True)
-    for name in os.listdir(folder):  # values of an earlier run
-        if name.endswith(".db"):
-            os.remove(os.path.join(folder, name))
+    for folder, suffix in ((os.environ["PROMETHEUS_MULTIPROC_DIR"], ".db"),
+                           (os.environ["CAPTIONER_RUNTIME_DIR"], ".bin")):
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):  # values of an earlier run
+            if name.endswith(suffix):
+                os.remove(os.path.join(folder, name))
 
 
 def post_worker_init(worker):

@@ -31,8 +31,10 @@ class Metrics:
         self.queue_depth = Gauge("captioner_queue_depth", "Images waiting for a batch", registry=r,
                                  multiprocess_mode="livesum")
         self.images = Counter("captioner_images", "Images captioned", registry=r)
-        self.rejected = Counter("captioner_rejected", "Requests refused by the batch queue or deadline",
+        self.rejected = Counter("captioner_rejected", "Requests refused: queue_full, deadline or rate_limit",
                                 ["reason"], registry=r)
+        self.reloads = Counter("captioner_model_reloads", "Model reloads by model and result "
+                               "(changed, unchanged, failed)", ["model", "result"], registry=r)
         self.ready = Gauge("captioner_ready", "1 when the model is loaded and warm (in every worker)", registry=r,
                            multiprocess_mode="livemin")
 

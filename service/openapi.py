@@ -53,9 +53,19 @@ def option_schema(field: dataclasses.Field) -> dict[str, Any]:
     return schema
 
 
+MODEL_PARAMETER = {"name": "model", "in": "query", "required": False,
+                   "schema": {"type": "string", "maxLength": 64, "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$"},
+                   "description": "which served model answers (GET /v1/models lists them); default: the first"}
+REQUEST_ID = {"name": "X-Request-ID", "in": "header", "required": False,
+              "schema": {"type": "string", "maxLength": 512},
+              "description": "an id to find this request in the logs (kept when made of letters, digits and "
+                             "-_.:/+=@, cut to 128); echoed in the response, made when absent"}
+
+
 def _option_parameters() -> list[dict[str, Any]]:
     return [{"name": f.name, "in": "query", "required": False, "schema": option_schema(f),
-             "description": _DESCRIPTIONS.get(f.name, f.name)} for f in dataclasses.fields(DecodeConfig)]
+             "description": _DESCRIPTIONS.get(f.name, f.name)} for f in dataclasses.fields(DecodeConfig)] \
+        + [MODEL_PARAMETER, REQUEST_ID]
 
 
 def _problem(description: str) -> dict[str, Any]:
@@ -70,10 +80,17 @@ def build_openapi(config: ServiceConfig, version: str) -> dict[str, Any]:
         "413": _problem(f"body over {config.max_body_bytes} bytes, image over {config.max_pixels} pixels, "
                         f"or more than {config.max_images_per_request} images"),
         "415": _problem("not an image, an unsupported image format, or an unsupported Content-Type"),
-        "422": _problem("a decoding option out of range, of the wrong type, or unknown"),
-        "503": {**_problem("the batch queue is full or the request's deadline passed; retry later"),
+        "422": _problem("a decoding option out of range, of the wrong type, or unknown, or an unknown model"),
+        "429": {**_problem("the client's rate limit is reached; retry after Retry-After seconds"),
+                "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
+        "503": {**_problem("the batch queue is full, the request's deadline passed or the server is shutting "
+                           "down; retry later"),
                 "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
     }
+    answered_by = {"X-Captioner-Model": {"schema": {"type": "string"}, "description": "the model that answered"},
+                   "X-Captioner-Checkpoint": {"schema": {"type": "string"},
+                                              "description": "its checkpoint's SHA-256"},
+                   "X-Request-ID": {"schema": {"type": "string"}}}
     multipart = {
         "type": "object",
         "required": ["image"],
@@ -82,6 +99,7 @@ def build_openapi(config: ServiceConfig, version: str) -> dict[str, Any]:
                       "minItems": 1, "maxItems": config.max_images_per_request,
                       "description": "one part per image"},
             **{f.name: option_schema(f) for f in dataclasses.fields(DecodeConfig)},
+            "model": MODEL_PARAMETER["schema"],
         },
     }
     image_body = {
@@ -109,7 +127,7 @@ def build_openapi(config: ServiceConfig, version: str) -> dict[str, Any]:
                 "parameters": _option_parameters(),
                 "requestBody": image_body,
                 "security": security,
-                "responses": {"200": {"description": "captions, best first",
+                "responses": {"200": {"description": "captions, best first", "headers": answered_by,
                                       "content": {"application/json": {
                                           "schema": {"$ref": "#/components/schemas/CaptionResponse"}}}},
                               **errors},
@@ -120,19 +138,52 @@ def build_openapi(config: ServiceConfig, version: str) -> dict[str, Any]:
                 "parameters": _option_parameters(),
                 "requestBody": image_body,
                 "security": security,
-                "responses": {"200": {"description": "PNG contact sheet",
+                "responses": {"200": {"description": "PNG contact sheet", "headers": answered_by,
                                       "content": {"image/png": {"schema": {"type": "string",
                                                                            "contentMediaType": "image/png"}}}},
                               **errors},
             }},
             "/v1/model": {"get": {
                 "operationId": "model",
-                "summary": "What model is served",
+                "summary": "The model card of one served model (the default one unless `model` names another)",
+                "parameters": [MODEL_PARAMETER, REQUEST_ID],
                 "security": security,
                 "responses": {"200": {"description": "model card",
                                       "content": {"application/json": {
                                           "schema": {"$ref": "#/components/schemas/Model"}}}},
-                              "401": errors["401"]},
+                              "401": errors["401"], "422": errors["422"], "429": errors["429"]},
+            }},
+            "/v1/models": {"get": {
+                "operationId": "models",
+                "summary": "Every served model: name, checkpoint SHA-256, backbone, metrics, reloads",
+                "parameters": [REQUEST_ID],
+                "security": security,
+                "responses": {"200": {"description": "the models, the default first",
+                                      "content": {"application/json": {"schema": {
+                                          "type": "object", "required": ["default", "models"],
+                                          "properties": {"default": {"type": "string"},
+                                                         "models": {"type": "array", "items": {"type": "object"}}}}}}},
+                              "401": errors["401"], "429": errors["429"]},
+            }},
+            "/v1/models/{name}/reload": {"post": {
+                "operationId": "reloadModel",
+                "summary": "Load the model's checkpoint file again (after it was replaced)",
+                "description": "The new version is loaded and warmed beside the old one, then swapped in: no "
+                               "request fails. Under gunicorn the other workers reload on the SIGHUP they are "
+                               "sent. A file that does not load leaves the old version serving (422 says why).",
+                "parameters": [{"name": "name", "in": "path", "required": True,
+                                "schema": {"type": "string", "maxLength": 64}}, REQUEST_ID],
+                "security": security,
+                "responses": {"200": {"description": "reloaded, or unchanged (same SHA-256)",
+                                      "content": {"application/json": {"schema": {
+                                          "type": "object", "required": ["name", "changed", "checkpoint_sha256"],
+                                          "properties": {"name": {"type": "string"}, "changed": {"type": "boolean"},
+                                                         "checkpoint_sha256": {"type": ["string", "null"]},
+                                                         "previous_sha256": {"type": ["string", "null"]},
+                                                         "reload_s": {"type": "number"}}}}}},
+                              "401": errors["401"], "404": _problem("no model of that name"),
+                              "422": _problem("the checkpoint did not load; the previous version keeps serving"),
+                              "429": errors["429"]},
             }},
             "/healthz": {"get": {"operationId": "healthz", "summary": "The process is alive",
                                  "responses": {"200": {"description": "alive", "content": {
@@ -140,7 +191,7 @@ def build_openapi(config: ServiceConfig, version: str) -> dict[str, Any]:
             "/readyz": {"get": {"operationId": "readyz", "summary": "The model is loaded and warm",
                                 "responses": {"200": {"description": "ready", "content": {
                                     "application/json": {"schema": {"type": "object"}}}},
-                                    "503": _problem("not ready")}}},
+                                    "503": _problem("not loaded yet, or shutting down (SIGTERM)")}}},
             "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics",
                                  "responses": {"200": {"description": "text exposition format", "content": {
                                      "text/plain": {"schema": {"type": "string"}}}}}}},
@@ -152,7 +203,8 @@ def build_openapi(config: ServiceConfig, version: str) -> dict[str, Any]:
                     "type": "object",
                     "required": ["type", "title", "status", "detail"],
                     "properties": {"type": {"type": "string"}, "title": {"type": "string"},
-                                   "status": {"type": "integer"}, "detail": {"type": "string"}},
+                                   "status": {"type": "integer"}, "detail": {"type": "string"},
+                                   "request_id": {"type": "string"}},
                 },
                 "Sequence": {
                     "type": "object",
@@ -183,9 +235,11 @@ def build_openapi(config: ServiceConfig, version: str) -> dict[str, Any]:
                 },
                 "CaptionResponse": {
                     "type": "object",
-                    "required": ["model", "images", "options", "timings_ms"],
+                    "required": ["model", "model_name", "checkpoint_sha256", "images", "options", "timings_ms"],
                     "properties": {
-                        "model": {"type": "string"},
+                        "model": {"type": "string", "description": "id: backbone and checkpoint SHA-256 prefix"},
+                        "model_name": {"type": "string", "description": "the served name (`model=`)"},
+                        "checkpoint_sha256": {"type": ["string", "null"]},
                         "images": {"type": "array", "items": {"$ref": "#/components/schemas/ImageResult"}},
                         "options": {"type": "object"},
                         "timings_ms": {"type": "object", "additionalProperties": {"type": "number"}},
@@ -193,8 +247,9 @@ def build_openapi(config: ServiceConfig, version: str) -> dict[str, Any]:
                 },
                 "Model": {
                     "type": "object",
-                    "required": ["id", "backbone", "attention", "vocabulary_size", "checkpoint_sha256"],
+                    "required": ["name", "id", "backbone", "attention", "vocabulary_size", "checkpoint_sha256"],
                     "properties": {
+                        "name": {"type": "string"},
                         "id": {"type": "string"},
                         "backbone": {"type": "string"},
                         "attention": {"type": "boolean"},

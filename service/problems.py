@@ -1,5 +1,5 @@
 """RFC 9457 problem details: every error the service answers is `application/problem+json`
-with `type`, `title`, `status` and `detail`."""
+with `type`, `title`, `status`, `detail` and the `request_id` (also its X-Request-ID header)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ class Problem(Exception):
         self.title = title or HTTPStatus(status).phrase
         self.headers = headers or {}
 
-    def response(self) -> Response:
+    def response(self, request_id: str | None = None) -> Response:
         body = {"type": PROBLEM_TYPE, "title": self.title, "status": self.status, "detail": self.detail}
+        if request_id:
+            body["request_id"] = request_id  # an extension member (RFC 9457 section 3.2)
         response = Response(json.dumps(body), status=self.status, mimetype="application/problem+json")
         for name, value in self.headers.items():
             response.headers[name] = value

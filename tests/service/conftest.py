@@ -18,7 +18,7 @@ from tests.conftest import make_photo
 
 
 def build_app(checkpoint: str, **settings) -> Flask:
-    return create_app({"checkpoint": checkpoint, "torch_threads": 1, **settings})
+    return create_app({"checkpoint": checkpoint, "torch_threads": 1, **settings})  # settings may unset it
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +39,7 @@ def make_app(tiny_checkpoint: str):
     made: list[Flask] = []
 
     def make(**settings) -> Flask:
-        made.append(build_app(tiny_checkpoint, **settings))
+        made.append(build_app(settings.pop("checkpoint", tiny_checkpoint), **settings))
         return made[-1]
 
     yield make
@@ -122,3 +122,22 @@ def fuzz_schema(app: Flask):
     import schemathesis
 
     return schemathesis.openapi.from_wsgi("/openapi.json", app)
+
+
+@pytest.fixture(scope="session")
+def other_checkpoint(encoder, vocab, tmp_path_factory) -> str:
+    """A second tiny model (another random decoder): other captions, another SHA-256."""
+    import torch
+
+    from captioner.api import Captioner
+    from captioner.decoder import Decoder
+    from captioner.preprocessing import Preprocessing
+    from tests.conftest import tiny_decoder_config
+
+    torch.manual_seed(1)
+    decoder = Decoder(tiny_decoder_config(len(vocab), feature_dim=encoder.feature_dim))
+    model = Captioner(encoder, decoder, vocab, Preprocessing(size=224, resize="squash"),
+                      provenance={"note": "other test model"})
+    path = tmp_path_factory.mktemp("checkpoints") / "other.pt"
+    model.save(path)
+    return str(path)

@@ -65,7 +65,7 @@ def test_attention_grids_are_distributions(client, app):
                            content_type="image/jpeg")
     seq = response.get_json()["images"][0]["sequences"][0]
     grid = torch.tensor(seq["attention"])
-    h, w = app.extensions["captioner"].model.encoder.grid_size
+    h, w = app.extensions["captioner"].models.get().model.encoder.grid_size
     assert list(grid.shape) == seq["attention_shape"] == [len(seq["words"]) + int(seq["finished"]), h, w]
     assert torch.allclose(grid.sum(dim=(1, 2)), torch.ones(grid.shape[0]), atol=2e-3)
 
@@ -133,9 +133,9 @@ def test_openapi_document_is_valid_3_1_and_lists_every_option(client):
     assert spec["openapi"].startswith("3.1")
     validate(spec)  # raises on an invalid document
     names = {p["name"] for p in spec["paths"]["/v1/captions"]["post"]["parameters"]}
-    assert names == set(DecodeConfig.__dataclass_fields__)
-    assert {"/v1/captions", "/v1/captions/attention.png", "/v1/model", "/healthz", "/readyz",
-            "/metrics"} <= set(spec["paths"])
+    assert names == set(DecodeConfig.__dataclass_fields__) | {"model", "X-Request-ID"}
+    assert {"/v1/captions", "/v1/captions/attention.png", "/v1/model", "/v1/models", "/v1/models/{name}/reload",
+            "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
 
 
 def test_docs_page_and_web_page(client):
@@ -268,16 +268,16 @@ def test_cors_is_off_unless_configured(client, make_app):
 
 def _block_inference(app):
     """Make the model wait for `release`; returns (entered, release)."""
-    state = app.extensions["captioner"]
+    batcher = app.extensions["captioner"].models.get().batcher
     entered, release = threading.Event(), threading.Event()
-    real = state.batcher.infer
+    real = batcher.infer
 
     def slow(pixels, config):
         entered.set()
         release.wait(10)
         return real(pixels, config)
 
-    state.batcher.infer = slow
+    batcher.infer = slow
     return entered, release
 
 
@@ -296,7 +296,7 @@ def test_full_queue_answers_503_at_once(make_app):
     queued = threading.Thread(target=post)
     queued.start()
     deadline = time.monotonic() + 10
-    while app.extensions["captioner"].batcher.depth < 1 and time.monotonic() < deadline:
+    while app.extensions["captioner"].models.get().batcher.depth < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     started = time.monotonic()
     response = app.test_client().post("/v1/captions", data=make_photo(), content_type="image/jpeg")

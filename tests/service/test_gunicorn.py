@@ -34,7 +34,7 @@ def server(tiny_checkpoint: str, tmp_path_factory):
     port = free_port()
     env = {**os.environ, "CAPTIONER_CHECKPOINT": tiny_checkpoint, "CAPTIONER_BIND": f"127.0.0.1:{port}",
            "CAPTIONER_WORKERS": "2", "CAPTIONER_THREADS": str(CLIENTS), "CAPTIONER_MAX_WAIT_MS": "20",
-           "CAPTIONER_MAX_BATCH_SIZE": "16", "CAPTIONER_ACCESS_LOG": "", "CAPTIONER_TORCH_THREADS": "1"}
+           "CAPTIONER_MAX_BATCH_SIZE": "16", "CAPTIONER_ACCESS_LOG": "false", "CAPTIONER_TORCH_THREADS": "1"}
     log = tmp_path_factory.mktemp("gunicorn") / "server.log"
     with open(log, "wb") as output:
         process = subprocess.Popen(

@@ -1,0 +1,87 @@
+"""A real gunicorn under a bounded load of concurrent clients: SIGTERM drains (503 from /readyz at
+once, answers for the drain period, then the socket closes), a rolling restart (SIGHUP to the
+master) and a model reload fail no request. Each test prints what its clients got."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+
+import requests
+
+from service.models import file_sha256
+from tests.conftest import make_photo
+from tests.service.gunicorn_server import Load, gunicorn, post, workers
+
+CLIENTS = 6
+DRAIN_S = 2.0
+
+
+def test_sigterm_drains_then_closes_without_resetting_a_request(tiny_checkpoint, tmp_path):
+    photo = make_photo(seed=21)
+    log = tmp_path / "server.log"
+    with gunicorn(log, CHECKPOINT=tiny_checkpoint, WORKERS="2", THREADS="16", DRAIN_S=str(DRAIN_S)) as (url, master):
+        with Load(url, photo, CLIENTS, until_refused=True) as load:
+            time.sleep(1.0)
+            before = sum(load.outcomes.values())
+            signalled = time.monotonic()
+            master.send_signal(signal.SIGTERM)
+            while True:  # when the first /readyz that says 503 was asked
+                asked = time.monotonic()
+                ready = requests.get(f"{url}/readyz", timeout=5)
+                if ready.status_code != 200:
+                    break
+                assert asked - signalled < 5, "/readyz still says ready 5 s after SIGTERM"
+                time.sleep(0.01)
+            readyz_s = asked - signalled
+            served_while_draining = post(url, photo)[0]
+            assert master.wait(60) == 0, log.read_text()
+            stopped_s = time.monotonic() - signalled
+            load.stop()
+        print(f"\nSIGTERM under {CLIENTS} clients: {dict(load.outcomes)} ({before} before the signal); "
+              f"/readyz 503 after {readyz_s * 1000:.0f} ms; stopped {stopped_s:.1f} s after SIGTERM")
+        assert ready.status_code == 503 and ready.headers.get("Retry-After")
+        assert readyz_s < 0.5  # at once, long before the drain ends
+        assert served_while_draining == "200"
+        assert load.failures == 0, (dict(load.outcomes), load.refusals, log.read_text()[-3000:])
+        assert load.outcomes["refused"] == CLIENTS  # every client ended on a closed socket, none on a reset
+        assert DRAIN_S <= stopped_s < DRAIN_S + 20
+        assert post(url, photo)[0] == "refused"
+
+
+def test_rolling_restart_and_model_reload_fail_no_request(tiny_checkpoint, other_checkpoint, tmp_path):
+    served = tmp_path / "served.pt"
+    shutil.copy(tiny_checkpoint, served)
+    photo = make_photo(seed=22)
+    log = tmp_path / "server.log"
+    with gunicorn(log, MODELS=f"main={served}", WORKERS="2", THREADS="16", DRAIN_S=str(DRAIN_S)) as (url, master):
+        old_workers = workers(master.pid)
+        with Load(url, photo, CLIENTS) as load:
+            time.sleep(1.0)
+            master.send_signal(signal.SIGHUP)  # rolling restart: new workers, the old ones drain
+            deadline = time.monotonic() + 90
+            while not ((new := workers(master.pid)) and not new & old_workers and len(new) == 2
+                       and all(f"worker {pid} ready" in log.read_text() for pid in new)):
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            restarted = sum(load.outcomes.values())
+            time.sleep(1.5)
+            restart = dict(load.outcomes)
+
+            shutil.copy(other_checkpoint, str(served) + ".new")
+            (served.parent / (served.name + ".new")).rename(served)
+            new_sha = file_sha256(str(served))
+            started = time.monotonic()
+            report = requests.post(f"{url}/v1/models/main/reload", timeout=60)
+            reload_s = time.monotonic() - started
+            time.sleep(3.0)  # the other worker reloads on the SIGHUP it was sent
+            switched = time.monotonic()
+            time.sleep(1.5)
+        print(f"\nrolling restart under {CLIENTS} clients: {restart} ({restarted} by the time the new workers ran); "
+              f"reload under load: {dict(load.outcomes)} in total, POST /reload took {reload_s:.2f} s")
+        assert report.status_code == 200, report.text
+        assert report.json()["changed"] and report.json()["checkpoint_sha256"] == new_sha, (report.json(), log.read_text()[-3000:])
+        assert set(load.outcomes) == {"200"}, (dict(load.outcomes), load.refusals, log.read_text()[-3000:])
+        late = [checkpoint for at, checkpoint in load.answered if at > switched]
+        assert late and set(late) == {new_sha}  # every worker answers with the new version
