@@ -3,64 +3,26 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import make_photo
+from tests.service.gunicorn_server import gunicorn
 
-ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = 32
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint: str, tmp_path_factory):
-    port = free_port()
-    env = {**os.environ, "CAPTIONER_CHECKPOINT": tiny_checkpoint, "CAPTIONER_BIND": f"127.0.0.1:{port}",
-           "CAPTIONER_WORKERS": "2", "CAPTIONER_THREADS": str(CLIENTS), "CAPTIONER_MAX_WAIT_MS": "20",
-           "CAPTIONER_MAX_BATCH_SIZE": "16", "CAPTIONER_ACCESS_LOG": "false", "CAPTIONER_TORCH_THREADS": "1"}
     log = tmp_path_factory.mktemp("gunicorn") / "server.log"
-    with open(log, "wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "service" / "gunicorn.conf.py"), "service:create_app()"],
-            cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log.read_text()
-            try:
-                if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:  # not listening yet, or the worker is still loading
-                pass
-            assert time.monotonic() < deadline, "gunicorn did not become ready in 60 s:\n" + log.read_text()
-            time.sleep(0.2)
+    with gunicorn(log, CHECKPOINT=tiny_checkpoint, WORKERS="2", THREADS=str(CLIENTS), MAX_WAIT_MS="20",
+                  MAX_BATCH_SIZE="16") as (url, process):
         yield url, process, log
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
 
 
 def batch_histogram(url: str) -> dict[str, float]:
