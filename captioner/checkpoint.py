@@ -42,6 +42,11 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike, *, half: b
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; a checkpoint is readable like any file the user writes
+        # (a container's service user must read a mounted one).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(descriptor, 0o666 & ~umask)
         with os.fdopen(descriptor, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()

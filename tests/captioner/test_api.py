@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -115,3 +116,13 @@ def test_cli_caption_and_info(tiny_checkpoint, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "captioner.cli", "caption", str(image), "--checkpoint",
                           tiny_checkpoint, "--top-p", "3"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "top_p" in bad.stderr
+
+
+def test_saved_checkpoints_are_readable_by_other_users(tiny_captioner, tmp_path):
+    """A checkpoint mounted into a container is read by its service user, not its writer."""
+    previous = os.umask(0o022)
+    try:
+        tiny_captioner.save(tmp_path / "shared.pt")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "shared.pt").stat().st_mode & 0o777 == 0o644
