@@ -54,7 +54,7 @@ class ServiceState:
     metrics: Metrics
     rate_limits: TokenBuckets | None = None
     ready: bool = False
-    draining: bool = False  # SIGTERM came: /readyz says 503, answers say Connection: close
+    draining: bool = False  # SIGTERM came: /readyz says 503 (worker.DrainingWorker)
     reload_siblings: Callable[[], None] | None = None  # under gunicorn: tell the other workers
 
     def begin_drain(self) -> None:
@@ -340,8 +340,6 @@ def _register_hooks(app: Flask, state: ServiceState) -> None:
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         request_id = g.get("request_id") or access.request_id(None)
         response.headers["X-Request-ID"] = request_id
-        if state.draining:  # no kept-alive connection outlives the drain
-            response.headers["Connection"] = "close"
         if config.access_log:
             access.log.info(access.access_line(
                 request_id=request_id, method=request.method, route=route, path=request.path[:200],

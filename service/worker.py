@@ -6,7 +6,8 @@ nobody accepts, and resets them when the socket finally closes. A client whose P
 cannot tell whether it was processed. This worker instead
 
 1. marks the app as draining at once: /readyz answers 503 (the load balancer stops sending) and
-   every response says `Connection: close` (no kept-alive connection outlives the drain);
+   every answer closes its connection (`Connection: close`: no kept-alive connection outlives
+   the drain);
 2. keeps accepting and answering for `CAPTIONER_DRAIN_S` seconds;
 3. then accepts every connection already queued, closes its listening socket, and finishes
    those requests like any other (gunicorn's graceful timeout bounds the wait).
@@ -55,6 +56,7 @@ class DrainingWorker(ThreadWorker):
             super().handle_exit(sig, frame)
             return
         state.begin_drain()
+        self.max_keepalived = 0  # gthread now closes each connection after its answer
         self.drain_until = time.monotonic() + state.config.drain_s
         self.log.info("worker %s draining for %.1f s", self.pid, state.config.drain_s)
 

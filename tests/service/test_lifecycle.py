@@ -35,7 +35,7 @@ def test_sigterm_drains_then_closes_without_resetting_a_request(tiny_checkpoint,
                 assert asked - signalled < 5, "/readyz still says ready 5 s after SIGTERM"
                 time.sleep(0.01)
             readyz_s = asked - signalled
-            served_while_draining = post(url, photo)[0]
+            served_while_draining, drain_headers = post(url, photo)
             assert master.wait(60) == 0, log.read_text()
             stopped_s = time.monotonic() - signalled
             load.stop()
@@ -43,7 +43,7 @@ def test_sigterm_drains_then_closes_without_resetting_a_request(tiny_checkpoint,
               f"/readyz 503 after {readyz_s * 1000:.0f} ms; stopped {stopped_s:.1f} s after SIGTERM")
         assert ready.status_code == 503 and ready.headers.get("Retry-After")
         assert readyz_s < 0.5  # at once, long before the drain ends
-        assert served_while_draining == "200"
+        assert served_while_draining == "200" and drain_headers.get("Connection") == "close"
         assert load.failures == 0, (dict(load.outcomes), load.refusals, log.read_text()[-3000:])
         assert load.outcomes["refused"] == CLIENTS  # every client ended on a closed socket, none on a reset
         assert DRAIN_S <= stopped_s < DRAIN_S + 20
