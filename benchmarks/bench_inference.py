@@ -1,13 +1,20 @@
-"""Inference speed: encoder alone against encoder + decoding, per image, on this machine.
+"""Inference speed: encoder alone against encoder + decoding, per image, and the inference paths
+(fp32 eager, bf16, int8, ONNX Runtime) end to end, on this machine.
 
     python benchmarks/bench_inference.py [--checkpoint PATH] [--images DIR] [--repeats 5] [--device cuda]
+                                         [--onnx OUT.onnx] [--paths fp32,bf16,int8,onnx,onnx_int8]
 
 Times `Captioner.encode` (the encoder alone) and `Captioner.caption_pixels` (encoder + greedy or
 beam-3 decoding with the library defaults, which for a model with a tagger include its guidance,
 and beam 3 without tags) on the same preprocessed photos, at batch 1 and batch 16, interleaved and
-repeated, and reports medians in milliseconds per image and the ratios end-to-end / encoder.
-JPEG decoding is excluded from both (see bench_folder.py for that). The last line is one JSON
-object with the figures.
+repeated, and reports medians in milliseconds per image and the ratios end-to-end / encoder, all
+on fp32 eager PyTorch. Then the inference paths (`captioner/precision.py`), each end to end with
+beam 3 (tags on) at batch 1 and 16: fp32 eager, bf16 (the encoder under autocast), int8 (the .pt
+checkpoint's encoder quantised, on ONNX Runtime), onnx (an ONNX export: encoder and the decoder's
+step on ONNX Runtime; `--onnx`, else exported into a temporary folder first) and onnx_int8 (that
+export with its int8 encoder), in images/s and as ratios to fp32 eager, with the CPU's
+capabilities and the path `auto` picks. JPEG decoding is excluded throughout (see bench_folder.py
+for that). The last line is one JSON object with the figures.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,8 +32,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from captioner import cpu  # noqa: E402
 from captioner.api import DEFAULT_CHECKPOINT, Captioner  # noqa: E402
 from captioner.decoding import DecodeConfig  # noqa: E402
+
+PATHS = ("fp32", "bf16", "int8", "onnx", "onnx_int8")
 
 
 def load_photos(folder: Path | None, count: int, model: Captioner) -> torch.Tensor:
@@ -55,10 +66,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--onnx", type=Path, default=None, help="an ONNX export of the checkpoint (default: export one)")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"inference paths to time, of {', '.join(PATHS)}")
     args = parser.parse_args()
     if args.threads:
-        torch.set_num_threads(args.threads)
-    model = Captioner.from_checkpoint(args.checkpoint, device=args.device)
+        torch.set_num_threads(args.threads)  # before loading: ONNX Runtime sessions take this thread count
+    model = Captioner.from_checkpoint(args.checkpoint, device=args.device, precision="fp32")
     pixels = load_photos(args.images, args.count, model)
     greedy, beam3, plain = DecodeConfig(num_beams=1), DecodeConfig(num_beams=3), DecodeConfig(num_beams=3, tags=False)
     cases = {
@@ -101,7 +114,73 @@ def main() -> None:
                               / len(pixels), 3),
         "device": str(model.device),
     }
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as folder:
+        figures.update(time_paths(args, model, pixels, beam3, Path(folder)))
     print(json.dumps(figures))
+
+
+def load_paths(args, reference: Captioner, folder: Path) -> tuple[dict[str, Captioner], dict[str, str]]:
+    """The paths to time, and why any asked for is left out."""
+    wanted = [p for p in args.paths.split(",") if p]
+    models, skipped = {"fp32": reference}, {}
+    onnx_file = args.onnx
+    for name in wanted:
+        if name == "fp32":
+            continue
+        try:
+            if name in ("bf16", "int8"):
+                models[name] = Captioner.from_checkpoint(args.checkpoint, device=args.device, precision=name)
+                continue
+            if onnx_file is None:
+                from captioner.onnxrt import export
+
+                onnx_file = folder / "model.onnx"
+                export(reference, onnx_file)
+            models[name] = Captioner.from_checkpoint(onnx_file, precision="int8" if name == "onnx_int8" else "fp32")
+        except (ValueError, RuntimeError) as error:  # no extra, no calibration, not on this device
+            skipped[name] = str(error)
+    return models, skipped
+
+
+def time_paths(args, reference: Captioner, pixels: torch.Tensor, config: DecodeConfig, folder: Path) -> dict:
+    """Every path end to end (beam 3 with tags) at batch 1 and 16, interleaved and repeated."""
+    models, skipped = load_paths(args, reference, folder)
+    for batch in (1, 16):  # warm-up
+        for model in models.values():
+            time_per_image(lambda x, m=model: m.caption_pixels(x, config), pixels[:batch], batch)
+    samples = {(n, b): [] for n in models for b in (1, 16)}
+    for _ in range(args.repeats):
+        for batch in (1, 16):
+            for name, model in models.items():
+                samples[(name, batch)].append(time_per_image(lambda x, m=model: m.caption_pixels(x, config),
+                                                             pixels, batch))
+    per_s = {key: 1000 / statistics.median(values) for key, values in samples.items()}  # images/s
+    reference_top = [r.text for r in reference.caption_pixels(pixels, config)]
+    capabilities = cpu.capabilities()
+    auto = Captioner.from_checkpoint(args.checkpoint, device=args.device).inference
+    print(f"\nCPU: {capabilities['name']}; PyTorch {capabilities['torch_capability']}; "
+          f"{', '.join(capabilities['flags']) or 'no AVX2/AVX-512/AMX flags'}; threads {torch.get_num_threads()}")
+    print(f"auto picks {auto.precision} on {auto.runtime}: {auto.reason}")
+    print(f"{'path (beam 3)':15}{'images/s b1':>13}{'images/s b16':>14}{'x fp32 b1':>11}{'x fp32 b16':>12}"
+          f"{'same top caption':>18}")
+    figures: dict = {"cpu": capabilities, "auto_path": auto.precision, "auto_runtime": auto.runtime}
+    for name, model in models.items():
+        same = sum(a == r.text for a, r in zip(reference_top, model.caption_pixels(pixels, config))) / len(pixels)
+        ratio1, ratio16 = per_s[(name, 1)] / per_s[("fp32", 1)], per_s[(name, 16)] / per_s[("fp32", 16)]
+        print(f"{name:15}{per_s[(name, 1)]:>13.1f}{per_s[(name, 16)]:>14.1f}{ratio1:>11.2f}{ratio16:>12.2f}"
+              f"{same:>18.0%}")
+        figures.update({f"{name}_images_per_s_b1": round(per_s[(name, 1)], 2),
+                        f"{name}_images_per_s_b16": round(per_s[(name, 16)], 2),
+                        f"{name}_over_fp32_b1": round(ratio1, 3), f"{name}_over_fp32_b16": round(ratio16, 3),
+                        f"{name}_same_top_caption": round(same, 3)})
+    for name, why in skipped.items():
+        print(f"{name:15}skipped: {why}")
+    fastest = max(models, key=lambda n: per_s[(n, 16)])
+    figures.update({"fastest_path": fastest,
+                    "fastest_over_fp32_b16": round(per_s[(fastest, 16)] / per_s[("fp32", 16)], 3),
+                    "fastest_over_fp32_b1": round(per_s[(fastest, 1)] / per_s[("fp32", 1)], 3),
+                    "skipped_paths": skipped})
+    return figures
 
 
 if __name__ == "__main__":

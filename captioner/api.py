@@ -5,7 +5,10 @@
     result = model.caption("photo.jpg", num_beams=3, num_return_sequences=3)
     result.text, result.sequences[1].log_prob
 
-The CLI, the folder command, evaluation and the HTTP service all load through `from_checkpoint`.
+The CLI, the folder command, evaluation and the HTTP service all load through `from_checkpoint`,
+which also reads ONNX exports (`captioner/onnxrt.py`) and chooses the inference path once
+(`precision="auto"|"fp32"|"bf16"|"int8"`, `captioner/precision.py`): `model.inference` says which
+path runs and why.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from PIL import Image
+from torch import nn
 
+from . import onnxrt
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .decoder import Decoder, DecoderConfig
 from .decoding import MAX_CONSTRAINTS, DecodeConfig, Hypothesis, generate
 from .encoder import Encoder, EncoderConfig
 from .images import DEFAULT_MAX_PIXELS, ImageSource
+from .precision import EagerEncoder, InferencePath, check_precision, choose_path
 from .preprocessing import Preprocessing
 from .tagger import Tagger
 from .vocab import Vocabulary
@@ -110,6 +116,10 @@ class CaptionResult:
 
 
 class Captioner:
+    """A model ready to caption. Built from PyTorch modules (a `precision` picks the encoder's
+    path, see `captioner/precision.py`), or by `from_checkpoint` from a .pt checkpoint or an ONNX
+    export. `inference` records the path that runs and why."""
+
     def __init__(
         self,
         encoder: Encoder,
@@ -120,23 +130,56 @@ class Captioner:
         provenance: dict[str, Any] | None = None,
         tagger: Tagger | None = None,
         device: str | torch.device = "cpu",
+        precision: str = "auto",
     ):
-        if decoder.config.vocab_size != len(vocabulary):
-            raise ValueError(f"decoder has {decoder.config.vocab_size} words, vocabulary {len(vocabulary)}")
-        self.device = torch.device(device)
+        check_precision(precision)
+        self._setup(decoder.config, vocabulary, preprocessing, provenance, tagger, device)
         self.encoder = encoder.to(self.device).eval()
         self.encoder.to(memory_format=torch.channels_last)  # faster convolutions on CPU (oneDNN)
         self.decoder = decoder.to(self.device).eval()
+        self.inference = choose_path(precision, device=self.device, runtime="pytorch",
+                                     backbone=encoder.config.backbone, int8_unavailable=self._int8_unavailable)
+        if self.inference.precision == "int8":
+            self._encode = onnxrt.int8_encoder(self, self._int8_calibration())
+        else:
+            dtype = torch.bfloat16 if self.inference.precision == "bf16" else None
+            self._encode = EagerEncoder(self.encoder, preprocessing, self.device, dtype)
+
+    def _setup(self, decoder_config: DecoderConfig, vocabulary: Vocabulary, preprocessing: Preprocessing,
+               provenance: dict[str, Any] | None, tagger: Tagger | None, device: str | torch.device) -> None:
+        if decoder_config.vocab_size != len(vocabulary):
+            raise ValueError(f"decoder has {decoder_config.vocab_size} words, vocabulary {len(vocabulary)}")
+        self.device = torch.device(device)
         self.vocabulary = vocabulary
         self.preprocessing = preprocessing
         self.provenance = provenance or {}
         self.tagger = None if tagger is None else tagger.to(self.device)
         self.checkpoint_sha256: str | None = None
 
+    def _int8_calibration(self) -> dict | None:
+        if not hasattr(self, "_calibration"):
+            self._calibration = onnxrt.bundled_calibration(self)
+        return self._calibration
+
+    def _int8_unavailable(self) -> str | None:
+        problem = onnxrt.available()
+        if problem is None and self._int8_calibration() is None:
+            problem = ("no int8 calibration for this encoder: run training/calibrate_int8.py and export with "
+                       "`captioner export CHECKPOINT OUT.onnx --format onnx --int8-calibration FILE`")
+        return problem
+
     # -- loading and saving ----------------------------------------------------------------------
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Captioner":
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu", *,
+                        precision: str = "auto") -> "Captioner":
+        """Load a .pt checkpoint or an ONNX export (OUT.onnx of `captioner export --format onnx`,
+        run with ONNX Runtime). `precision`: "auto" (the fastest path this CPU runs natively whose
+        quality was measured to hold), "fp32", "bf16" or "int8"; `model.inference` says which runs
+        and why."""
+        check_precision(precision)
+        if onnxrt.is_onnx(path):
+            return cls._from_onnx(path, device, precision)
         payload = load_checkpoint(path)
         try:
             encoder_config = EncoderConfig.from_dict({**payload["encoder"], "pretrained": False, "weights_path": None})
@@ -151,21 +194,66 @@ class Captioner:
         except (TypeError, KeyError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{path}: checkpoint does not describe a valid model ({error})") from error
         model = cls(encoder, decoder, vocabulary, preprocessing, provenance=payload.get("provenance"),
-                    tagger=tagger, device=device)
+                    tagger=tagger, device=device, precision=precision)
         model.checkpoint_sha256 = _sha256(path)
         return model
 
     @classmethod
-    def default(cls, device: str | torch.device = "cpu") -> "Captioner":
+    def _from_onnx(cls, path: str | os.PathLike, device: str | torch.device, precision: str) -> "Captioner":
+        """An ONNX export: the encoder and the decoder's step on ONNX Runtime, decoding in Python."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such model file")
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"{path}: ONNX models run on the CPU with ONNX Runtime, not on {device}")
+        try:
+            meta, graph = onnxrt.read_metadata(path)
+            info = meta["captioner"]
+            encoder_config = EncoderConfig.from_dict(info["encoder"])
+            decoder_config = DecoderConfig.from_dict(info["decoder"])
+            vocabulary = Vocabulary(meta["vocabulary"])
+            preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+            tagger = None
+            if meta.get("tagger"):
+                weight, bias = onnxrt.tagger_weights(graph)
+                tagger = Tagger.from_dict({**meta["tagger"], "weight": weight, "bias": bias})
+        except (TypeError, KeyError, ValueError) as error:
+            raise CheckpointError(f"{path}: not a usable captioner ONNX model ({error})") from error
+        files = {kind: path.with_name(name) for kind, name in info["files"].items()}
+        missing = [str(f) for kind, f in files.items() if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: the export's other files are missing: {', '.join(missing)}")
+        int8_file = files.get("encoder_int8")
+        inference = choose_path(precision, device=torch.device("cpu"), runtime="onnxruntime",
+                                backbone=encoder_config.backbone,
+                                int8_unavailable=lambda: None if int8_file else
+                                "this export has no int8 encoder (no calibration for its encoder when it was exported)")
+        model = cls.__new__(cls)
+        model._setup(decoder_config, vocabulary, preprocessing, provenance=info.get("provenance"), tagger=tagger,
+                     device="cpu")
+        encoder_file = int8_file if inference.precision == "int8" else path
+        model.encoder = onnxrt.OrtEncoder(onnxrt.LazySession(encoder_file), encoder_config, info["grid_size"],
+                                          info["feature_dim"], parameters=info.get("parameters", 0))
+        model.decoder = onnxrt.OrtDecoder(decoder_config, onnxrt.LazySession(files["decoder_init"]),
+                                          onnxrt.LazySession(files["decoder_step"]))
+        model.inference = InferencePath(inference.precision, "onnxruntime", inference.requested, inference.reason)
+        model._encode = model.encoder
+        model.checkpoint_sha256 = _sha256(path)
+        return model
+
+    @classmethod
+    def default(cls, device: str | torch.device = "cpu", *, precision: str = "auto") -> "Captioner":
         """The model bundled with the package (see MODEL_CARD.md)."""
         if not DEFAULT_CHECKPOINT.is_file():
             raise FileNotFoundError(
                 f"the bundled model {DEFAULT_CHECKPOINT} is missing; reinstall captioner or pass a checkpoint"
             )
-        return cls.from_checkpoint(DEFAULT_CHECKPOINT, device=device)
+        return cls.from_checkpoint(DEFAULT_CHECKPOINT, device=device, precision=precision)
 
     def checkpoint_payload(self) -> dict[str, Any]:
         """Everything `from_checkpoint` needs, for `save_checkpoint` (training adds its state)."""
+        if not isinstance(self.encoder, nn.Module):
+            raise ValueError("an ONNX model cannot be saved as a checkpoint: save or export the .pt it came from")
         state = {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
         state.update({f"decoder.{k}": v for k, v in self.decoder.state_dict().items()})
         payload = {
@@ -193,8 +281,8 @@ class Captioner:
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, S, S) uint8 -> regions (B, P, E), pooled (B, E)."""
-        return self.encoder.extract(self.preprocessing.normalize(pixels.to(self.device)))
+        """(B, 3, S, S) uint8 -> regions (B, P, E), pooled (B, E), in fp32 on every path."""
+        return self._encode(pixels)
 
     @torch.inference_mode()
     def caption_pixels(self, pixels: torch.Tensor, config: DecodeConfig | None = None) -> list[CaptionResult]:
@@ -282,12 +370,18 @@ class Captioner:
             "vocabulary_size": len(self.vocabulary),
             "feature_grid": list(self.encoder.grid_size),
             "preprocessing": self.preprocessing.to_dict(),
-            "parameters": sum(p.numel() for p in self.encoder.parameters())
-            + sum(p.numel() for p in self.decoder.parameters()),
+            "parameters": sum(_parameters(part) for part in (self.encoder, self.decoder)),
             "tagger": None if self.tagger is None else self.tagger.describe(),
             "checkpoint_sha256": self.checkpoint_sha256,
+            "inference": self.inference.to_dict(),
             "provenance": self.provenance,
         }
+
+
+def _parameters(part: Any) -> int:
+    if isinstance(part, nn.Module):
+        return sum(p.numel() for p in part.parameters())
+    return part.parameter_count
 
 
 def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

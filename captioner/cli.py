@@ -16,19 +16,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from importlib import import_module
 from typing import Any
 
 from .decoding import DecodeConfig
+from .precision import PRECISIONS
 
 COMMAND_MODULES = ("captioner.folder", "training.cli", "service.cli")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, *, precision: bool = True) -> None:
     parser.add_argument("--checkpoint", default=None,
-                        help="model checkpoint (default: the model bundled with the package)")
+                        help="model checkpoint, .pt or an ONNX export (default: the model bundled with the package)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    if precision:
+        parser.add_argument("--precision", choices=PRECISIONS, default=os.environ.get("CAPTIONER_PRECISION", "auto"),
+                            help="encoder path: auto picks the fastest that this CPU runs natively and whose "
+                                 "quality was measured to hold (`captioner info` says which and why; default: "
+                                 "$CAPTIONER_PRECISION, else auto)")
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,9 +68,10 @@ def decode_options(args: argparse.Namespace) -> dict[str, Any]:
 def load_model(args: argparse.Namespace):
     from .api import Captioner
 
+    precision = getattr(args, "precision", "auto")
     if args.checkpoint:
-        return Captioner.from_checkpoint(args.checkpoint, device=args.device)
-    return Captioner.default(device=args.device)
+        return Captioner.from_checkpoint(args.checkpoint, device=args.device, precision=precision)
+    return Captioner.default(device=args.device, precision=precision)
 
 
 def _caption(args: argparse.Namespace) -> int:
@@ -105,14 +113,20 @@ def _info(args: argparse.Namespace) -> int:
     from .api import DEFAULT_CHECKPOINT, Captioner
 
     path = args.path or args.checkpoint or DEFAULT_CHECKPOINT
-    description = Captioner.from_checkpoint(path, device="cpu").describe()
+    description = Captioner.from_checkpoint(path, device=args.device, precision=args.precision).describe()
     description["path"] = str(path)
     if args.json:
         print(json.dumps(description, indent=2, default=str))
     else:
         provenance = description.pop("provenance", {}) or {}
+        inference = description.pop("inference")
         for key, value in description.items():
             print(f"{key:18} {value}")
+        cpu = inference["cpu"]
+        print(f"{'inference':18} {inference['precision']} on {inference['runtime']} "
+              f"(asked: {inference['requested']}): {inference['reason']}")
+        print(f"{'cpu':18} {cpu['name']}; PyTorch {cpu['torch_capability']}; "
+              f"{', '.join(cpu['flags']) or 'no AVX2/AVX-512/AMX flags'}")
         metrics = provenance.get("metrics") or {}
         if metrics:
             print("metrics            " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))

@@ -1,15 +1,20 @@
-"""What this CPU computes natively, read from /proc/cpuinfo (Linux; elsewhere nothing is claimed).
+"""What this CPU computes natively: /proc/cpuinfo (Linux; elsewhere nothing is claimed) and the
+vector instruction set PyTorch dispatches to (`torch.backends.cpu.get_cpu_capability()`).
 
-bf16 autocast only pays where the CPU has bf16 dot products (AVX-512 BF16 or AMX): elsewhere
-PyTorch emulates bf16 and runs slower than fp32.
+bf16 only pays where the CPU has bf16 dot products (AVX-512 BF16 or AMX-BF16): elsewhere PyTorch
+emulates bf16 and runs slower than fp32. int8 products run natively with VNNI (AVX-512 VNNI,
+AVX-VNNI) or AMX-INT8; without them int8 kernels multiply in 16 bits and can saturate.
 """
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+REPORTED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
 
 
 @functools.lru_cache(maxsize=1)
@@ -24,6 +29,38 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "unknown CPU"
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return "unknown CPU"
+
+
 def native_bf16() -> bool:
     """True when the CPU has bf16 instructions (AVX-512 BF16 or AMX-BF16)."""
     return any(flag in cpu_flags() for flag in BF16_FLAGS)
+
+
+def native_int8() -> bool:
+    """True when the CPU has int8 dot products (AVX-512 VNNI, AVX-VNNI or AMX-INT8)."""
+    return any(flag in cpu_flags() for flag in INT8_FLAGS)
+
+
+def capabilities() -> dict[str, Any]:
+    """The facts `auto` precision decides on, as `captioner info` and /v1/model report them."""
+    import torch
+
+    flags = cpu_flags()
+    return {
+        "name": cpu_name(),
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "flags": [flag for flag in REPORTED_FLAGS if flag in flags],
+        "native_bf16": native_bf16(),
+        "native_int8": native_int8(),
+        "amx": any(flag.startswith("amx") for flag in flags),
+    }

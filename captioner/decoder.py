@@ -147,6 +147,26 @@ class Decoder(nn.Module):
             return self._advance(self.word_gates(self.embedding(tokens)), state)
         return self._advance(fast.word_table.index_select(0, tokens), state, fast)
 
+    def word_table(self) -> torch.Tensor:
+        """(V, G): every word's embedding through layer 0's word gates, the lookup `step` does."""
+        return self.word_gates(self.embedding.weight)
+
+    @torch.no_grad()
+    def graph_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What `graph_step` takes as constants: the word-gate table (V, G) and the top layer's
+        fused projection of h, weight (G [+ A + F], D) and bias."""
+        return (self.word_table(), *self._fused_top())
+
+    def graph_step(
+        self, tokens: torch.Tensor, state: DecoderState, tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
+        """`step` as an exported graph computes it (`captioner/onnxrt.py`), with `graph_tables()`:
+        the word-gate table looked up and the top layer's three projections of h in one product,
+        as in inference; the same numbers as `step` up to summation order."""
+        word_table, *top = tables
+        output, new_state, alpha = self._recur(word_table.index_select(0, tokens), state, top=tuple(top))
+        return self._logits(output), new_state, alpha
+
     # -- training --------------------------------------------------------------------------------
 
     def forward(
@@ -358,7 +378,7 @@ class _InferenceWeights:
             output_proj, output = None, _Projection(decoder.output.weight, decoder.output.bias)
         return cls(
             key=key,
-            word_table=decoder.word_gates(decoder.embedding.weight),
+            word_table=decoder.word_table(),
             top=_Projection(torch.cat(weights), torch.cat(biases)),
             context_gates=_Projection(decoder.context_gates.weight, None) if c.attention else None,
             output_proj=output_proj,

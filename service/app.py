@@ -84,9 +84,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     def load_slot(name: str, path: str | None) -> ModelSlot:
         started = time.monotonic()
         if path:
-            model = Captioner.from_checkpoint(path, device=settings.device)
+            model = Captioner.from_checkpoint(path, device=settings.device, precision=settings.precision)
         else:
-            model = Captioner.default(device=settings.device)
+            model = Captioner.default(device=settings.device, precision=settings.precision)
         handler = CaptionHandler(model, max_pixels=settings.max_pixels)
         warm = threading.Event()
 
@@ -104,7 +104,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
                 batcher.close()
                 raise
         warm.set()
-        log.info("model %s loaded: %s in %.1f s", name, handler.model_id, time.monotonic() - started)
+        log.info("model %s loaded: %s in %.1f s, %s inference (%s)", name, handler.model_id,
+                 time.monotonic() - started, model.inference.precision, model.inference.reason)
         return ModelSlot(name, path, model, handler, batcher, load_s=time.monotonic() - started)
 
     limit = parse_rate_limit(settings.rate_limit)

@@ -31,6 +31,9 @@ def register(commands) -> None:
                        help="serve this checkpoint as NAME (repeat for several; the first is the default; "
                             "requests pick one with model=NAME)")
     serve.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
+    serve.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "int8"),
+                       help="the encoder's inference path (default: auto, the fastest this CPU runs natively "
+                            "whose captions were measured to hold)")
     serve.add_argument("--max-batch-size", type=int, default=None,
                        help="images per micro-batch; 1 turns batching off (default: 16)")
     serve.add_argument("--max-wait-ms", type=float, default=None,
@@ -46,7 +49,7 @@ def register(commands) -> None:
 def _serve(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     settings = {"HOST": args.host, "PORT": args.port, "WORKERS": args.workers, "THREADS": args.threads,
-                "CHECKPOINT": args.checkpoint, "DEVICE": args.device,
+                "CHECKPOINT": args.checkpoint, "DEVICE": args.device, "PRECISION": args.precision,
                 "MAX_BATCH_SIZE": args.max_batch_size, "MAX_WAIT_MS": args.max_wait_ms,
                 "MODELS": ",".join(args.model) if args.model else None,
                 "RATE_LIMIT": args.rate_limit, "DRAIN_S": args.drain_s}

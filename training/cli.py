@@ -34,17 +34,27 @@ def register(commands) -> None:
     evaluate.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                           help="bootstrap draws for the 95%% intervals (0: none)")
     evaluate.add_argument("--json", action="store_true")
-    export = commands.add_parser("export", help="strip a checkpoint's training state and store it in fp16")
+    export = commands.add_parser(
+        "export", help="a checkpoint for shipping (fp16, no training state), or ONNX graphs (--format onnx)",
+        description="captioner export RUN/best.pt OUT.pt | captioner export CHECKPOINT OUT.onnx --format onnx "
+                    "(encoder, decoder init and word step, and the int8 encoder where a calibration fits; "
+                    "run with --checkpoint OUT.onnx, needs captioner[onnx])")
     export.add_argument("source", metavar="CHECKPOINT")
     export.add_argument("target", metavar="OUT")
-    export.add_argument("--fp32", action="store_true", help="keep fp32 weights")
+    export.add_argument("--format", choices=["pt", "onnx"], default=None,
+                        help="pt or onnx (default: onnx for an OUT ending in .onnx, else pt)")
+    export.add_argument("--fp32", action="store_true", help="keep fp32 weights (pt)")
     export.add_argument("--no-tagger", action="store_true",
                         help="do not attach the encoder's ImageNet tagger (guided decoding then has no tags)")
+    export.add_argument("--int8-calibration", metavar="FILE", default=None,
+                        help="onnx: activation ranges from training/calibrate_int8.py for the int8 encoder "
+                             "(default: the bundled one, where it fits the encoder)")
+    export.add_argument("--no-int8", action="store_true", help="onnx: do not write the int8 encoder")
     export.set_defaults(func=_export)
 
     from captioner.cli import add_decode_arguments, add_model_arguments
 
-    add_model_arguments(evaluate)
+    add_model_arguments(evaluate, precision=False)  # the fp32 feature cache; paths: training/evaluate_paths.py
     add_decode_arguments(evaluate)
     evaluate.set_defaults(func=_evaluate)
 
@@ -79,7 +89,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
     decode = DecodeConfig.from_kwargs(**decode_options(args))
     path = args.path or args.checkpoint
-    model = Captioner.from_checkpoint(path, device=args.device) if path else Captioner.default(device=args.device)
+    model = (Captioner.from_checkpoint(path, device=args.device, precision="fp32") if path
+             else Captioner.default(device=args.device, precision="fp32"))
+    if model.inference.runtime != "pytorch":
+        raise ValueError(f"{path}: evaluate scores PyTorch checkpoints from the fp32 feature cache; for an ONNX "
+                         "export use python -m training.evaluate_paths --onnx PATH")
     spec = DataSpec(format=args.format, path=args.data, images=args.images)
     metrics = evaluate_checkpoint(model, spec, args.split, decode, cache_dir=args.cache_dir,
                                   results_path=args.results, meteor=not args.no_meteor, instances=args.instances,
@@ -89,8 +103,18 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint
+    from .export import export_checkpoint, export_onnx
 
-    size = export_checkpoint(args.source, args.target, half=not args.fp32, tagger=not args.no_tagger)
-    print(f"{args.target}: {size / 1e6:.1f} MB")
+    fmt = args.format or ("onnx" if str(args.target).lower().endswith(".onnx") else "pt")
+    if fmt == "pt":
+        size = export_checkpoint(args.source, args.target, half=not args.fp32, tagger=not args.no_tagger)
+        print(f"{args.target}: {size / 1e6:.1f} MB")
+        return 0
+    files = export_onnx(args.source, args.target, tagger=not args.no_tagger, calibration=args.int8_calibration,
+                        int8=not args.no_int8)
+    for kind, path in files.items():
+        print(f"{path}: {path.stat().st_size / 1e6:.1f} MB ({kind})")
+    if "encoder_int8" not in files and not args.no_int8:
+        print("no int8 encoder: no calibration fits this encoder (training/calibrate_int8.py makes one; "
+              "pass it with --int8-calibration)")
     return 0

@@ -1,11 +1,18 @@
 """`captioner export RUN/best.pt OUT.pt`: a checkpoint for shipping: the training state (optimiser,
 RNG) stripped, weights in fp16 by default, and the encoder's ImageNet tagger attached where the
 encoder is the frozen pretrained one whose classifier head the tagger uses (`--no-tagger` leaves
-it out). `Captioner.from_checkpoint` loads it back in fp32."""
+it out). `Captioner.from_checkpoint` loads it back in fp32.
+
+`captioner export CHECKPOINT OUT.onnx --format onnx`: the same model as ONNX graphs for ONNX
+Runtime, OpenVINO or Triton (`captioner/onnxrt.py` describes the files), with an int8 encoder
+where an int8 calibration (training/calibrate_int8.py) fits the encoder."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import tempfile
 from pathlib import Path
 
 from captioner.checkpoint import load_checkpoint, save_checkpoint
@@ -33,3 +40,23 @@ def export_checkpoint(source: str | Path, target: str | Path, *, half: bool = Tr
                     encoder.get("backbone"), encoder.get("trainable_stages"))
     save_checkpoint(payload, target, half=half)
     return Path(target).stat().st_size
+
+
+def export_onnx(source: str | Path, target: str | Path, *, tagger: bool = True, calibration: str | Path | None = None,
+                int8: bool = True) -> dict[str, Path]:
+    """ONNX graphs of a checkpoint (training state stripped and the tagger attached as for .pt,
+    fp32 weights). `calibration`: a training/calibrate_int8.py file for the int8 encoder."""
+    from captioner.api import Captioner
+    from captioner.onnxrt import encoder_digest, export
+
+    with tempfile.TemporaryDirectory(prefix="captioner-export-") as folder:
+        shipped = Path(folder) / "model.pt"
+        export_checkpoint(source, shipped, half=False, tagger=tagger)
+        model = Captioner.from_checkpoint(shipped, precision="fp32")
+    model.checkpoint_sha256 = hashlib.sha256(Path(source).read_bytes()).hexdigest()  # the source's, not the temporary's
+    ranges = None
+    if calibration is not None:
+        ranges = json.loads(Path(calibration).read_text(encoding="utf-8"))
+        if ranges.get("encoder_sha256") != encoder_digest(model.encoder):
+            raise ValueError(f"{calibration} was calibrated for another encoder (SHA-256 of its weights differs)")
+    return export(model, target, calibration=ranges, int8=int8)

@@ -1,0 +1,159 @@
+"""ONNX export and ONNX Runtime inference (the extra captioner[onnx]) on the tiny checkpoint with
+the ImageNet tagger attached: checked graphs and metadata, the same captions as PyTorch through
+the same decoding module, the int8 encoder calibrated by training/calibrate_int8.py."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason="ONNX Runtime is the optional extra: pip install 'captioner[onnx]'")
+pytest.importorskip("onnxscript", reason="the ONNX exporter needs onnxscript: pip install 'captioner[onnx]'")
+onnx = pytest.importorskip("onnx", reason="pip install 'captioner[onnx]'")
+
+from captioner import onnxrt  # noqa: E402
+from captioner.api import Captioner  # noqa: E402
+from captioner.checkpoint import CheckpointError  # noqa: E402
+from captioner.decoding import DecodeConfig  # noqa: E402
+from tests.conftest import make_photo  # noqa: E402
+from training import calibrate_int8  # noqa: E402
+from training.export import export_checkpoint, export_onnx  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, tmp_path_factory):
+    """(tagged .pt, calibration file, the export's files): calibrated on photos made here."""
+    folder = tmp_path_factory.mktemp("onnx")
+    tagged = folder / "tagged.pt"
+    export_checkpoint(tiny_checkpoint, tagged, half=False)  # attaches the ImageNet tagger
+    photos = folder / "photos"
+    photos.mkdir()
+    for seed in range(6):
+        (photos / f"{seed}.jpg").write_bytes(make_photo(seed=10 + seed))
+    calibration = folder / "calibration.json"
+    assert calibrate_int8.main([str(photos), "--checkpoint", str(tagged), "--count", "6", "--out", str(calibration)]) == 0
+    files = export_onnx(tagged, folder / "model.onnx", calibration=calibration)
+    return tagged, calibration, files
+
+
+@pytest.fixture(scope="module")
+def pair(exported):
+    tagged, _, files = exported
+    return Captioner.from_checkpoint(tagged, precision="fp32"), Captioner.from_checkpoint(files["encoder"], precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def pixels(pair):
+    return torch.stack([pair[0].load_pixels(make_photo(seed=s)) for s in range(3)])
+
+
+def test_export_writes_checked_graphs_with_metadata(exported, pair):
+    _, _, files = exported
+    assert set(files) == {"encoder", "decoder_init", "decoder_step", "encoder_int8"}
+    for path in files.values():
+        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    main = onnx.load(str(files["encoder"]))
+    meta = {p.key: json.loads(p.value) for p in main.metadata_props}
+    model = pair[0]
+    assert meta["vocabulary"] == model.vocabulary.words
+    assert meta["preprocessing"] == model.preprocessing.to_dict()
+    assert meta["decoding"] == json.loads(json.dumps(DecodeConfig().to_dict()))
+    assert meta["tagger"]["class_words"] == model.tagger.class_words
+    assert meta["captioner"]["files"]["decoder_step"] == files["decoder_step"].name
+    (pixels_input,) = main.graph.input
+    assert pixels_input.name == "pixels" and pixels_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [o.name for o in main.graph.output] == ["regions", "pooled", "imagenet_logits"]
+    step = onnx.load(str(files["decoder_step"]))
+    assert [i.name for i in step.graph.input] == ["tokens", "h", "c", "image_gates", "memory", "memory_att"]
+    assert [o.name for o in step.graph.output] == ["logits", "next_h", "next_c", "alpha"]
+
+
+def test_graphs_compute_what_pytorch_computes(exported, pair, pixels):
+    model, exported_model = pair
+    regions, pooled = model.encode(pixels)
+    session = onnxrt.session(exported[2]["encoder"])
+    ort_regions, ort_pooled, logits = session.run(None, {"pixels": pixels.numpy()})
+    assert torch.allclose(torch.from_numpy(ort_regions), regions, atol=1e-4, rtol=1e-3)
+    assert torch.allclose(torch.from_numpy(ort_pooled), pooled, atol=1e-4, rtol=1e-3)
+    assert torch.allclose(torch.from_numpy(logits), model.tagger.logits(pooled), atol=1e-3, rtol=1e-3)
+    assert exported_model.tagger.describe() == model.tagger.describe()
+    tokens = torch.tensor([1, 1, 1])
+    with torch.inference_mode():
+        logits, _, alpha = model.decoder.step(tokens, model.decoder.init_state(regions, pooled))
+        ort_logits, _, ort_alpha = exported_model.decoder.step(tokens, exported_model.decoder.init_state(regions, pooled))
+    assert torch.allclose(ort_logits, logits, atol=1e-4) and torch.allclose(ort_alpha, alpha, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_beams=1),
+    dict(num_beams=3, num_return_sequences=3, return_attention=True),
+    dict(do_sample=True, num_beams=1, num_return_sequences=2, seed=7, top_k=5),
+    dict(num_beams=2, force_words=["dog", "ball"]),
+])
+def test_onnx_runtime_decodes_like_pytorch(pair, pixels, options):
+    """Greedy, beam search (n-best, attention), sampling and required words: one decoding module."""
+    config = DecodeConfig(**options)
+    for ours, theirs in zip(*(m.caption_pixels(pixels, config) for m in pair)):
+        assert [s.text for s in theirs.sequences] == [s.text for s in ours.sequences]
+        assert [s.score for s in theirs.sequences] == pytest.approx([s.score for s in ours.sequences], abs=1e-3)
+        if config.return_attention:
+            assert theirs.attention.shape == ours.attention.shape == (len(ours.sequences[0].token_log_probs), 7, 7)
+        assert [r.to_dict() for r in theirs.required] == [r.to_dict() for r in ours.required]
+
+
+def test_int8_encoder_from_the_calibration_script(exported, pair, pixels):
+    _, calibration, files = exported
+    stored = json.loads(calibration.read_text())
+    assert calibration.stat().st_size < 20_000 and stored["photos"] == 6 and stored["method"] == "percentile"
+    assert stored["encoder_sha256"] == onnxrt.encoder_digest(pair[0].encoder)
+    int8 = Captioner.from_checkpoint(files["encoder"], precision="int8")
+    assert (int8.inference.precision, int8.inference.runtime) == ("int8", "onnxruntime")
+    ops = {node.op_type for node in onnx.load(str(files["encoder_int8"])).graph.node}
+    assert "QLinearConv" in ops and "Conv" not in ops  # every convolution runs in int8
+    (regions, pooled), (regions8, pooled8) = pair[0].encode(pixels), int8.encode(pixels)
+    assert ((regions8 - regions).norm() / regions.norm()) < 0.35
+    assert torch.nn.functional.cosine_similarity(pooled8, pooled).min() > 0.95
+    assert all(r.text for r in int8.caption_pixels(pixels, DecodeConfig(num_beams=3)))
+    auto = Captioner.from_checkpoint(files["encoder"])
+    assert auto.inference.requested == "auto" and auto.inference.precision in ("fp32", "int8")
+
+
+def test_a_calibration_of_another_encoder_is_refused(exported, tmp_path):
+    tagged, calibration, files = exported
+    other = json.loads(calibration.read_text())
+    other["encoder_sha256"] = "0" * 64
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="another encoder"):
+        export_onnx(tagged, tmp_path / "x.onnx", calibration=tmp_path / "other.json")
+    partial = {"ranges": dict(list(other["ranges"].items())[:5])}
+    with pytest.raises(ValueError, match="no range for"):
+        onnxrt.quantize_encoder(files["encoder"], tmp_path / "int8.onnx", partial)
+
+
+def test_only_the_export_main_file_loads_and_all_its_parts_must_be_there(exported, tmp_path):
+    files = exported[2]
+    with pytest.raises(CheckpointError, match="main file"):
+        Captioner.from_checkpoint(files["decoder_step"])
+    alone = tmp_path / "alone.onnx"
+    alone.write_bytes(files["encoder"].read_bytes())
+    with pytest.raises(CheckpointError, match="missing"):
+        Captioner.from_checkpoint(alone)
+    with pytest.raises(ValueError, match="bf16 runs on PyTorch"):
+        Captioner.from_checkpoint(files["encoder"], precision="bf16")
+
+
+def test_cli_captions_and_describes_an_onnx_model(exported, pair, tmp_path):
+    files = exported[2]
+    image = tmp_path / "a.jpg"
+    image.write_bytes(make_photo(seed=1))
+    run = subprocess.run([sys.executable, "-m", "captioner.cli", "caption", str(image), "--checkpoint",
+                          str(files["encoder"]), "--precision", "fp32", "--json"], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["caption"] == pair[0].caption(image.read_bytes()).text
+    info = subprocess.run([sys.executable, "-m", "captioner.cli", "info", str(files["encoder"]), "--precision",
+                           "int8"], capture_output=True, text=True, timeout=600)
+    assert info.returncode == 0, info.stderr
+    assert "inference          int8 on onnxruntime (asked: int8)" in info.stdout
