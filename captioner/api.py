@@ -13,7 +13,6 @@ path runs and why.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from PIL import Image
 from torch import nn
 
 from . import onnxrt
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
 from .decoder import Decoder, DecoderConfig
 from .decoding import MAX_CONSTRAINTS, DecodeConfig, Hypothesis, generate
 from .encoder import Encoder, EncoderConfig
@@ -195,7 +194,7 @@ class Captioner:
             raise CheckpointError(f"{path}: checkpoint does not describe a valid model ({error})") from error
         model = cls(encoder, decoder, vocabulary, preprocessing, provenance=payload.get("provenance"),
                     tagger=tagger, device=device, precision=precision)
-        model.checkpoint_sha256 = _sha256(path)
+        model.checkpoint_sha256 = file_sha256(path)
         return model
 
     @classmethod
@@ -238,7 +237,7 @@ class Captioner:
                                           onnxrt.LazySession(files["decoder_step"]))
         model.inference = InferencePath(inference.precision, "onnxruntime", inference.requested, inference.reason)
         model._encode = model.encoder
-        model.checkpoint_sha256 = _sha256(path)
+        model.checkpoint_sha256 = file_sha256(path)
         return model
 
     @classmethod
@@ -394,9 +393,3 @@ def _is_batch(images: object) -> bool:
     return isinstance(images, Iterable) and not isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image))
 
 
-def _sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

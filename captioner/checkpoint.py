@@ -14,6 +14,7 @@ Only plain containers, strings, numbers and tensors: no pickled classes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -55,6 +56,15 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike, *, half: b
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The file's SHA-256 (hex): which checkpoint a model or an answer came from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:

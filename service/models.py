@@ -14,7 +14,6 @@ that does not load leaves the old slot serving and says why.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 import time
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from captioner.api import Captioner
+from captioner.checkpoint import file_sha256
 
 from .batcher import MicroBatcher
 from .handler import CaptionHandler
@@ -163,10 +163,3 @@ def parse_model_specs(items: list[str]) -> list[tuple[str, str]]:
         specs.append((name, path))
     return specs
 
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -10,7 +10,7 @@ import time
 
 import requests
 
-from service.models import file_sha256
+from captioner.checkpoint import file_sha256
 from tests.conftest import make_photo
 from tests.service.gunicorn_server import Load, gunicorn, post, workers
 

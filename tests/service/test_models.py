@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.models import file_sha256
+from captioner.checkpoint import file_sha256
 from tests.conftest import make_photo
 from tests.service.conftest import assert_problem
 
