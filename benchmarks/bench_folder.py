@@ -2,7 +2,7 @@
 
     python benchmarks/bench_folder.py [--images 256] [--data DIR] [--checkpoint PATH]
                                       [--batch-size 32] [--workers 2] [--num-beams 3]
-                                      [--upscale LONG_SIDE]
+                                      [--upscale LONG_SIDE] [--engine ray]
 
 1. Makes a temporary folder of N JPEGs: by default the Flickr8k photos listed in
    ../shared/data/flickr8k/original_aspect.txt, cycled; `--data` takes every image of another
@@ -13,6 +13,13 @@
    Measured before and after the folder run, and averaged, since the machine may be shared.
 3. Folder: runs the real command in a subprocess and reads its own throughput (captioning time,
    model loading excluded) from its summary; the whole command's wall time is shown too.
+4. `--engine ray`: each round also runs the command with `--engine ray` on the same photos (a Ray
+   started by the command on this machine: one actor with all the cores, decoding in Ray tasks;
+   its throughput counts from the moment the first actor starts a batch, as the local engine's
+   counts from when its model is loaded) and reports Ray's images/s against the local engine's
+   (`ray_over_local`, and the ratio within each round, since a shared machine's load drifts).
+   1024 photos by default: decoding runs a few batches ahead while the actor loads its model,
+   which would flatter a short run.
 
 The model is the bundled default (captioner/weights/default.pt); while it does not exist, a
 checkpoint of the same architecture (training/configs/flickr8k.yaml decoder, 2,600 words) with a
@@ -82,11 +89,12 @@ def library_throughput(model, pixels: torch.Tensor, batch_size: int, config) -> 
     return len(pixels) / (time.perf_counter() - start)
 
 
-def folder_throughput(folder: Path, output: Path, checkpoint: Path, args, count: int) -> tuple[float, float]:
+def folder_throughput(folder: Path, output: Path, checkpoint: Path, args, count: int,
+                      engine: str = "local") -> tuple[float, float]:
     """The command's own images/s (captioning only) and its whole wall time."""
     command = [sys.executable, "-m", "captioner.cli", "caption-folder", str(folder), "-o", str(output),
                "--checkpoint", str(checkpoint), "--batch-size", str(args.batch_size),
-               "--workers", str(args.workers), "--num-beams", str(args.num_beams)]
+               "--workers", str(args.workers), "--num-beams", str(args.num_beams), "--engine", engine]
     start = time.perf_counter()
     finished = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
@@ -105,7 +113,7 @@ def _list(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--images", type=int, default=None, help="photos (default: 256; 1024 with --engine ray)")
     parser.add_argument("--data", type=Path, default=None, help="another folder of images to cycle")
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -113,7 +121,10 @@ def main() -> None:
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--upscale", type=int, default=None, metavar="LONG_SIDE")
     parser.add_argument("--rounds", type=int, default=2, help="folder runs, each followed by a library run")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="ray: also run the Ray engine on the same photos and compare it with the local one")
     args = parser.parse_args()
+    args.images = args.images or (1024 if args.engine == "ray" else 256)
 
     from captioner.api import Captioner
     from captioner.decoding import DecodeConfig
@@ -140,17 +151,25 @@ def main() -> None:
             decode_ms.append((time.perf_counter() - start) / len(paths) * 1000)
         decode_ms = min(decode_ms)
         library_runs = [library_throughput(model, pixels, args.batch_size, config)]
-        folder_runs, walls = [], []
+        folder_runs, walls, ray_runs, ray_walls = [], [], [], []
         for round_ in range(args.rounds):  # interleaved: a shared machine's load drifts
             output = temporary / f"captions{round_}.jsonl"
             folder, wall = folder_throughput(temporary / "images", output, checkpoint, args, len(paths))
             folder_runs.append(folder)
             walls.append(wall)
+            if args.engine == "ray":
+                output = temporary / f"ray{round_}.jsonl"
+                ray, wall = folder_throughput(temporary / "images", output, checkpoint, args, len(paths), "ray")
+                ray_runs.append(ray)
+                ray_walls.append(wall)
             library_runs.append(library_throughput(model, pixels, args.batch_size, config))
 
     library, folder = statistics.median(library_runs), statistics.median(folder_runs)
     command_wall = statistics.median(walls)
+    from captioner.cpu import cpu_flags, cpu_name
+
     rows = [
+        ("cpu", f"{cpu_name()}, {'AVX-512 BF16' if 'avx512_bf16' in cpu_flags() else 'AVX2'}"),
         ("model", model_note),
         ("images", f"{len(paths)} JPEGs, first {image_size}"),
         ("settings", f"batch {args.batch_size}, {args.workers} workers, beam {args.num_beams}, "
@@ -162,6 +181,19 @@ def main() -> None:
                            f"{len(paths) / command_wall:.2f} counting start-up and model loading)"),
         ("folder / library", f"{folder / library:.3f} (target >= 0.8)"),
     ]
+    extra = {}
+    if ray_runs:
+        ray = statistics.median(ray_runs)
+        rows += [
+            ("caption-folder --engine ray", f"{ray:.2f} images/s (median of {_list(ray_runs)}; "
+                                            f"{len(paths) / statistics.median(ray_walls):.2f} counting start-up)"),
+            ("ray / local engine", f"{ray / folder:.3f} (target >= 0.85; per round "
+                                   f"{_list([r / f for r, f in zip(ray_runs, folder_runs)])})"),
+        ]
+        extra = {"local_images_per_s": round(folder, 3), "ray_images_per_s": round(ray, 3),
+                 "ray_over_local": round(ray / folder, 3), "ray_runs": [round(x, 3) for x in ray_runs],
+                 "ray_over_local_per_round": [round(r / f, 3) for r, f in zip(ray_runs, folder_runs)],
+                 "ray_images_per_s_with_startup": round(len(paths) / statistics.median(ray_walls), 3)}
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -175,7 +207,7 @@ def main() -> None:
         "decode_ms_per_image": round(decode_ms, 2),
         "model_ms_per_image": round(1000 / library, 2),
         "images": len(paths), "image_size": image_size, "batch_size": args.batch_size,
-        "workers": args.workers, "num_beams": args.num_beams, "model": model_note,
+        "workers": args.workers, "num_beams": args.num_beams, "model": model_note, **extra,
     }))
 
 

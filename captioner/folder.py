@@ -2,7 +2,12 @@
 
     captioner caption-folder photos/ -o captions.jsonl --recursive --html gallery.html
 
-How it runs:
+Two engines run this command: this module's local one (below), and `--engine ray`
+(`captioner/folder_ray.py`: the same listing, records and writers on a Ray cluster). Both build
+records with `caption_record` / `error_record` and write them with `encode_records` and
+`coco_results`: one record format for every engine.
+
+How the local engine runs:
 - `find_images` lists DIR in sorted order. Image files are picked by extension, and files with
   another extension (or none) by their first bytes; hidden files, non-images and non-regular
   files are skipped. Directory symlinks are followed once: a loop is detected by (device, inode).
@@ -36,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .cli import add_decode_arguments, add_model_arguments, decode_options, load_model
 
@@ -49,6 +54,7 @@ IMAGE_EXTENSIONS = frozenset({
     ".heic", ".heif", ".qoi", ".pcx",
 })
 CSV_FIELDS = ("path", "caption", "score", "error")
+JOURNAL_SUFFIX = ".records.jsonl"  # beside a coco OUT: every record, errors included
 
 
 # -- finding the images ---------------------------------------------------------------------------
@@ -185,8 +191,7 @@ class JsonlStore:
         self._handle.seek(end)
 
     def append(self, records: list[dict[str, Any]]) -> None:
-        data = b"".join(json.dumps(r, ensure_ascii=True).encode() + b"\n" for r in records)
-        self._write(data)
+        self._write(encode_jsonl(records))
         self.records.extend(records)
 
     def _write(self, data: bytes) -> None:
@@ -207,7 +212,7 @@ class CsvStore(JsonlStore):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if overwrite or not self.path.exists() or self.path.stat().st_size == 0:
             self._handle = open(self.path, "wb")
-            self._write(self._encode([dict(zip(CSV_FIELDS, CSV_FIELDS))]))
+            self._write(CSV_HEADER)
             _fsync_directory(self.path.parent)
             return
         text = self.path.read_bytes().decode("utf-8", errors="surrogateescape")
@@ -227,15 +232,8 @@ class CsvStore(JsonlStore):
         self._handle.seek(end_bytes)
 
     def append(self, records: list[dict[str, Any]]) -> None:
-        self._write(self._encode(records))
+        self._write(encode_csv(records))
         self.records.extend(records)
-
-    @staticmethod
-    def _encode(records: list[dict[str, Any]]) -> bytes:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n", extrasaction="ignore")
-        writer.writerows(records)
-        return buffer.getvalue().encode("utf-8", errors="surrogateescape")
 
 
 def _complete_csv_rows(text: str) -> tuple[list[list[str]], int]:
@@ -265,7 +263,7 @@ class CocoStore(JsonlStore):
     (atomically) from the journal OUT.records.jsonl, which also holds the error records."""
 
     def __init__(self, path: Path):
-        super().__init__(Path(str(path) + ".records.jsonl"))
+        super().__init__(Path(str(path) + JOURNAL_SUFFIX))
         self.results_path = path
 
     def open(self, *, overwrite: bool) -> None:
@@ -276,11 +274,7 @@ class CocoStore(JsonlStore):
 
     def finish(self) -> None:
         super().finish()
-        captioned = [r for r in self.records if "caption" in r]
-        ids = coco_image_ids([r["path"] for r in captioned])
-        results = [{"image_id": ids[r["path"]], "caption": r["caption"], "score": r["score"],
-                    "file_name": r["path"]} for r in captioned]
-        _write_atomically(self.results_path, json.dumps(results, indent=1).encode())
+        write_atomically(self.results_path, coco_results(self.records))
 
 
 def coco_image_ids(paths: list[str]) -> dict[str, int | str]:
@@ -300,13 +294,51 @@ def coco_image_ids(paths: list[str]) -> dict[str, int | str]:
 STORES = {"jsonl": JsonlStore, "csv": CsvStore, "coco": CocoStore}
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def output_format(fmt: str | None, output: str) -> str:
+    """--format, else from OUT's extension (.csv, .json for coco), else jsonl."""
+    return fmt or {".csv": "csv", ".json": "coco"}.get(os.path.splitext(output)[1].lower(), "jsonl")
+
+
+def encode_jsonl(records: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(r, ensure_ascii=True).encode() + b"\n" for r in records)
+
+
+def encode_csv(records: list[dict[str, Any]]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n", extrasaction="ignore")
+    writer.writerows(records)
+    return buffer.getvalue().encode("utf-8", errors="surrogateescape")
+
+
+CSV_HEADER = encode_csv([dict(zip(CSV_FIELDS, CSV_FIELDS))])
+
+
+def encode_records(fmt: str, records: list[dict[str, Any]]) -> bytes:
+    """The bytes that add `records` to an OUT of this format (for coco: to its journal); a CSV
+    file starts with CSV_HEADER."""
+    return encode_csv(records) if fmt == "csv" else encode_jsonl(records)
+
+
+def coco_results(records: list[dict[str, Any]]) -> bytes:
+    """The coco-caption results array of the captioned records, in their order."""
+    captioned = [r for r in records if "caption" in r]
+    ids = coco_image_ids([r["path"] for r in captioned])
+    results = [{"image_id": ids[r["path"]], "caption": r["caption"], "score": r["score"],
+                "file_name": r["path"]} for r in captioned]
+    return json.dumps(results, indent=1).encode()
+
+
+def write_atomically(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write `data` (bytes, or chunks of them) to PATH.tmp, then rename it to PATH: readers see
+    the old file or the whole new one, never a part."""
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "wb") as handle:
-        handle.write(data)
+        for chunk in [data] if isinstance(data, bytes) else data:
+            handle.write(chunk)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+    _fsync_directory(path.parent)
 
 
 def _fsync_directory(folder: Path) -> None:
@@ -331,6 +363,10 @@ def caption_record(path: str, result) -> dict[str, Any]:
     return record
 
 
+def error_record(path: str, reason: str) -> dict[str, Any]:
+    return {"path": path, "error": reason}
+
+
 def error_reason(reason: str, absolute: str, relative: str) -> str:
     """Error messages name the file; the record already does, so keep the reason, with the
     relative path wherever the message repeats the file's absolute one."""
@@ -343,12 +379,17 @@ def error_reason(reason: str, absolute: str, relative: str) -> str:
 
 
 def register(commands) -> None:
+    from . import folder_ray  # imports ray only when the command runs
+
     parser = commands.add_parser(
-        "caption-folder", help="caption every image in a folder (batched, resumable)",
+        "caption-folder", help="caption every image in a folder (batched, resumable; locally or on Ray)",
         description="Caption every image in DIR, in sorted order, into OUT. Interrupted runs resume "
                     "where they stopped when run again with the same arguments.")
-    parser.add_argument("dir", metavar="DIR", help="folder of images (nothing is written into it)")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (outside DIR)")
+    parser.add_argument("dir", metavar="DIR",
+                        help="folder of images (nothing is written into it); with --engine ray also a "
+                             "URI such as s3://bucket/photos")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT",
+                        help="output file (outside DIR); with --engine ray also a URI")
     parser.add_argument("--format", choices=FORMATS, default=None,
                         help="jsonl, csv or coco (default: from OUT's extension, else jsonl)")
     parser.add_argument("--recursive", action="store_true", help="descend into subfolders")
@@ -357,10 +398,15 @@ def register(commands) -> None:
                              "(a pattern with '/' matches the relative path)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model batch (default: 32)")
     parser.add_argument("--workers", type=int, default=2,
-                        help="image-decoding worker processes; 0 decodes in the main process (default: 2)")
+                        help="local engine: image-decoding worker processes; 0 decodes in the main "
+                             "process (default: 2)")
     parser.add_argument("--html", default=None, metavar="GALLERY", help="also write a static HTML gallery")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming OUT")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local: this machine (default); ray: a Ray cluster, with Ray Data "
+                             "(pip install 'captioner[ray]')")
+    folder_ray.add_arguments(parser)
     add_model_arguments(parser)
     add_decode_arguments(parser)
     parser.set_defaults(func=run)
@@ -379,7 +425,7 @@ class Summary:
     def images_per_s(self) -> float:
         return (self.captioned + self.failed) / self.elapsed if self.elapsed > 0 else 0.0
 
-    def describe(self, output: Path) -> str:
+    def describe(self, output: Path | str) -> str:
         line = (f"captioned {self.captioned}, failed {self.failed}, skipped {self.skipped} (not images, or hidden)"
                 f"{f', {self.already_done} already in OUT' if self.already_done else ''}; "
                 f"{self.elapsed:.1f} s, {self.images_per_s:.2f} images/s -> {output}")
@@ -389,20 +435,54 @@ class Summary:
         return "\n".join(["failed:", *shown, line] if shown else [line])
 
 
-def run(args: argparse.Namespace) -> int:
+def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The checks both engines make before any work; returns the decoding options."""
     from .decoding import DecodeConfig
 
+    if args.batch_size < 1 or args.workers < 0:
+        raise ValueError("--batch-size must be at least 1 and --workers at least 0")
+    options = decode_options(args)
+    DecodeConfig.from_kwargs(**options)  # bad options fail before the model loads
+    return options
+
+
+def report(args: argparse.Namespace, summary: Summary, *, found_any: bool, captioned_any: bool,
+           interrupted: bool, output: str, source: str, written: str | None = None) -> int:
+    """The summary on stderr and the exit status, alike for both engines. `written` says what an
+    interrupted run kept (default: every image it captioned, in OUT)."""
+    if not args.quiet:
+        print(summary.describe(output), file=sys.stderr)
+    if interrupted:
+        written = written or f"{summary.captioned + summary.failed} images written to {output}"
+        print(f"interrupted: {written}; run the same command again to finish", file=sys.stderr)
+        return 130
+    if not found_any:
+        print(f"captioner caption-folder: no images in {source}"
+              f"{'' if args.recursive else ' (use --recursive for subfolders)'}", file=sys.stderr)
+        return 1
+    if not captioned_any:
+        print("captioner caption-folder: no image could be captioned", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        from .folder_ray import run as run_on_ray
+
+        return run_on_ray(args)
+    from .decoding import DecodeConfig
+
+    if "://" in args.dir or "://" in args.output:
+        raise ValueError("a URI for DIR or OUT needs --engine ray (the local engine reads and writes local files)")
     root, output = Path(args.dir), Path(args.output)
-    fmt = args.format or {".csv": "csv", ".json": "coco"}.get(output.suffix.lower(), "jsonl")
+    fmt = output_format(args.format, args.output)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
     for name, path in (("OUT", output), ("the gallery", Path(args.html) if args.html else None)):
         if path is not None and _inside(path, root):
             raise ValueError(f"{name} ({path}) is inside {root}: nothing is written into the input folder")
-    if args.batch_size < 1 or args.workers < 0:
-        raise ValueError("--batch-size must be at least 1 and --workers at least 0")
-    options = decode_options(args)
-    config = DecodeConfig.from_kwargs(**options)  # bad options fail before the model loads
+    config = DecodeConfig.from_kwargs(**check_arguments(args))
 
     store = STORES[fmt](output)
     try:
@@ -442,20 +522,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as error:
         print(f"captioner caption-folder: cannot write the output: {error}", file=sys.stderr)
         return 2
-    if not args.quiet:
-        print(summary.describe(output), file=sys.stderr)
-    if interrupted:
-        print(f"interrupted: {summary.captioned + summary.failed} images written to {output}; "
-              "run the same command again to finish", file=sys.stderr)
-        return 130
-    if not found.images:
-        print(f"captioner caption-folder: no images in {root}"
-              f"{'' if args.recursive else ' (use --recursive for subfolders)'}", file=sys.stderr)
-        return 1
-    if not any("caption" in r for r in store.records):
-        print("captioner caption-folder: no image could be captioned", file=sys.stderr)
-        return 1
-    return 0
+    return report(args, summary, found_any=bool(found.images), interrupted=interrupted, output=str(output),
+                  captioned_any=any("caption" in r for r in store.records), source=str(root))
 
 
 def _caption_all(model, config, root: Path, todo: list[str], store: JsonlStore, summary: Summary,
@@ -475,7 +543,7 @@ def _caption_all(model, config, root: Path, todo: list[str], store: JsonlStore, 
                 for index, result in zip(batch.indices, model.caption_pixels(batch.pixels, config)):
                     records[index] = caption_record(todo[index], result)
             for index, reason in batch.failures:
-                records[index] = {"path": todo[index], "error": error_reason(reason, absolute[index], todo[index])}
+                records[index] = error_record(todo[index], error_reason(reason, absolute[index], todo[index]))
                 summary.failures.append((todo[index], records[index]["error"]))
             store.append([records[i] for i in sorted(records)])  # one write + fsync per batch
             summary.captioned += len(batch.indices)

@@ -40,11 +40,23 @@ class ImageFileDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            pixels = self.preprocessing.load(self.paths[index], max_pixels=self.max_pixels)
-        except (ImageError, OSError) as error:
-            return index, None, str(error) if isinstance(error, ImageError) else f"{self.paths[index]}: {error}"
+        pixels, reason = decode_file(self.paths[index], self.preprocessing, self.max_pixels)
+        if pixels is None:
+            return index, None, reason
         return index, pixels if self.transform is None else self.transform(index, pixels), None
+
+
+def decode_file(source: str | os.PathLike | bytes, preprocessing: Preprocessing,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor | None, str | None]:
+    """One image file (a path, or the bytes of a file) -> ((3, S, S) uint8, None), or (None, why)
+    when it cannot be read: the one decoding step of every batch job (folders, feature caches, the
+    Ray engine's decoding tasks)."""
+    try:
+        return preprocessing.load(source, max_pixels=max_pixels), None
+    except ImageError as error:
+        return None, str(error)
+    except OSError as error:
+        return None, f"{source}: {error}"
 
 
 def collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> PixelBatch:

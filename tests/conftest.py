@@ -4,6 +4,7 @@ No test needs ../shared/data or a network."""
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import re
@@ -46,6 +47,18 @@ def require_tool(*names: str, install: str) -> str:
     if os.environ.get("CI", "").lower() in ("true", "1"):
         pytest.fail(f"{reason} (CI=true: this test must run in CI)", pytrace=False)
     pytest.skip(reason)
+
+
+def require_module(name: str, *, install: str):
+    """`import name` for a test that needs an optional dependency: absent, the test skips with
+    `install` in the reason, and with CI=true it fails instead, as `require_tool` does."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        reason = f"{name} cannot be imported ({error}); install it with `{install}`"
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{reason} (CI=true: this test must run in CI)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
 
 
 @pytest.fixture(scope="session")
