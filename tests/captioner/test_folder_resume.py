@@ -45,7 +45,13 @@ def start_run(folder: Path, out: Path, checkpoint: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "captioner.cli", "caption-folder", str(folder), "-o", str(out),
                "--checkpoint", checkpoint, "--batch-size", "2", "--workers", "1", *FAST]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_answer_ctrl_c)
+
+
+def _answer_ctrl_c() -> None:
+    """A child inherits an ignored SIGINT, and Python then never installs its handler: whatever an
+    earlier test (or a library it loaded) did to this process's SIGINT, the run answers Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_records(process: subprocess.Popen, out: Path, count: int, timeout: float = 120) -> None:
@@ -113,7 +119,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(many_photos, tiny_checkpoin
         _, err = process.communicate(timeout=60)
     finally:
         end_group(process)
-    assert process.returncode == 130, err[-2000:]
+    assert process.returncode == 130, (signal.getsignal(signal.SIGINT), err[-2000:])
     assert "interrupted" in err and "run the same command again" in err
     done = len(complete_lines(out))
     assert 2 <= done < PHOTOS and out.read_text().endswith("\n")
