@@ -111,9 +111,9 @@ def main() -> None:
           f"({ctx.cfg.optim.batch_images} images x {ctx.cfg.data.captions_per_image} captions per step"
           f"{f' + {ctx.cfg.optim.text_batch} captions without photos' if ctx.text is not None else ''}; {amp})")
     if device == "cpu":
-        from captioner.cpu import BF16_FLAGS, cpu_flags
+        from captioner.cpu import BF16_FLAGS, cpu_flags, cpu_name
 
-        print(f"CPU: {_cpu_name()}; bf16 instructions: {[f for f in BF16_FLAGS if f in cpu_flags()] or 'none'}")
+        print(f"CPU: {cpu_name()}; bf16 instructions: {[f for f in BF16_FLAGS if f in cpu_flags()] or 'none'}")
     print(f"{'mode':28}{'captions/s':>12}")
     print(f"{'from the feature cache':28}{cached:>12.1f}")
     print(f"{'end to end (decode+encode)':28}{uncached:>12.1f}")
@@ -132,15 +132,6 @@ def main() -> None:
         figures["gpu_captions_per_s"] = round(cached, 1)
     print(json.dumps(figures))
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

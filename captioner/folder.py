@@ -159,6 +159,14 @@ class OutputError(RuntimeError):
     """OUT exists but is not this command's output, or cannot be read back."""
 
 
+def output_failed(error: Exception, target: object = "the output") -> int:
+    """Say why the output could not be written (an `OutputError` says it all, an OSError names the
+    file) -> exit status 2, for both engines."""
+    detail = str(error) if isinstance(error, OutputError) else f"cannot write {target}: {error}"
+    print(f"captioner caption-folder: {detail}", file=sys.stderr)
+    return 2
+
+
 class JsonlStore:
     """One JSON record a line. `open()` drops a half-written last line (an interrupted write) and
     reads back the complete records, so that a rerun appends exactly the missing ones."""
@@ -487,12 +495,8 @@ def run(args: argparse.Namespace) -> int:
     store = STORES[fmt](output)
     try:
         store.open(overwrite=args.overwrite)
-    except OSError as error:
-        print(f"captioner caption-folder: cannot write {output}: {error}", file=sys.stderr)
-        return 2
-    except OutputError as error:
-        print(f"captioner caption-folder: {error}", file=sys.stderr)
-        return 2
+    except (OSError, OutputError) as error:
+        return output_failed(error, output)
 
     found = find_images(root, recursive=args.recursive, glob=args.glob)
     done = {r["path"] for r in store.records}
@@ -510,9 +514,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True
     except OSError as error:
-        print(f"captioner caption-folder: cannot write {output}: {error}", file=sys.stderr)
         store.finish()
-        return 2
+        return output_failed(error, output)
     try:
         store.finish()
         if args.html and not interrupted:
@@ -520,8 +523,7 @@ def run(args: argparse.Namespace) -> int:
 
             write_gallery(store.records, root, Path(args.html), title=f"Captions of {root.resolve().name}")
     except OSError as error:
-        print(f"captioner caption-folder: cannot write the output: {error}", file=sys.stderr)
-        return 2
+        return output_failed(error)
     return report(args, summary, found_any=bool(found.images), interrupted=interrupted, output=str(output),
                   captioned_any=any("caption" in r for r in store.records), source=str(root))
 

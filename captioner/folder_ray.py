@@ -54,7 +54,7 @@ from typing import Any, Iterable, Iterator
 from .cli import load_model
 from .folder import (CSV_HEADER, IMAGE_EXTENSIONS, JOURNAL_SUFFIX, Discovery, OutputError, Summary, _glob_match,
                      _inside, caption_record, check_arguments, coco_results, encode_jsonl, encode_records,
-                     error_reason, error_record, find_images, output_format, report, sniff_image,
+                     error_reason, error_record, find_images, output_failed, output_format, report, sniff_image,
                      write_atomically)
 
 INSTALL = "pip install 'captioner[ray]'"
@@ -522,12 +522,8 @@ def run(args: argparse.Namespace) -> int:
             raise OutputError(f"{out} exists without the shards folder {shards.folder.name.rsplit('/', 1)[-1]} "
                               "the ray engine resumes from; choose another output or pass --overwrite")
         done = shards.open(overwrite=args.overwrite)
-    except OutputError as error:
-        print(f"captioner caption-folder: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"captioner caption-folder: cannot write {out}: {error}", file=sys.stderr)
-        return 2
+    except (OSError, OutputError) as error:
+        return output_failed(error, out)
 
     found = find_images_at(source, recursive=args.recursive, glob=args.glob)
     todo = [p for p in found.images if p not in done]
@@ -540,8 +536,7 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             interrupted = True
         except OSError as error:
-            print(f"captioner caption-folder: cannot write {shards.folder}: {error}", file=sys.stderr)
-            return 2
+            return output_failed(error, shards.folder)
     records: list[dict[str, Any]] | None = [] if gallery is not None else None
     captioned_any = False
     if not interrupted:
@@ -557,12 +552,8 @@ def run(args: argparse.Namespace) -> int:
                 from .gallery import write_gallery
 
                 write_gallery(records, Path(source.path), gallery, title=f"Captions of {Path(source.path).name}")
-        except OutputError as error:
-            print(f"captioner caption-folder: {error}", file=sys.stderr)
-            return 2
-        except OSError as error:
-            print(f"captioner caption-folder: cannot write the output: {error}", file=sys.stderr)
-            return 2
+        except (OSError, OutputError) as error:
+            return output_failed(error)
     kept = len(shards.committed) - shards.found
     return report(args, summary, found_any=bool(found.images), captioned_any=captioned_any,
                   interrupted=interrupted, output=str(out), source=str(source),

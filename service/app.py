@@ -106,7 +106,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         warm.set()
         log.info("model %s loaded: %s in %.1f s, %s inference (%s)", name, handler.model_id,
                  time.monotonic() - started, model.inference.precision, model.inference.reason)
-        return ModelSlot(name, path, model, handler, batcher, load_s=time.monotonic() - started)
+        return ModelSlot(name, path, model, handler, batcher)
 
     limit = parse_rate_limit(settings.rate_limit)
     buckets = None

@@ -14,6 +14,7 @@ that does not load leaves the old slot serving and says why.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -46,7 +47,6 @@ class ModelSlot:
     handler: CaptionHandler
     batcher: MicroBatcher
     loaded_at: float = field(default_factory=time.time)  # Unix time
-    load_s: float = 0.0
     reloads: int = 0
     last_reload_error: str | None = None
 
@@ -54,25 +54,28 @@ class ModelSlot:
     def sha256(self) -> str | None:
         return self.model.checkpoint_sha256
 
-    def card(self) -> dict[str, Any]:
-        """GET /v1/model: what the model is, how it was trained and measured."""
+    @functools.cached_property
+    def _described(self) -> dict[str, Any]:
+        """What does not change while the slot serves (computed on the first /v1/model)."""
         description = self.model.describe()
-        provenance = description.get("provenance") or {}
+        provenance = description.pop("provenance", None) or {}
         config = provenance.get("config")
         data = config.get("data") if isinstance(config, dict) else None
         return {
             "name": self.name,
             "id": self.handler.model_id,
-            **{k: v for k, v in description.items() if k != "provenance"},
+            **description,
             "checkpoint": self.path or "(bundled)",
             "training_data": {"data": data, "train_images": provenance.get("train_images")}
             if data or provenance.get("train_images") else None,
             "metrics": provenance.get("metrics") or {},
             "loaded_at": round(self.loaded_at, 3),
-            "reloads": self.reloads,
-            "last_reload_error": self.last_reload_error,
             "provenance": provenance,
         }
+
+    def card(self) -> dict[str, Any]:
+        """GET /v1/model: what the model is, how it was trained and measured, how it was reloaded."""
+        return {**self._described, "reloads": self.reloads, "last_reload_error": self.last_reload_error}
 
     def summary(self) -> dict[str, Any]:
         """One entry of GET /v1/models."""
