@@ -208,8 +208,10 @@ class Decoder(nn.Module):
             # step by step (self-critical training replays the sampler's masks).
             top = self._fused_top()
             outputs = []
-            for t in range(tokens.shape[1]):
-                output, state, alpha = self._recur(word_gates[:, t], state, top=top)
+            # unbind, not word_gates[:, t]: each indexed step's backward would fill an (N, T, G)
+            # gradient of zeros to add its slice into; unbind's backward stacks the slices once.
+            for step_gates in word_gates.unbind(1):
+                output, state, alpha = self._recur(step_gates, state, top=top)
                 outputs.append(output)
                 alphas.append(alpha)
             stacked = self._logits(torch.stack(outputs, dim=1))  # (N, T, V)
@@ -299,8 +301,12 @@ class Decoder(nn.Module):
     def _attend(self, query: torch.Tensor, gate: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, torch.Tensor]:
         """query (N, A), gate input (N, F) -> gated context (N, F), weights (N, P)."""
         b, k = state.memory.shape[0], state.group_size
-        energy = torch.tanh(state.memory_att[:, None] + query.view(b, k, 1, -1))  # (B, K, P, A)
-        scores = torch.matmul(energy, self.att_score.weight[0])  # (B, K, P)
+        # Additive attention, softmax(w . tanh(m + q)), with tanh(z) = 2 sigmoid(2z) - 1: the -1
+        # term adds the same constant to every region's score, which the softmax cancels, so
+        # alpha = softmax(2 w . sigmoid(2m + 2q)). The same function; on CPUs the (B, K, P, A)
+        # sigmoid pass is several times cheaper than tanh's, and it is most of attention's cost.
+        energy = torch.sigmoid((state.memory_att * 2)[:, None] + (query * 2).view(b, k, 1, -1))  # (B, K, P, A)
+        scores = torch.matmul(energy, self.att_score.weight[0] * 2)  # (B, K, P), less a constant per row
         alpha = scores.softmax(dim=-1)
         context = torch.bmm(alpha, state.memory).view(b * k, -1)  # (N, F)
         return torch.sigmoid(gate) * context, alpha.view(b * k, -1)

@@ -70,13 +70,23 @@ def pixel_loader(dataset: ImageFileDataset, *, batch_size: int, workers: int,
                  prefetch_batches: int = 4) -> DataLoader:
     """Batches in dataset order; decoding overlaps the model when workers > 0.
 
-    Each worker decodes whole batches with one thread (`_init_worker`): the model in the main
-    process keeps its intra-op threads, and workers never oversubscribe the cores with their own
-    thread pools. `prefetch_batches` is how many batches each worker may decode ahead."""
+    Each worker decodes whole batches with one thread and a lower scheduling priority
+    (`_init_worker`): the model in the main process keeps its intra-op threads, workers never
+    oversubscribe the cores with their own thread pools, and where the model's threads keep every
+    core busy, decoding runs in the gaps they leave (the decoder's word steps use one core) instead
+    of preempting them. When the model starves for images, the workers get the cores anyway.
+    `prefetch_batches` is how many batches each worker may decode ahead."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=collate, persistent_workers=False, worker_init_fn=_init_worker,
                       prefetch_factor=prefetch_batches if workers > 0 else None)
 
 
+WORKER_NICENESS = 10  # CFS weight about 1/10 of the model's threads while both want a core
+
+
 def _init_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:  # not permitted (some containers): decode at normal priority
+        pass
