@@ -2,7 +2,7 @@
 
     python benchmarks/bench_folder.py [--images 256] [--data DIR] [--checkpoint PATH]
                                       [--batch-size 32] [--workers 2] [--num-beams 3]
-                                      [--upscale LONG_SIDE] [--engine ray]
+                                      [--upscale LONG_SIDE] [--engine ray] [--precision auto]
 
 1. Makes a temporary folder of N JPEGs: by default the Flickr8k photos listed in
    ../shared/data/flickr8k/original_aspect.txt, cycled; `--data` takes every image of another
@@ -94,7 +94,8 @@ def folder_throughput(folder: Path, output: Path, checkpoint: Path, args, count:
     """The command's own images/s (captioning only) and its whole wall time."""
     command = [sys.executable, "-m", "captioner.cli", "caption-folder", str(folder), "-o", str(output),
                "--checkpoint", str(checkpoint), "--batch-size", str(args.batch_size),
-               "--workers", str(args.workers), "--num-beams", str(args.num_beams), "--engine", engine]
+               "--workers", str(args.workers), "--num-beams", str(args.num_beams), "--engine", engine,
+               "--precision", args.precision]
     start = time.perf_counter()
     finished = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
@@ -120,6 +121,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--upscale", type=int, default=None, metavar="LONG_SIDE")
+    parser.add_argument("--precision", default="auto", help="inference path of both sides (default: auto)")
     parser.add_argument("--rounds", type=int, default=2, help="folder runs, each followed by a library run")
     parser.add_argument("--engine", choices=("local", "ray"), default="local",
                         help="ray: also run the Ray engine on the same photos and compare it with the local one")
@@ -142,7 +144,7 @@ def main() -> None:
         with Image.open(paths[0]) as first:
             image_size = f"{first.width}x{first.height}"
 
-        model = Captioner.from_checkpoint(checkpoint)
+        model = Captioner.from_checkpoint(checkpoint, precision=args.precision)
         config = DecodeConfig(num_beams=args.num_beams)
         decode_ms = []
         for _ in range(2):  # the first pass also pays for imports and the page cache
@@ -170,7 +172,8 @@ def main() -> None:
 
     rows = [
         ("cpu", f"{cpu_name()}, {'AVX-512 BF16' if 'avx512_bf16' in cpu_flags() else 'AVX2'}"),
-        ("model", model_note),
+        ("model", f"{model_note}; {model.inference.precision} on {model.inference.runtime} "
+                  f"(asked: {args.precision})"),
         ("images", f"{len(paths)} JPEGs, first {image_size}"),
         ("settings", f"batch {args.batch_size}, {args.workers} workers, beam {args.num_beams}, "
                      f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs"),
@@ -207,7 +210,8 @@ def main() -> None:
         "decode_ms_per_image": round(decode_ms, 2),
         "model_ms_per_image": round(1000 / library, 2),
         "images": len(paths), "image_size": image_size, "batch_size": args.batch_size,
-        "workers": args.workers, "num_beams": args.num_beams, "model": model_note, **extra,
+        "workers": args.workers, "num_beams": args.num_beams, "model": model_note,
+        "precision": model.inference.precision, "runtime": model.inference.runtime, **extra,
     }))
 
 

@@ -1,6 +1,7 @@
 """Training throughput against the hardware: captions/s from the feature cache, the matrix FLOPs of
 one cached step (counted by `torch.utils.flop_counter`) per second, against the machine's fp32
-matrix peak (a large `torch.mm`, timed in the same run with the same threads), and end to end
+matrix peak (a large `torch.mm`, timed in the same run with the same threads right before each
+of --rounds timed epochs, since a shared machine's speed drifts; medians over the rounds), and end to end
 (JPEG decoding + encoder every step), with the project's own training loop on the same images.
 
     python benchmarks/bench_training.py [--data ../shared/data/flickr8k] [--images 320] [--device cuda]
@@ -17,10 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -60,9 +63,11 @@ def step_flops(ctx: Context) -> int:
     return counter.get_total_flops()
 
 
-def throughput(overrides: list[str], warmup_batches: int) -> tuple[float, float, float, Context]:
-    """(captions per second of one training epoch, seconds spent building the context, seconds of
-    the warm-up batches, the run's context)."""
+def throughput(overrides: list[str], warmup_batches: int, rounds: int = 1,
+               between: Callable[[], object] | None = None) -> tuple[list[float], float, float, Context, list]:
+    """(captions per second of each of `rounds` timed training epochs, seconds spent building the
+    context, seconds of the warm-up batches, the run's context, what `between()` returned before
+    each timed epoch)."""
     started = time.perf_counter()
     ctx = Context(load_config(ROOT / "training/configs/flickr8k.yaml", overrides), None)
     setup = time.perf_counter() - started
@@ -70,13 +75,24 @@ def throughput(overrides: list[str], warmup_batches: int) -> tuple[float, float,
     train_one_epoch(ctx, Progress(batches_done=max(0, ctx.batches_per_epoch - warmup_batches)))
     _synchronize(ctx.device)
     warmup = time.perf_counter() - started
-    progress = Progress(epoch=1)
-    started = time.perf_counter()
-    train_one_epoch(ctx, progress)
-    _synchronize(ctx.device)
-    elapsed = time.perf_counter() - started
-    captions = progress.batches_done * ctx.cfg.optim.batch_images * ctx.cfg.data.captions_per_image
-    return captions / elapsed, setup, warmup, ctx
+    speeds, measured = [], []
+    for round_ in range(rounds):
+        if between is not None:
+            measured.append(between())
+        progress = Progress(epoch=round_ + 1)
+        started = time.perf_counter()
+        train_one_epoch(ctx, progress)
+        _synchronize(ctx.device)
+        elapsed = time.perf_counter() - started
+        captions = progress.batches_done * ctx.cfg.optim.batch_images * ctx.cfg.data.captions_per_image
+        speeds.append(captions / elapsed)
+    return speeds, setup, warmup, ctx, measured
+
+
+def ctx_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -91,6 +107,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cache-dir", default=None, help="default: a fresh temporary folder")
     parser.add_argument("--warmup-batches", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="timed cached epochs, each after its own peak measurement")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -99,12 +116,20 @@ def main() -> None:
               "--data.val.limit=8", f"--data.cache_dir={cache_dir}", f"--run.device={args.device}",
               "--run.progress=false", f"--run.compile={str(args.compile).lower()}",
               f"--run.out_dir={tempfile.mkdtemp(prefix='bench_training_run_')}"]
-    cached, cache_build, warmup, ctx = throughput(common + ["--data.use_cache=true"], args.warmup_batches)
+    # The peak is measured right before each timed epoch: on a shared or throttled machine the
+    # speed of the same product drifts by a fifth within minutes, so each epoch is compared with
+    # the peak of its own moment, and the figures are medians over the rounds.
+    peak_dtype = torch.bfloat16 if torch.cuda.is_available() and args.device != "cpu" else torch.float32
+    speeds, cache_build, warmup, ctx, peaks = throughput(
+        common + ["--data.use_cache=true"], args.warmup_batches, args.rounds,
+        between=lambda: matrix_peak(ctx_device(args.device), peak_dtype))
     flops = step_flops(ctx)
     captions_per_step = ctx.cfg.optim.batch_images * ctx.cfg.data.captions_per_image
-    gflops = flops / 1e9 * cached / captions_per_step  # matrix GFLOP/s of the timed epoch
-    peak = matrix_peak(ctx.device, torch.bfloat16 if ctx.device.type == "cuda" else torch.float32)
-    uncached, _, _, _ = throughput(common + ["--data.use_cache=false"], args.warmup_batches)
+    round_gflops = [flops / 1e9 * speed / captions_per_step for speed in speeds]  # matrix GFLOP/s per epoch
+    fractions = [g / p for g, p in zip(round_gflops, peaks)]
+    cached, gflops, peak = (statistics.median(x) for x in (speeds, round_gflops, peaks))
+    fraction = statistics.median(fractions)
+    uncached = statistics.median(throughput(common + ["--data.use_cache=false"], args.warmup_batches)[0])
     device = ctx.device.type
     amp = "bf16 autocast" if ctx.amp else "fp32"
     print(f"device: {device}  threads: {torch.get_num_threads()}  images: {args.images} "
@@ -119,15 +144,20 @@ def main() -> None:
     print(f"{'end to end (decode+encode)':28}{uncached:>12.1f}")
     print(f"cached / uncached: {cached / uncached:.1f}x   (building the cache took {cache_build:.1f} s, once; "
           f"the {args.warmup_batches} warm-up batches {warmup:.1f} s)")
-    print(f"one cached step: {flops / 1e9:.1f} GFLOP of matrix products; {gflops:.1f} GFLOP/s against an fp32 "
-          f"torch.mm peak of {peak:.1f} GFLOP/s (2048 x 2048, same threads): {gflops / peak:.1%} of peak")
+    print(f"one cached step: {flops / 1e9:.1f} GFLOP of matrix products; {gflops:.1f} GFLOP/s against an "
+          f"{'bf16' if peak_dtype == torch.bfloat16 else 'fp32'} torch.mm peak of {peak:.1f} GFLOP/s "
+          f"(2048 x 2048, same threads, best of 5 right before each timed epoch): {fraction:.1%} of peak "
+          f"(median of {len(fractions)} epochs: {', '.join(f'{f:.1%}' for f in fractions)}; "
+          f"peaks {', '.join(f'{p:.0f}' for p in peaks)})")
     figures = {"cached_captions_per_s": round(cached, 1), "uncached_captions_per_s": round(uncached, 1),
                "cached_over_uncached": round(cached / uncached, 2), "device": device,
                "images": args.images, "compile": args.compile, "cache_build_s": round(cache_build, 1),
                "cached_warmup_s": round(warmup, 1), "step_gflop": round(flops / 1e9, 2), "amp": ctx.amp}
     prefix = "gpu" if device == "cuda" else "cpu"
     figures.update({f"{prefix}_gflops_per_s": round(gflops, 1), f"{prefix}_peak_gflops_per_s": round(peak, 1),
-                    f"{prefix}_fraction_of_peak": round(gflops / peak, 3)})
+                    f"{prefix}_fraction_of_peak": round(fraction, 3),
+                    f"{prefix}_fraction_of_peak_per_epoch": [round(f, 3) for f in fractions],
+                    "compile_elementwise": bool(ctx.cfg.run.compile_elementwise and device == "cpu")})
     if device == "cuda":
         figures["gpu_captions_per_s"] = round(cached, 1)
     print(json.dumps(figures))

@@ -120,6 +120,19 @@ class Decoder(nn.Module):
         else:
             self.output = nn.Linear(c.hidden_dim, c.vocab_size)
         self._inference: _InferenceWeights | None = None
+        # compile_elementwise() swaps in compiled versions of these two
+        self._attention_weights, self._lstm_cell = attention_weights, lstm_cell
+
+    def compile_elementwise(self) -> None:
+        """Training on CPUs: the additive attention's (B, K, P, A) elementwise work and the LSTM
+        cell's gate arithmetic, forward and backward, fused by torch.compile into a few loops
+        instead of one pass over memory per operation (the attention alone 2.4x faster on 2 AVX2
+        cores). The matrix products stay outside, as does dropout (self-critical training
+        replays its masks). Used only where gradients are tracked, so decoding, sampling and
+        export keep the eager functions. Compiling takes about 15 s per batch shape; it needs a
+        C++ compiler."""
+        self._attention_weights = torch.compile(attention_weights, dynamic=False)
+        self._lstm_cell = torch.compile(lstm_cell, dynamic=False)
 
     # -- the step API used by every decoding method ---------------------------------------------
 
@@ -301,13 +314,8 @@ class Decoder(nn.Module):
     def _attend(self, query: torch.Tensor, gate: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, torch.Tensor]:
         """query (N, A), gate input (N, F) -> gated context (N, F), weights (N, P)."""
         b, k = state.memory.shape[0], state.group_size
-        # Additive attention, softmax(w . tanh(m + q)), with tanh(z) = 2 sigmoid(2z) - 1: the -1
-        # term adds the same constant to every region's score, which the softmax cancels, so
-        # alpha = softmax(2 w . sigmoid(2m + 2q)). The same function; on CPUs the (B, K, P, A)
-        # sigmoid pass is several times cheaper than tanh's, and it is most of attention's cost.
-        energy = torch.sigmoid((state.memory_att * 2)[:, None] + (query * 2).view(b, k, 1, -1))  # (B, K, P, A)
-        scores = torch.matmul(energy, self.att_score.weight[0] * 2)  # (B, K, P), less a constant per row
-        alpha = scores.softmax(dim=-1)
+        weights = self._attention_weights if torch.is_grad_enabled() else attention_weights
+        alpha = weights(state.memory_att, query.view(b, k, -1), self.att_score.weight[0])  # (B, K, P)
         context = torch.bmm(alpha, state.memory).view(b * k, -1)  # (N, F)
         return torch.sigmoid(gate) * context, alpha.view(b * k, -1)
 
@@ -317,9 +325,7 @@ class Decoder(nn.Module):
         """gx, gh: (N, G) input and hidden contributions -> (h', c')."""
         kind = self.config.cell
         if kind == "lstm":
-            i, f, g, o = (gx + gh).chunk(4, dim=1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            return torch.sigmoid(o) * torch.tanh(c), c
+            return (self._lstm_cell if torch.is_grad_enabled() else lstm_cell)(gx, gh, c)
         if kind == "gru":
             xr, xz, xn = gx.chunk(3, dim=1)
             hr, hz, hn = gh.chunk(3, dim=1)
@@ -327,6 +333,23 @@ class Decoder(nn.Module):
             n = torch.tanh(xn + r * hn)
             return (1 - z) * n + z * h, None
         return torch.tanh(gx + gh), None
+
+
+def attention_weights(memory_att: torch.Tensor, query: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """Additive attention weights softmax_p(w . tanh(m_p + q)): memory_att (B, P, A), query
+    (B, K, A), score weight w (A,) -> (B, K, P). With tanh(z) = 2 sigmoid(2z) - 1 the -1 term adds
+    the same constant to every region's score, which the softmax cancels, so this computes
+    softmax(2w . sigmoid(2m + 2q)): the same function, and on CPUs the (B, K, P, A) sigmoid pass,
+    most of attention's cost, is several times cheaper than tanh's."""
+    energy = torch.sigmoid((memory_att * 2)[:, None] + (query * 2)[:, :, None])  # (B, K, P, A)
+    return torch.matmul(energy, score * 2).softmax(dim=-1)  # (B, K, P)
+
+
+def lstm_cell(gx: torch.Tensor, gh: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LSTM gates: gx, gh (N, 4D) input and hidden contributions, c (N, D) -> (h', c')."""
+    i, f, g, o = (gx + gh).chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
 
 
 class _Projection:

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -358,6 +359,12 @@ class Context:
             model = torch.compile(model)
         elif self.cfg.run.compile:
             log.warning("run.compile ignored: it needs CUDA and the cross-entropy objective")
+        if self.cfg.run.compile_elementwise and self.device.type == "cpu":
+            compiler = os.environ.get("CXX", "g++")
+            if shutil.which(compiler):
+                self.decoder.compile_elementwise()
+            else:
+                log.warning("run.compile_elementwise ignored: torch.compile needs a C++ compiler (%s not found)", compiler)
         return model
 
     def prepare_epoch(self, epoch: int) -> None:

@@ -1,3 +1,6 @@
+import os
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as nnf
@@ -111,3 +114,29 @@ def test_fused_training_step_computes_the_plain_loss_and_gradients(overrides):
     assert fused_grads.keys() == plain_grads.keys()
     for name in plain_grads:
         torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_elementwise_work_computes_the_eager_loss_and_gradients():
+    """`compile_elementwise()` (training.run.compile_elementwise): the fused attention and LSTM
+    cell give the eager step's loss and gradients, with dropout drawn alike (it stays eager)."""
+    torch.manual_seed(0)
+    eager = Decoder(tiny_decoder_config(20, dropout=0.3)).train()
+    compiled = Decoder(tiny_decoder_config(20, dropout=0.3)).train()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_elementwise()
+    regions, tokens = torch.randn(3, 5, 24), torch.randint(4, 20, (6, 7))
+    results = []
+    for decoder in (eager, compiled):
+        torch.manual_seed(1)
+        logits, alphas = decoder(regions, regions.mean(dim=1), tokens[:, :-1])
+        loss = nnf.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) + alphas.sum(1).var()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in decoder.named_parameters()}))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name in eager_grads:
+        torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # decoding keeps the eager functions: no compilation for its shapes
+        state = compiled.eval().init_state(regions, regions.mean(dim=1))
+        assert compiled.step(tokens[:, 0][:3], state)[0].shape == (3, 20)
