@@ -51,5 +51,11 @@ def test_no_500_and_answers_match_the_document(schema, label):
 
     run()
     assert statuses and all(status < 500 for status in statuses), statuses
-    if captions:  # the fuzzer reached both the model and the error paths
-        assert statuses[200] >= 1 and len(statuses) >= 3, statuses
+    if captions:
+        # The fuzzer reached the error paths; a photo with no options reaches the model, and its
+        # answer matches the document too (how many fuzzed cases reach the model varies with the
+        # fuzzer's version and state: one full-suite run drew none).
+        assert len({s for s in statuses if s >= 400}) >= 2, statuses
+        photo = corpus()["webp"][0]
+        answer = operation.Case(body=photo, media_type="image/webp").call_and_validate()
+        assert answer.status_code == 200, answer.text
