@@ -44,6 +44,7 @@ from .config import TrainConfig, config_from_dict, load_config
 from .batches import CaptionBatches
 from .data import Sample, load_dataset
 from .metrics import caption_metrics, diversity
+from .losses import token_cross_entropy
 from .scst import SelfCritical
 from .text import TextBatches, read_corpora
 
@@ -100,8 +101,8 @@ def caption_loss(
     """Cross-entropy over real tokens, plus doubly stochastic attention regularisation
     (Show, Attend and Tell, eq. 14): each region should receive about one unit of attention over
     the caption. logits (N, T, V), alphas (N, T, P), targets (N, T). Returns (loss, ce)."""
-    ce = nnf.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=pad_id,
-                           label_smoothing=label_smoothing)
+    ce = token_cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=pad_id,
+                             label_smoothing=label_smoothing)
     loss = ce
     if alphas is not None and attention_reg > 0:
         mask = (targets != pad_id).unsqueeze(-1).to(alphas.dtype)  # (N, T, 1)
@@ -190,7 +191,7 @@ def _with_text_loss(ctx: "Context", loss: torch.Tensor, text: torch.Tensor | Non
     """loss + text_weight x the language-model cross-entropy of the captions without photos."""
     if text is None:
         return loss, figures
-    text_ce = nnf.cross_entropy(text_logits.float().flatten(0, 1), text[:, 1:].flatten(), ignore_index=ctx.vocab.pad_id)
+    text_ce = token_cross_entropy(text_logits.float().flatten(0, 1), text[:, 1:].flatten(), ignore_index=ctx.vocab.pad_id)
     return loss + ctx.cfg.optim.text_weight * text_ce, {**figures, "text_ce": text_ce.item()}
 
 
