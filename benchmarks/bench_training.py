@@ -64,9 +64,9 @@ def step_flops(ctx: Context) -> int:
 
 
 def throughput(overrides: list[str], warmup_batches: int, rounds: int = 1,
-               between: Callable[[], object] | None = None) -> tuple[list[float], float, float, Context, list]:
+               between: Callable[[Context], object] | None = None) -> tuple[list[float], float, float, Context, list]:
     """(captions per second of each of `rounds` timed training epochs, seconds spent building the
-    context, seconds of the warm-up batches, the run's context, what `between()` returned before
+    context, seconds of the warm-up batches, the run's context, what `between(ctx)` returned before
     each timed epoch)."""
     started = time.perf_counter()
     ctx = Context(load_config(ROOT / "training/configs/flickr8k.yaml", overrides), None)
@@ -78,7 +78,7 @@ def throughput(overrides: list[str], warmup_batches: int, rounds: int = 1,
     speeds, measured = [], []
     for round_ in range(rounds):
         if between is not None:
-            measured.append(between())
+            measured.append(between(ctx))
         progress = Progress(epoch=round_ + 1)
         started = time.perf_counter()
         train_one_epoch(ctx, progress)
@@ -89,10 +89,10 @@ def throughput(overrides: list[str], warmup_batches: int, rounds: int = 1,
     return speeds, setup, warmup, ctx, measured
 
 
-def ctx_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+def peak_dtype(device: torch.device) -> torch.dtype:
+    """What the step computes in: bf16 on GPUs, where autocast runs it; fp32 on CPUs, whose peak
+    the issue measures in fp32."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _synchronize(device: torch.device) -> None:
@@ -119,10 +119,9 @@ def main() -> None:
     # The peak is measured right before each timed epoch: on a shared or throttled machine the
     # speed of the same product drifts by a fifth within minutes, so each epoch is compared with
     # the peak of its own moment, and the figures are medians over the rounds.
-    peak_dtype = torch.bfloat16 if torch.cuda.is_available() and args.device != "cpu" else torch.float32
     speeds, cache_build, warmup, ctx, peaks = throughput(
         common + ["--data.use_cache=true"], args.warmup_batches, args.rounds,
-        between=lambda: matrix_peak(ctx_device(args.device), peak_dtype))
+        between=lambda ctx: matrix_peak(ctx.device, peak_dtype(ctx.device)))
     flops = step_flops(ctx)
     captions_per_step = ctx.cfg.optim.batch_images * ctx.cfg.data.captions_per_image
     round_gflops = [flops / 1e9 * speed / captions_per_step for speed in speeds]  # matrix GFLOP/s per epoch
@@ -145,7 +144,7 @@ def main() -> None:
     print(f"cached / uncached: {cached / uncached:.1f}x   (building the cache took {cache_build:.1f} s, once; "
           f"the {args.warmup_batches} warm-up batches {warmup:.1f} s)")
     print(f"one cached step: {flops / 1e9:.1f} GFLOP of matrix products; {gflops:.1f} GFLOP/s against an "
-          f"{'bf16' if peak_dtype == torch.bfloat16 else 'fp32'} torch.mm peak of {peak:.1f} GFLOP/s "
+          f"{'bf16' if peak_dtype(ctx.device) == torch.bfloat16 else 'fp32'} torch.mm peak of {peak:.1f} GFLOP/s "
           f"(2048 x 2048, same threads, best of 5 right before each timed epoch): {fraction:.1%} of peak "
           f"(median of {len(fractions)} epochs: {', '.join(f'{f:.1%}' for f in fractions)}; "
           f"peaks {', '.join(f'{p:.0f}' for p in peaks)})")

@@ -41,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .cli import add_decode_arguments, add_model_arguments, decode_options, load_model
 
@@ -167,6 +167,20 @@ def output_failed(error: Exception, target: object = "the output") -> int:
     return 2
 
 
+def parse_records(lines: Iterable[bytes], where: object) -> Iterator[dict[str, Any]]:
+    """The caption-folder records of JSON lines read back from `where` (an output or a shard);
+    anything else is an OutputError: the file is not ours to append to."""
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+            raise OutputError(f"{where} line {number} is not a caption-folder record; "
+                              "choose another output or pass --overwrite")
+        yield record
+
+
 class JsonlStore:
     """One JSON record a line. `open()` drops a half-written last line (an interrupted write) and
     reads back the complete records, so that a rerun appends exactly the missing ones."""
@@ -184,16 +198,7 @@ class JsonlStore:
             return
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1  # a record is complete once its newline is written
-        lines = data[:end].split(b"\n")[:-1]
-        for number, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            if not isinstance(record, dict) or not isinstance(record.get("path"), str):
-                raise OutputError(f"{self.path} line {number} is not a caption-folder record; "
-                                  "choose another output or pass --overwrite")
-            self.records.append(record)
+        self.records.extend(parse_records(data[:end].split(b"\n")[:-1], self.path))
         self._handle = open(self.path, "r+b")
         self._handle.truncate(end)
         self._handle.seek(end)

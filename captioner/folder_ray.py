@@ -54,7 +54,8 @@ from typing import Any, Iterable, Iterator
 from .cli import load_model
 from .folder import (CSV_HEADER, IMAGE_EXTENSIONS, JOURNAL_SUFFIX, Discovery, OutputError, Summary, _glob_match,
                      _inside, caption_record, check_arguments, coco_results, encode_jsonl, encode_records,
-                     error_reason, error_record, find_images, output_failed, output_format, report, sniff_image,
+                     error_reason, error_record, find_images, output_failed, output_format, parse_records, report,
+                     sniff_image,
                      write_atomically)
 
 INSTALL = "pip install 'captioner[ray]'"
@@ -378,16 +379,7 @@ class Shards:
         return max((run for run, _, _ in self.committed), default=0) + 1
 
     def _read(self, name: str) -> Iterator[dict[str, Any]]:
-        data = self.folder.child(name).read_bytes()
-        for number, line in enumerate(data.splitlines(), 1):
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            if not isinstance(record, dict) or not isinstance(record.get("path"), str):
-                raise OutputError(f"{self.folder.child(name)} line {number} is not a caption-folder record; "
-                                  "choose another output or pass --overwrite")
-            yield record
+        yield from parse_records(self.folder.child(name).read_bytes().splitlines(), self.folder.child(name))
 
     def _read_all(self) -> Iterator[dict[str, Any]]:
         for _, _, name in self.committed:
