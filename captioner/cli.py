@@ -21,6 +21,7 @@ import sys
 from importlib import import_module
 from typing import Any
 
+from .cpu import keep_freed_memory
 from .decoding import DecodeConfig
 from .precision import PRECISIONS
 
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"overrides must look like --section.key=value: {' '.join(bad)}")
     args.overrides = extra
+    keep_freed_memory()  # large tensors reuse freed pages instead of faulting fresh ones in per batch
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:

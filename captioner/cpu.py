@@ -8,6 +8,8 @@ AVX-VNNI) or AMX-INT8; without them int8 kernels multiply in 16 bits and can sat
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 from pathlib import Path
 from typing import Any
@@ -63,3 +65,27 @@ def capabilities() -> dict[str, Any]:
         "native_int8": native_int8(),
         "amx": any(flag.startswith("amx") for flag in flags),
     }
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the system.
+
+    PyTorch's CPU allocator has no cache of its own, and glibc serves every block above its mmap
+    threshold (32 MB at most) with fresh pages that it unmaps on free: a training step that
+    allocates its (tokens, vocabulary) logits and their gradient, 48 MB each, page-faults them
+    in anew every step, and the encoder its 25 MB activations every batch. On 2 AVX2 cores
+    `torch.exp` of such a tensor takes 92 ms into fresh pages and 28 ms into reused ones, and the
+    encoder at batch 16 30 to 35 ms per photo against 19 to 20. After this call the heap serves
+    all blocks and is never trimmed, so the process keeps its peak memory (as a GPU caching
+    allocator does). Called by the processes that compute: the CLI, the service, Ray's caption
+    actors, training. Returns whether it applied (glibc only)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to set
+        return False
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))

@@ -313,9 +313,11 @@ class CaptionActor:
         import ray
         import torch
 
+        from .cpu import keep_freed_memory
         from .decoding import DecodeConfig
 
         torch.set_num_threads(1)
+        keep_freed_memory()  # as the local engine's process does (cli.main)
         with tempfile.NamedTemporaryFile(prefix="captioner-", suffix=suffix) as handle:
             handle.write(ray.get(checkpoint[0]))
             handle.flush()
