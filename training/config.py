@@ -104,7 +104,7 @@ class RunSettings:
     device: str = "auto"  # "auto", "cpu", "cuda"
     amp: bool = True  # bf16 autocast on CUDA, and on CPUs with bf16 instructions (AVX-512 BF16, AMX)
     compile: bool = False  # torch.compile the model on CUDA (cross-entropy; captions padded to one length)
-    compile_elementwise: bool = False  # CPU: torch.compile attention's and the LSTM cell's elementwise work (~15 s per batch shape)
+    compile_elementwise: bool = False  # CPU: torch.compile the LSTM cell's elementwise work (a few seconds per batch shape)
     checkpoint_every_steps: int = 200
     time_budget_minutes: float | None = None
     progress: bool = True

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from captioner.checkpoint import load_checkpoint, save_checkpoint
-from captioner.cpu import native_bf16
+from captioner.cpu import keep_freed_memory, native_bf16
 from captioner.decoder import Decoder, DecoderConfig
 from captioner.decoding import DecodeConfig, generate
 from captioner.encoder import Encoder
@@ -86,8 +86,8 @@ class CaptionModel(torch.nn.Module):
         regions, pooled = self.encode(inputs)
         logits, alphas = self.decoder(regions, pooled, tokens, sample_prob=sample_prob)
         text_logits = None
-        if text_tokens is not None:  # the image input absent: one all-zero region
-            absent = regions.new_zeros(1, 1, regions.shape[-1])
+        if text_tokens is not None:  # the image input absent: one all-zero region, one "image" per caption
+            absent = regions.new_zeros(text_tokens.shape[0], 1, regions.shape[-1])  # (M, 1, E)
             text_logits, _ = self.decoder(absent, absent[:, 0], text_tokens)
         return logits, alphas, text_logits
 
@@ -267,6 +267,8 @@ class Context:
         self.device = _device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
         # bf16 autocast where the hardware computes bf16 natively (on other CPUs it is emulated, slower).
         self.amp = cfg.run.amp and (self.device.type == "cuda" or (self.device.type == "cpu" and native_bf16()))
+        if self.device.type == "cpu":
+            keep_freed_memory()  # the step's large tensors reuse pages instead of faulting them in anew
         self.out = Path(cfg.run.out_dir)
 
         self.train_samples = load_dataset(cfg.data.train, cfg.data.train_split)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
-from captioner.decoder import Decoder
+from captioner.decoder import Decoder, Dropout, TrainedAttentionWeights, attention_weights
 from captioner.decoding import DecodeConfig, generate
 from tests.conftest import tiny_decoder_config
 
@@ -116,10 +116,39 @@ def test_fused_training_step_computes_the_plain_loss_and_gradients(overrides):
         torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_dropout_keeps_each_unit_with_probability_one_minus_p_and_the_expectation():
+    torch.manual_seed(0)
+    x = torch.full((400, 500), 3.0, requires_grad=True)
+    dropout = Dropout(0.3).train()
+    y = dropout(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 3.0 / 0.7))
+    y.sum().backward()  # the gradient flows through the kept units only, scaled alike
+    torch.testing.assert_close(x.grad, kept.float() / 0.7)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+    assert Dropout(0.3).eval()(x) is x
+
+
+def test_trained_attention_has_the_gradients_of_the_plain_formula():
+    """Training's attention weights (a hand-written backward) are the inference function's
+    values, and their gradients pass gradcheck in float64 for every input, with several
+    sequences per image (the sum over K) and a softmax over regions (the sum over P)."""
+    g = torch.Generator().manual_seed(0)
+    memory_att = torch.randn(2, 4, 6, dtype=torch.float64, generator=g, requires_grad=True)  # (B, P, A)
+    query = torch.randn(2, 3, 6, dtype=torch.float64, generator=g, requires_grad=True)  # (B, K, A)
+    score = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
+    torch.testing.assert_close(TrainedAttentionWeights.apply(memory_att, query, score),
+                               attention_weights(memory_att, query, score))
+    assert torch.autograd.gradcheck(TrainedAttentionWeights.apply, (memory_att, query, score))
+    alpha = TrainedAttentionWeights.apply(memory_att.float(), query.float(), score.float())
+    assert alpha.dtype == torch.float32 and torch.allclose(alpha.sum(-1), torch.ones(2, 3))
+
+
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_elementwise_work_computes_the_eager_loss_and_gradients():
-    """`compile_elementwise()` (training.run.compile_elementwise): the fused attention and LSTM
-    cell give the eager step's loss and gradients, with dropout drawn alike (it stays eager)."""
+    """`compile_elementwise()` (training.run.compile_elementwise): the fused LSTM cell gives the
+    eager step's loss and gradients, with dropout drawn alike (it stays eager)."""
     torch.manual_seed(0)
     eager = Decoder(tiny_decoder_config(20, dropout=0.3)).train()
     compiled = Decoder(tiny_decoder_config(20, dropout=0.3)).train()
