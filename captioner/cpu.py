@@ -87,5 +87,8 @@ def keep_freed_memory() -> bool:
         return False
     if mallopt is None:
         return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's malloc.h
+    # One arena: threads' arenas are 64 MB heaps of their own, and the service computes its
+    # batches in a thread (2 AVX2 cores, 16 clients: 23.5 and 23.9 req/s against 18.6 to 22.8).
+    return (bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
+            and bool(mallopt(m_arena_max, 1)))
