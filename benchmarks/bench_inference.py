@@ -59,9 +59,7 @@ def time_per_image(function, pixels: torch.Tensor, batch: int) -> float:
 
 
 def main() -> None:
-    from captioner.cpu import keep_freed_memory
-
-    keep_freed_memory()  # the library here under the allocator settings the CLI and the service use
+    cpu.keep_freed_memory()  # the library here under the allocator settings the CLI and the service use
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     parser.add_argument("--images", type=Path, default=None, help="folder of .jpg photos (default: examples/)")
