@@ -260,7 +260,20 @@ def _draw(logits: torch.Tensor, logp: torch.Tensor, config: DecodeConfig, genera
         probs = sorted_scores.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= config.top_p  # keeps the token that crosses p
         scores = scores.scatter(1, order, sorted_scores.masked_fill(drop, NEG_INF))
-    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    return _categorical((scores - scores.amax(dim=-1, keepdim=True)).exp(), generator)
+
+
+def _categorical(weights: torch.Tensor, generator) -> torch.Tensor:
+    """One draw per row of (N, V) non-negative weights (unnormalised), by inverting the
+    cumulative sum: one uniform number per row, where `torch.multinomial` on CPUs draws one per
+    weight (50 ms against 1 ms for 160 x 3,918 on 2 cores, most of self-critical sampling)."""
+    cumulative = weights.double().cumsum(dim=-1)  # float64: 3,918 partial sums stay exact enough
+    total = cumulative[:, -1:]
+    u = torch.rand(total.shape, dtype=total.dtype, device=total.device, generator=generator) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total, even after rounding
+    # The first index whose partial sum exceeds u: its own weight is positive, so a banned
+    # (zero-weight) word is never drawn.
+    return torch.searchsorted(cumulative, u, right=True).squeeze(1)
 
 
 # -- beam search -------------------------------------------------------------------------------

@@ -203,7 +203,9 @@ def _self_critical_loss(ctx: "Context", images: list[int], generator: torch.Gene
     # Sample with dropout on, then replay the same dropout masks in the gradient pass (the
     # draws come in the same order and shapes), so the gradient is for the policy that sampled.
     dropout_rng = _rng_state(ctx.device)
-    with torch.no_grad():
+    # Sampled under the gradient pass's autocast: the same arithmetic for the policy that samples
+    # and the one differentiated, and on bf16 hardware the sampling's matrix products at bf16 speed.
+    with torch.no_grad(), torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
         regions, pooled = ctx.network.encode(inputs)
         hypotheses = ctx.self_critical.sample(ctx.decoder, regions, pooled, seed)
     advantages, reward = ctx.self_critical.advantages(images, hypotheses)

@@ -74,6 +74,26 @@ def test_sampling_is_reproducible_with_a_seed(decoder):
     assert tokens(first) != tokens(other)
 
 
+def test_sampling_draws_each_word_at_its_probability_and_never_a_zero_weight_one():
+    """The sampler's one-uniform-per-row draw: frequencies match the weights (unnormalised, as
+    the sampler passes them), and words of weight zero (banned ones), first and last included,
+    never come out, even where the uniform number lands on a partial sum's edge."""
+    from captioner.decoding import _categorical
+
+    weights = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.5, 0.0, 2.5, 0.0])
+    rows = weights.expand(40_000, -1)
+    drawn = _categorical(rows, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(drawn, minlength=len(weights)).double() / len(drawn)
+    assert torch.allclose(frequencies, weights.double() / weights.sum(), atol=0.01)
+    assert not frequencies[weights == 0].any()
+    # A uniform draw of 0, and one whose product with the total rounds up to the total, pick the
+    # first and the last word of positive weight.
+    from unittest import mock
+    for u, expected in ((0.0, 1), (1.0, 6)):
+        with mock.patch("torch.rand", lambda shape, **kw: torch.full(shape, u, dtype=kw["dtype"])):
+            assert _categorical(weights[None], None).tolist() == [expected]
+
+
 def test_decoding_stops_at_eos_and_respects_max_new_tokens(decoder):
     regions, pooled = _images(10, seed=4)
     for beams in (1, 3):
