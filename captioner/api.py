@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import onnxrt
+from . import cpu, onnxrt
 from .checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
 from .decoder import Decoder, DecoderConfig
 from .decoding import MAX_CONSTRAINTS, DecodeConfig, Hypothesis, generate
@@ -222,7 +222,11 @@ class Captioner:
         missing = [str(f) for kind, f in files.items() if not f.is_file()]
         if missing:
             raise CheckpointError(f"{path}: the export's other files are missing: {', '.join(missing)}")
+        # 8-bit weights where the CPU has int8 dot products, 7-bit ones where they would saturate
+        # (see captioner.onnxrt); an export from before the 7-bit file has only the first.
         int8_file = files.get("encoder_int8")
+        if not cpu.native_int8():
+            int8_file = files.get("encoder_int8_7bit", int8_file)
         inference = choose_path(precision, device=torch.device("cpu"), runtime="onnxruntime",
                                 backbone=encoder_config.backbone,
                                 int8_unavailable=lambda: None if int8_file else

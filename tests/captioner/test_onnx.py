@@ -5,6 +5,7 @@ the same decoding module, the int8 encoder calibrated by training/calibrate_int8
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def pixels(pair):
 
 def test_export_writes_checked_graphs_with_metadata(exported, pair):
     _, _, files = exported
-    assert set(files) == {"encoder", "decoder_init", "decoder_step", "encoder_int8"}
+    assert set(files) == {"encoder", "decoder_init", "decoder_step", "encoder_int8", "encoder_int8_7bit"}
     for path in files.values():
         onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     main = onnx.load(str(files["encoder"]))
@@ -110,8 +111,9 @@ def test_int8_encoder_from_the_calibration_script(exported, pair, pixels):
     assert stored["encoder_sha256"] == onnxrt.encoder_digest(pair[0].encoder)
     int8 = Captioner.from_checkpoint(files["encoder"], precision="int8")
     assert (int8.inference.precision, int8.inference.runtime) == ("int8", "onnxruntime")
-    ops = {node.op_type for node in onnx.load(str(files["encoder_int8"])).graph.node}
-    assert "QLinearConv" in ops and "Conv" not in ops  # every convolution runs in int8
+    for kind in ("encoder_int8", "encoder_int8_7bit"):
+        ops = {node.op_type for node in onnx.load(str(files[kind])).graph.node}
+        assert "QLinearConv" in ops and "Conv" not in ops  # every convolution runs in int8
     assert all(r.text for r in int8.caption_pixels(pixels, DecodeConfig(num_beams=3)))
     auto = Captioner.from_checkpoint(files["encoder"])
     assert auto.inference.requested == "auto" and auto.inference.precision in ("fp32", "int8")
@@ -121,6 +123,17 @@ def test_int8_encoder_from_the_calibration_script(exported, pair, pixels):
     (regions, pooled), (regions8, pooled8) = pair[0].encode(pixels), int8.encode(pixels)
     assert ((regions8 - regions).norm() / regions.norm()) < 0.35
     assert torch.nn.functional.cosine_similarity(pooled8, pooled).min() > 0.95
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_int8_file_is_the_one_for_this_cpu(exported, monkeypatch, native):
+    """8-bit weights where int8 dot products are native (7 bits there cost precision), 7-bit
+    ones where AVX2 would saturate the 8-bit products."""
+    files = exported[2]
+    monkeypatch.setattr(cpu, "native_int8", lambda: native)
+    int8 = Captioner.from_checkpoint(files["encoder"], precision="int8")
+    expected = files["encoder_int8" if native else "encoder_int8_7bit"]
+    assert Path(int8.encoder.session.model) == expected
 
 
 def test_a_calibration_of_another_encoder_is_refused(exported, tmp_path):
