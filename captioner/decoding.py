@@ -266,7 +266,8 @@ def _draw(logits: torch.Tensor, logp: torch.Tensor, config: DecodeConfig, genera
 def _categorical(weights: torch.Tensor, generator) -> torch.Tensor:
     """One draw per row of (N, V) non-negative weights (unnormalised), by inverting the
     cumulative sum: one uniform number per row, where `torch.multinomial` on CPUs draws one per
-    weight (50 ms against 1 ms for 160 x 3,918 on 2 cores, most of self-critical sampling)."""
+    weight (with the softmax, 16.7 against 3.1 ms for 160 x 3,918 on 2 cores; it was most of
+    self-critical sampling)."""
     cumulative = weights.double().cumsum(dim=-1)  # float64: 3,918 partial sums stay exact enough
     total = cumulative[:, -1:]
     u = torch.rand(total.shape, dtype=total.dtype, device=total.device, generator=generator) * total
