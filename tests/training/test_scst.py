@@ -88,7 +88,10 @@ def test_self_critical_steps_raise_the_reward():
     assert sum(rewards[-10:]) / 10 > 2 * sum(rewards[:10]) / 10
 
 
-def test_the_gradient_pass_replays_the_sampling_policy_dropout_included():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_gradient_pass_replays_the_sampling_policy_dropout_included(autocast):
+    """With bf16 autocast (as training samples and differentiates on bf16 hardware) too: both
+    passes compute in the same precision, so the policy differentiated is the one that sampled."""
     torch.manual_seed(0)
     ids = sorted(REFERENCES)
     vocab = Vocabulary.build((c for refs in REFERENCES.values() for c in refs), min_count=1)
@@ -97,10 +100,13 @@ def test_the_gradient_pass_replays_the_sampling_policy_dropout_included():
                                     memory_dim=24, attention_dim=16, dropout=0.5)).train()
     regions = torch.randn(len(ids), 5, 12)
     rng = torch.get_rng_state()
-    hypotheses = critic.sample(decoder, regions, regions.mean(dim=1), seed=3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        hypotheses = critic.sample(decoder, regions, regions.mean(dim=1), seed=3)
     torch.set_rng_state(rng)
     sequences, targets = critic.sequences(hypotheses)
-    logits, _ = decoder(regions, regions.mean(dim=1), sequences)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits, _ = decoder(regions, regions.mean(dim=1), sequences)
+    logits = logits.float()
     # The sampler records log-softmax values before removing banned words (as beam search ranks).
     logp = logits.log_softmax(dim=-1).gather(-1, targets[..., None]).squeeze(-1)
     flat = [h for hyps in hypotheses for h in hyps]
