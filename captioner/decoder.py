@@ -9,6 +9,14 @@ the pooled image vector is a constant input. Everything that does not change per
 once per image in `init_state` (the region projection, its attention projection, and the image's
 contribution to the first layer's gates) and shared by the image's K sequences by broadcasting,
 so beams never copy it.
+
+Visual concepts (`concepts` > 0, Hendricks et al.'s DCC and Venugopalan et al.'s NOC in spirit):
+the constant input is the pooled vector's projection plus a projection of W concept confidences,
+the encoder's own ImageNet head mapped to caption words and calibrated (`captioner.tagger`), which
+the decoder computes from the pooled vector itself (`concept_probs`, a frozen copy of the head).
+Captions without photos, decoded with the image absent, get confidences made from their own
+words instead (`training.text.TextConcepts`): so the decoder learns from text how photos whose
+head says "pizza" or "toilet" are described, which its paired photos never show it.
 """
 
 from __future__ import annotations
@@ -35,12 +43,16 @@ class DecoderConfig:
     num_layers: int = 1
     dropout: float = 0.5
     tie_embeddings: bool = True  # output = (W h) . embedding: fewer weights to read per step
+    concepts: int = 0  # W concept words whose confidences join the constant input (0: none)
+    concept_classes: int = 0  # C classes of the ImageNet head behind them
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
             raise ValueError(f"cell must be one of {sorted(CELLS)}, not {self.cell!r}")
         if not 1 <= self.num_layers <= 4:
             raise ValueError(f"num_layers must be between 1 and 4, not {self.num_layers}")
+        if (self.concepts > 0) != (self.concept_classes > 0):
+            raise ValueError("concepts and concept_classes go together (both 0, or both positive)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,6 +144,15 @@ class Decoder(nn.Module):
             self.output_bias = nn.Parameter(torch.zeros(c.vocab_size))
         else:
             self.output = nn.Linear(c.hidden_dim, c.vocab_size)
+        if c.concepts:
+            # Zero at first, so a model given concepts to fine-tune starts as it was.
+            self.concept_proj = nn.Linear(c.concepts, c.memory_dim, bias=False)
+            nn.init.zeros_(self.concept_proj.weight)
+            # The frozen concept head (`set_concept_head`): classifier, class -> word map, Platt a, b.
+            self.register_buffer("concept_weight", torch.zeros(c.concept_classes, c.feature_dim))  # (C, E)
+            self.register_buffer("concept_bias", torch.zeros(c.concept_classes))  # (C,)
+            self.register_buffer("concept_words", torch.zeros(c.concept_classes, c.concepts))  # (C, W) 0/1
+            self.register_buffer("concept_platt", torch.tensor([1.0, 0.0, 0.0]))  # a, b, 1 for a log input
         self._inference: _InferenceWeights | None = None
         self._lstm_cell = lstm_cell  # compile_elementwise() swaps in a compiled version
 
@@ -143,12 +164,43 @@ class Decoder(nn.Module):
         eager function. Compiling takes a few seconds per batch shape; it needs a C++ compiler."""
         self._lstm_cell = torch.compile(lstm_cell, dynamic=False)
 
+    @torch.no_grad()
+    def set_concept_head(self, tagger) -> None:
+        """Copy a `captioner.tagger.Tagger` (its head, class -> word map and calibration) as the
+        concept head; its words, in order, are the W concepts."""
+        c = self.config
+        if (len(tagger.words), len(tagger.class_names)) != (c.concepts, c.concept_classes):
+            raise ValueError(f"a tagger of {len(tagger.words)} words and {len(tagger.class_names)} classes for a "
+                             f"decoder of {c.concepts} concepts and {c.concept_classes} classes")
+        self.concept_weight.copy_(tagger.weight)
+        self.concept_bias.copy_(tagger.bias)
+        self.concept_words.zero_()
+        self.concept_words[tagger._classes, tagger._columns] = 1.0
+        calibration = tagger.calibration or {"a": 1.0, "b": 0.0, "input": "logit"}
+        self.concept_platt.copy_(torch.tensor([calibration["a"], calibration["b"],
+                                               float(calibration["input"] == "log")]))
+
+    def concept_probs(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled (B, E) -> (B, W) calibrated concept confidences: `Tagger.word_probs`, written
+        with ops every exporter knows (the class -> word sum as a product)."""
+        logits = nnf.linear(pooled.float(), self.concept_weight, self.concept_bias)  # (B, C)
+        raw = (logits.softmax(dim=-1) @ self.concept_words).clamp(1e-12, 1 - 1e-6)  # (B, W)
+        a, b, log_input = self.concept_platt.unbind()
+        x = raw.log() - (1 - log_input) * (1 - raw).log()  # logit(raw), or log(raw)
+        return torch.sigmoid(a * x + b)
+
     # -- the step API used by every decoding method ---------------------------------------------
 
-    def init_state(self, regions: torch.Tensor, pooled: torch.Tensor) -> DecoderState:
-        """regions (B, P, E), pooled (B, E) -> state with one sequence per image."""
+    def init_state(self, regions: torch.Tensor, pooled: torch.Tensor,
+                   concepts: torch.Tensor | None = None) -> DecoderState:
+        """regions (B, P, E), pooled (B, E) -> state with one sequence per image. With concept
+        inputs, `concepts` (B, W) overrides the confidences the head computes from `pooled`
+        (captions without photos)."""
         c = self.config
         image = self.feature_dropout(self.feature_proj(pooled))  # (B, F)
+        if c.concepts:
+            confidences = self.concept_probs(pooled) if concepts is None else concepts
+            image = image + self.concept_proj(confidences.to(image.dtype))
         h = torch.tanh(self.init_h(image)).view(-1, c.num_layers, c.hidden_dim).transpose(0, 1)  # (L, B, D)
         cell = None
         if self.init_c is not None:
@@ -199,14 +251,15 @@ class Decoder(nn.Module):
         *,
         sample_prob: float = 0.0,
         fused: bool = True,
+        concepts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher forcing. regions (B, P, E), pooled (B, E); tokens (N, T) are the inputs
         (<bos> w1 ... wn, padded) of N = B*K captions, K per image, adjacent. With `sample_prob`
         > 0 (scheduled sampling), each input after the first is replaced, with that probability,
         by the model's own previous prediction. Returns logits (N, T, V) and attention weights
         (N, T, P) or None. `fused=False` computes exactly the same step by step, module by module
-        (the reference the fused path is tested against)."""
-        state = self.init_state(regions, pooled)
+        (the reference the fused path is tested against). `concepts` (B, W): as in `init_state`."""
+        state = self.init_state(regions, pooled, concepts)
         k = tokens.shape[0] // pooled.shape[0]
         if k > 1:
             state = state.repeat(k)

@@ -30,6 +30,10 @@ class DecoderSettings:
     num_layers: int = 1
     dropout: float = 0.5
     tie_embeddings: bool = True
+    # The encoder's ImageNet head, mapped to caption words and calibrated (captioner.tagger), as
+    # an input; captions without photos get confidences made from their own words. With
+    # model.init_from a model without them, adds them (starting at zero: the model as it was).
+    concepts: bool = False
 
 
 @dataclass

@@ -71,3 +71,32 @@ class TextBatches:
         """-> tokens (size, T) `<bos> w1 .. wn <eos>`, padded."""
         rows = torch.randint(0, len(self.sequences), (size,), generator=generator).tolist()
         return pad_sequences([self.sequences[r] for r in rows], self.pad_id)
+
+
+class TextConcepts:
+    """Concept confidences for captions without photos (decoders with concept inputs,
+    `captioner.decoder`): what the tagger might say of a photo the caption describes.
+
+    A concept word the caption names (any of its forms) gets a confidence drawn uniformly from
+    [`low`, 1], but is left out (0) with probability `miss`, as the tagger misses named objects;
+    words it does not name get 0. Draws come from the caller's generator, so a resumed run draws
+    the same."""
+
+    def __init__(self, vocab: Vocabulary, words: list[str], forms: dict[str, list[str]], *,
+                 low: float = 0.3, miss: float = 0.3):
+        self.concepts = len(words)  # W
+        self.low, self.miss = low, miss
+        # word id -> its concept's column, W for words that name no concept
+        self.column = torch.full((len(vocab),), len(words), dtype=torch.long)
+        for j, word in enumerate(words):
+            for form in forms[word]:
+                if form in vocab.index:
+                    self.column[vocab.index[form]] = j
+
+    def __call__(self, tokens: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """tokens (M, T) -> confidences (M, W)."""
+        m = tokens.shape[0]
+        named = torch.zeros(m, self.concepts + 1).scatter_(1, self.column[tokens.cpu()], 1.0)[:, :-1]  # (M, W)
+        draws = torch.rand(2, m, self.concepts, generator=generator)
+        kept = named * (draws[0] >= self.miss)
+        return (kept * (self.low + (1 - self.low) * draws[1])).to(tokens.device)

@@ -37,6 +37,7 @@ from captioner.decoder import Decoder, DecoderConfig
 from captioner.decoding import DecodeConfig, generate
 from captioner.encoder import Encoder
 from captioner.preprocessing import Preprocessing
+from captioner.tagger import Tagger
 from captioner.vocab import Vocabulary
 
 from . import features
@@ -46,7 +47,7 @@ from .data import Sample, load_dataset
 from .metrics import caption_metrics, diversity
 from .losses import token_cross_entropy
 from .scst import SelfCritical
-from .text import TextBatches, read_corpora
+from .text import TextBatches, TextConcepts, read_corpora
 
 log = logging.getLogger("captioner.train")
 
@@ -79,16 +80,17 @@ class CaptionModel(torch.nn.Module):
         return inputs, inputs.mean(dim=1)
 
     def forward(self, inputs: torch.Tensor, tokens: torch.Tensor, sample_prob: float = 0.0,
-                text_tokens: torch.Tensor | None = None):
+                text_tokens: torch.Tensor | None = None, text_concepts: torch.Tensor | None = None):
         """-> logits (N, T, V), attention (N, T, P) or None, and for captions without photos
         `text_tokens` (M, T'), their logits (M, T', V) or None. One forward for both, so that
-        DistributedDataParallel sees one pass per step."""
+        DistributedDataParallel sees one pass per step. `text_concepts` (M, W): their concept
+        confidences, for decoders with concept inputs."""
         regions, pooled = self.encode(inputs)
         logits, alphas = self.decoder(regions, pooled, tokens, sample_prob=sample_prob)
         text_logits = None
         if text_tokens is not None:  # the image input absent: one all-zero region, one "image" per caption
             absent = regions.new_zeros(text_tokens.shape[0], 1, regions.shape[-1])  # (M, 1, E)
-            text_logits, _ = self.decoder(absent, absent[:, 0], text_tokens)
+            text_logits, _ = self.decoder(absent, absent[:, 0], text_tokens, concepts=text_concepts)
         return logits, alphas, text_logits
 
 
@@ -169,21 +171,24 @@ def _cross_entropy_loss(ctx: "Context", images: list[int], generator: torch.Gene
         longest = ctx.cfg.model.max_caption_tokens + 2  # with <bos> and <eos>
         tokens = nnf.pad(tokens, (0, longest - tokens.shape[1]), value=ctx.vocab.pad_id)
     inputs, tokens = inputs.to(ctx.device), tokens.to(ctx.device)
-    text = _text_tokens(ctx, generator)
+    text, text_concepts = _text_batch(ctx, generator)
     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
         logits, alphas, text_logits = ctx.model(inputs, tokens[:, :-1], sample_prob=sampling,
-                                                text_tokens=None if text is None else text[:, :-1])
+                                                text_tokens=None if text is None else text[:, :-1],
+                                                text_concepts=text_concepts)
     loss, ce = caption_loss(logits.float(), None if alphas is None else alphas.float(), tokens[:, 1:],
                             ctx.vocab.pad_id, label_smoothing=ctx.cfg.optim.label_smoothing,
                             attention_reg=ctx.cfg.optim.attention_reg)
     return _with_text_loss(ctx, loss, text, text_logits, {"ce": ce.item()})
 
 
-def _text_tokens(ctx: "Context", generator: torch.Generator) -> torch.Tensor | None:
-    """A batch of captions without photos (drawn after the photo batch, from the same generator)."""
+def _text_batch(ctx: "Context", generator: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A batch of captions without photos (drawn after the photo batch, from the same generator)
+    -> tokens (M, T) or None, and for decoders with concept inputs their concepts (M, W)."""
     if ctx.text is None or ctx.cfg.optim.text_batch <= 0:
-        return None
-    return ctx.text.batch(ctx.cfg.optim.text_batch, generator).to(ctx.device)
+        return None, None
+    text = ctx.text.batch(ctx.cfg.optim.text_batch, generator).to(ctx.device)
+    return text, None if ctx.text_concepts is None else ctx.text_concepts(text, generator)
 
 
 def _with_text_loss(ctx: "Context", loss: torch.Tensor, text: torch.Tensor | None,
@@ -210,12 +215,13 @@ def _self_critical_loss(ctx: "Context", images: list[int], generator: torch.Gene
         hypotheses = ctx.self_critical.sample(ctx.decoder, regions, pooled, seed)
     advantages, reward = ctx.self_critical.advantages(images, hypotheses)
     sequences, targets = ctx.self_critical.sequences(hypotheses)
-    text = _text_tokens(ctx, generator)
+    text, text_concepts = _text_batch(ctx, generator)
     _set_rng_state(ctx.device, dropout_rng)
     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
         # The photo pass draws its dropout first, so the replayed masks are the sampler's.
         logits, _, text_logits = ctx.model(inputs, sequences.to(ctx.device),
-                                           text_tokens=None if text is None else text[:, :-1])
+                                           text_tokens=None if text is None else text[:, :-1],
+                                           text_concepts=text_concepts)
     loss = ctx.self_critical.loss(logits, targets.to(ctx.device), advantages)
     return _with_text_loss(ctx, loss, text, text_logits, {"reward": reward})
 
@@ -295,20 +301,30 @@ class Context:
 
         self.encoder = Encoder(encoder_config)
         self.preprocessing = dataclasses.replace(self.encoder.native_preprocessing, resize=cfg.model.resize)
+        settings = dataclasses.asdict(cfg.model.decoder)
+        add_concepts = settings.pop("concepts")
         if source is not None:
             self.preprocessing = Preprocessing.from_dict(source["preprocessing"])
             decoder_config = DecoderConfig.from_dict({**source["decoder"], "dropout": cfg.model.decoder.dropout})
         else:
             decoder_config = DecoderConfig(vocab_size=len(self.vocab), feature_dim=self.encoder.feature_dim,
-                                           **dataclasses.asdict(cfg.model.decoder))
+                                           **settings)
+        tagger = None
+        if add_concepts or decoder_config.concepts:
+            tagger = Tagger.imagenet(encoder_config.backbone)
+            decoder_config = dataclasses.replace(decoder_config, concepts=len(tagger.words),
+                                                 concept_classes=len(tagger.class_names))
         torch.manual_seed(cfg.run.seed)
         self.decoder = Decoder(decoder_config)
+        if tagger is not None:
+            self.decoder.set_concept_head(tagger)
         if source is not None:
             state = source["state_dict"]
             _load_encoder(self.encoder, {k[8:]: v for k, v in state.items() if k.startswith("encoder.")})
-            self.decoder.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("decoder.")})
+            _load_decoder(self.decoder, {k[8:]: v for k, v in state.items() if k.startswith("decoder.")}, tagger)
         self.encoder.to(self.device)
         self.decoder.to(self.device)
+        self.text_concepts = None if tagger is None else TextConcepts(self.vocab, tagger.words, tagger.forms)
 
         # Frozen encoder: features come from the cache, encoded once (on rank 0 first).
         # Fine-tuning (from optim.finetune_from_epoch) or data.use_cache=false: pixels go through the encoder.
@@ -448,6 +464,21 @@ def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
         torch.cuda.set_rng_state(state, device)
     else:
         torch.set_rng_state(state)
+
+
+def _load_decoder(decoder: Decoder, state: dict[str, torch.Tensor], tagger: Tagger | None) -> None:
+    """A checkpoint's decoder weights. A model given concept inputs to fine-tune keeps its fresh
+    concept projection and head (the checkpoint has none); a checkpoint's own head must map the
+    classes to the words of `tagger`, the mapping that the text concepts are made with."""
+    missing, unexpected = decoder.load_state_dict(state, strict=False)
+    added = {"concept_proj.weight", "concept_weight", "concept_bias", "concept_words", "concept_platt"}
+    if unexpected or (missing and set(missing) != added):
+        raise ValueError(f"decoder weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if tagger is not None and not missing:
+        words = torch.zeros_like(decoder.concept_words)
+        words[tagger._classes, tagger._columns] = 1.0
+        if not torch.equal(words, decoder.concept_words):
+            raise ValueError("the checkpoint's concept words are not those of the bundled tagger mapping")
 
 
 def _load_encoder(encoder: Encoder, state: dict[str, torch.Tensor]) -> None:

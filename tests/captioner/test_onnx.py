@@ -2,6 +2,7 @@
 the ImageNet tagger attached: checked graphs and metadata, the same captions as PyTorch through
 the same decoding module, the int8 encoder calibrated by training/calibrate_int8.py."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -173,3 +174,31 @@ def test_cli_captions_and_describes_an_onnx_model(exported, pair, tmp_path):
                            "int8"], capture_output=True, text=True, timeout=600)
     assert info.returncode == 0, info.stderr
     assert "inference          int8 on onnxruntime (asked: int8)" in info.stdout
+
+
+def test_a_decoder_with_concept_inputs_exports_its_concept_head(tiny_captioner, tmp_path):
+    """The init graph computes the concepts from the pooled vector, as the PyTorch decoder does."""
+    from captioner.decoder import Decoder
+    from captioner.tagger import Tagger
+
+    tagger = Tagger.imagenet()
+    config = dataclasses.replace(tiny_captioner.decoder.config, concepts=len(tagger.words),
+                                 concept_classes=len(tagger.class_names))
+    decoder = Decoder(config)
+    decoder.load_state_dict(tiny_captioner.decoder.state_dict(), strict=False)
+    decoder.set_concept_head(tagger)
+    torch.manual_seed(3)
+    torch.nn.init.normal_(decoder.concept_proj.weight, std=3.0)
+    model = Captioner(tiny_captioner.encoder, decoder, tiny_captioner.vocabulary, tiny_captioner.preprocessing,
+                      tagger=tagger, precision="fp32")
+    model.save(tmp_path / "concepts.pt")
+    files = export_onnx(tmp_path / "concepts.pt", tmp_path / "concepts.onnx", int8=False)
+    exported_model = Captioner.from_checkpoint(files["encoder"], precision="fp32")
+    pooled = 3 * tagger.weight[[tagger.class_names.index("tabby, tabby cat"), tagger.class_names.index("school bus")]]
+    regions = torch.randn(2, 49, pooled.shape[1])
+    with torch.inference_mode():
+        ours = model.decoder.init_state(regions, pooled)
+        theirs = exported_model.decoder.init_state(regions, pooled)
+        plain = model.decoder.init_state(regions, pooled, torch.zeros(2, len(tagger.words)))
+    assert torch.allclose(theirs.image_gates, ours.image_gates, atol=1e-4)
+    assert not torch.allclose(plain.image_gates, ours.image_gates, atol=1e-2)  # the concepts count
