@@ -361,7 +361,7 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules,
     row_state = torch.arange(s, device=device).repeat_interleave(k)  # (R,) the state of each row
     goal = (torch.zeros(b_all, dtype=torch.long, device=device) if constraints is None
             else constraints.goal.to(device))  # (B,) the state with every constraint met, of each active image
-    word_bits = None if constraints is None else constraints.word_bits.to(device)  # (B, V), likewise
+    required_words = None if constraints is None else constraints.required_words(device)
     banned = None if constraints is None or constraints.banned is None else constraints.banned.to(device)  # (B, V)
 
     for step in range(config.max_new_tokens):
@@ -377,10 +377,7 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules,
         if s == 1:
             top_logp, top_index = candidates.view(b, 1, r * vocab).topk(2 * k, dim=2)  # (B, 1, 2K)
         else:
-            target = row_state[None, :, None] | word_bits[:, None]  # (B, R, V) state each candidate moves to
-            states = torch.arange(s, device=device).view(1, s, 1, 1)
-            per_state = candidates[:, None].masked_fill(target[:, None] != states, NEG_INF)  # (B, S, R, V)
-            top_logp, top_index = per_state.view(b, s, r * vocab).topk(2 * k, dim=2)  # (B, S, 2K)
+            top_logp, top_index = _state_top(candidates, row_state, required_words, 2 * k)  # (B, S, 2K)
         origin = torch.div(top_index, vocab, rounding_mode="floor")  # row (within the image) each extends
         word = top_index % vocab
         word_logp = logp.view(b * r, vocab)[(image_rows + origin).view(-1), word.view(-1)].view(b, s, 2 * k)
@@ -436,7 +433,7 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules,
             history_alpha = None if history_alpha is None else history_alpha[stay]
             tokens = tokens.view(-1, r)[stay].view(-1)
             goal = goal[stay]
-            word_bits = None if word_bits is None else word_bits[stay]
+            required_words = None if required_words is None else required_words.select(stay)
             banned = None if banned is None else banned[stay]
 
     # max_new_tokens reached: the live beams at the goal compete unfinished; an image none of
@@ -450,6 +447,43 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules,
     pool.merge(active, rules.score(final_logp, config.max_new_tokens), history, history_logps, history_alpha,
                length=config.max_new_tokens, finished=False)
     return pool.results(config.num_return_sequences, config.length_penalty)
+
+
+@dataclass
+class _RequiredWords:
+    """The words that meet some constraint, per image: mask (B, V) True for them; ids and bits
+    (B, W): their word ids and constraint bits, padded with bits 0 (W = the most of any image)."""
+
+    mask: torch.Tensor
+    ids: torch.Tensor
+    bits: torch.Tensor
+
+    def select(self, images: torch.Tensor) -> "_RequiredWords":
+        return _RequiredWords(self.mask[images], self.ids[images], self.bits[images])
+
+
+def _state_top(candidates: torch.Tensor, row_state: torch.Tensor, required: _RequiredWords,
+               count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best `count` candidates moving into each state: candidates (B, R, V) with R = S*K
+    rows, state-major -> log-probs and flat indices row*V + word, each (B, S, count). A word
+    that meets no constraint keeps its row's state, so a state's other words come from its own
+    K rows (one top-k over (B, S, K*V), no (B, S, R, V) mask); the few required words, from any
+    row whose state plus their bits is that state."""
+    b, r, vocab = candidates.shape
+    s = int(row_state.max()) + 1
+    k = r // s
+    plain = candidates.view(b, s, k, vocab).masked_fill(required.mask[:, None, None], NEG_INF)
+    plain_logp, plain_index = plain.view(b, s, k * vocab).topk(count, dim=2)
+    plain_index = plain_index + (torch.arange(s, device=candidates.device) * k * vocab)[None, :, None]
+    w = required.ids.shape[1]
+    said = candidates.gather(2, required.ids[:, None].expand(b, r, w))  # (B, R, W)
+    target = row_state[None, :, None] | required.bits[:, None]  # (B, R, W) the state each one moves to
+    states = torch.arange(s, device=candidates.device).view(1, s, 1, 1)
+    outside = (target[:, None] != states) | (required.bits == 0)[:, None, None]  # padding moves nowhere
+    said_logp, said_index = said[:, None].masked_fill(outside, NEG_INF).view(b, s, r * w).topk(min(count, r * w), dim=2)
+    said_index = torch.div(said_index, w, rounding_mode="floor") * vocab + required.ids.gather(1, (said_index % w).view(b, -1)).view(b, s, -1)
+    both_logp, pick = torch.cat([plain_logp, said_logp], dim=2).topk(count, dim=2)
+    return both_logp, torch.cat([plain_index, said_index], dim=2).gather(2, pick)
 
 
 @dataclass
@@ -490,6 +524,11 @@ class _Constraints:
         if most == 0 and banned is None:
             return None
         return cls(bits, goal, 1 << most, banned)
+
+    def required_words(self, device) -> _RequiredWords:
+        mask = self.word_bits > 0
+        bits, ids = self.word_bits.topk(max(1, int(mask.sum(dim=1).max())), dim=1)  # (B, W), padding last
+        return _RequiredWords(mask.to(device), ids.to(device), bits.to(device))
 
 
 def _outside(i) -> int:
