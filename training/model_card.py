@@ -337,9 +337,8 @@ frequent caption. 80 photos give wide intervals: read the COCO-MINI rows as a di
 
 Cost is the encoder alone on this machine's CPU; the tag columns say how well each encoder's own
 ImageNet head, through the same mapping, names what the photo's captions name (its most probable
-tag word). Caption quality per encoder needs a decoder trained on each one's features (about an
-hour and a half of this CPU per encoder): only Lite0 was trained. Lite0 is kept: the larger
-encoders cost more per photo and their tags were no better on these photos.
+tag word). Caption quality per encoder needs a decoder trained on each one's features with the
+same recipe: `docs/encoders.md` (its figures come from `captioner evaluate`, commands there).
 
 ## Out-of-domain photos, without and with guidance
 
