@@ -174,8 +174,7 @@ class Decoder(nn.Module):
                              f"decoder of {c.concepts} concepts and {c.concept_classes} classes")
         self.concept_weight.copy_(tagger.weight)
         self.concept_bias.copy_(tagger.bias)
-        self.concept_words.zero_()
-        self.concept_words[tagger._classes, tagger._columns] = 1.0
+        self.concept_words.copy_(tagger.word_matrix())
         calibration = tagger.calibration or {"a": 1.0, "b": 0.0, "input": "logit"}
         self.concept_platt.copy_(torch.tensor([calibration["a"], calibration["b"],
                                                float(calibration["input"] == "log")]))
@@ -198,7 +197,7 @@ class Decoder(nn.Module):
         (captions without photos)."""
         c = self.config
         image = self.feature_dropout(self.feature_proj(pooled))  # (B, F)
-        if c.concepts:
+        if c.concepts:  # outside the feature dropout: the confidences are already a summary
             confidences = self.concept_probs(pooled) if concepts is None else concepts
             image = image + self.concept_proj(confidences.to(image.dtype))
         h = torch.tanh(self.init_h(image)).view(-1, c.num_layers, c.hidden_dim).transpose(0, 1)  # (L, B, D)

@@ -154,6 +154,12 @@ class Tagger:
                 "mapped_classes": int(self._classes.numel()), "words": len(self.words),
                 "calibration": self.calibration, "guidance": self.guidance}
 
+    def word_matrix(self) -> torch.Tensor:
+        """(C, W) 0/1: which word each ImageNet class adds its probability to (`raw_scores` as a product)."""
+        matrix = torch.zeros(len(self.class_names), len(self.words), device=self.weight.device)
+        matrix[self._classes, self._columns] = 1.0
+        return matrix
+
     # -- scoring -----------------------------------------------------------------------------------
 
     def logits(self, pooled: torch.Tensor) -> torch.Tensor:

@@ -471,13 +471,11 @@ def _load_decoder(decoder: Decoder, state: dict[str, torch.Tensor], tagger: Tagg
     concept projection and head (the checkpoint has none); a checkpoint's own head must map the
     classes to the words of `tagger`, the mapping that the text concepts are made with."""
     missing, unexpected = decoder.load_state_dict(state, strict=False)
-    added = {"concept_proj.weight", "concept_weight", "concept_bias", "concept_words", "concept_platt"}
+    added = {k for k in decoder.state_dict() if k.startswith("concept")}
     if unexpected or (missing and set(missing) != added):
         raise ValueError(f"decoder weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if tagger is not None and not missing:
-        words = torch.zeros_like(decoder.concept_words)
-        words[tagger._classes, tagger._columns] = 1.0
-        if not torch.equal(words, decoder.concept_words):
+        if not torch.equal(tagger.word_matrix().to(decoder.concept_words.device), decoder.concept_words):
             raise ValueError("the checkpoint's concept words are not those of the bundled tagger mapping")
 
 
