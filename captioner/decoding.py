@@ -481,7 +481,8 @@ def _state_top(candidates: torch.Tensor, row_state: torch.Tensor, required: _Req
     states = torch.arange(s, device=candidates.device).view(1, s, 1, 1)
     outside = (target[:, None] != states) | (required.bits == 0)[:, None, None]  # padding moves nowhere
     said_logp, said_index = said[:, None].masked_fill(outside, NEG_INF).view(b, s, r * w).topk(min(count, r * w), dim=2)
-    said_index = torch.div(said_index, w, rounding_mode="floor") * vocab + required.ids.gather(1, (said_index % w).view(b, -1)).view(b, s, -1)
+    said_word = required.ids.gather(1, (said_index % w).view(b, -1)).view(b, s, -1)
+    said_index = torch.div(said_index, w, rounding_mode="floor") * vocab + said_word  # row*V + word
     both_logp, pick = torch.cat([plain_logp, said_logp], dim=2).topk(count, dim=2)
     return both_logp, torch.cat([plain_index, said_index], dim=2).gather(2, pick)
 
