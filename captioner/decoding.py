@@ -377,7 +377,7 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules,
         if s == 1:
             top_logp, top_index = candidates.view(b, 1, r * vocab).topk(2 * k, dim=2)  # (B, 1, 2K)
         else:
-            top_logp, top_index = _state_top(candidates, row_state, required_words, 2 * k)  # (B, S, 2K)
+            top_logp, top_index = _state_top(candidates, row_state, s, required_words, 2 * k)  # (B, S, 2K)
         origin = torch.div(top_index, vocab, rounding_mode="floor")  # row (within the image) each extends
         word = top_index % vocab
         word_logp = logp.view(b * r, vocab)[(image_rows + origin).view(-1), word.view(-1)].view(b, s, 2 * k)
@@ -462,15 +462,15 @@ class _RequiredWords:
         return _RequiredWords(self.mask[images], self.ids[images], self.bits[images])
 
 
-def _state_top(candidates: torch.Tensor, row_state: torch.Tensor, required: _RequiredWords,
+def _state_top(candidates: torch.Tensor, row_state: torch.Tensor, s: int, required: _RequiredWords,
                count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best `count` candidates moving into each state: candidates (B, R, V) with R = S*K
-    rows, state-major -> log-probs and flat indices row*V + word, each (B, S, count). A word
+    """The best `count` candidates moving into each of the S = `s` states: candidates (B, R, V)
+    with R = S*K rows, state-major (`row_state` (R,) the state of each row) -> log-probs and flat
+    indices row*V + word, each (B, S, count). A word
     that meets no constraint keeps its row's state, so a state's other words come from its own
     K rows (one top-k over (B, S, K*V), no (B, S, R, V) mask); the few required words, from any
     row whose state plus their bits is that state."""
     b, r, vocab = candidates.shape
-    s = int(row_state.max()) + 1
     k = r // s
     plain = candidates.view(b, s, k, vocab).masked_fill(required.mask[:, None, None], NEG_INF)
     plain_logp, plain_index = plain.view(b, s, k * vocab).topk(count, dim=2)

@@ -78,7 +78,7 @@ def test_text_concepts_are_the_words_a_caption_names(tagger):
     assert torch.equal(made, again)  # from the caller's generator: resumed runs draw the same
 
 
-def test_training_with_concepts_and_fine_tuning_a_model_to_take_them(flickr_dir, tmp_path):
+def test_training_with_concepts_and_fine_tuning_a_model_to_take_them(flickr_dir, tmp_path, tagger):
     text = tmp_path / "text.csv"
     text.write_text("image,caption\nx.jpg,A pizza on a plate\ny.jpg,A cat on the sofa\nz.jpg,A pizza on the table\n")
     overrides = {"data.text": f"[{text}]", "optim.text_batch": 4, "optim.epochs": 1}
@@ -90,7 +90,6 @@ def test_training_with_concepts_and_fine_tuning_a_model_to_take_them(flickr_dir,
     records = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]
     assert "train_text_ce" in records[0]
     model = Captioner.from_checkpoint(tuned / "last.pt")
-    tagger = Tagger.imagenet()
     assert model.decoder.config.concepts == len(tagger.words)
     assert model.decoder.concept_proj.weight.abs().sum() > 0  # learned
     pooled = torch.randn(3, 1280)
