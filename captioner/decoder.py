@@ -312,6 +312,12 @@ class Decoder(nn.Module):
             return top.weight, top.bias
         weight = torch.cat([top.weight, self.hidden_att.weight, self.context_gate.weight])
         bias = torch.cat([top.bias, top.bias.new_zeros(self.config.attention_dim), self.context_gate.bias])
+        device = weight.device.type
+        if torch.is_autocast_enabled(device):
+            # Cast once per forward, as autocast does for a parameter: the concatenation is not
+            # one, so autocast would cast it again at every word step (and back in the backward).
+            dtype = torch.get_autocast_dtype(device)
+            weight, bias = weight.to(dtype), bias.to(dtype)
         return weight, bias
 
     def _advance(

@@ -18,13 +18,13 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as nnf
 
 from captioner.decoding import DecodeConfig, Hypothesis, generate
 from captioner.vocab import Vocabulary
 
 from .batches import pad_sequences
 from .cider import CiderD
+from .losses import token_cross_entropy
 
 EOS_WORD = "<eos>"  # never a word of a tokenised caption
 
@@ -67,13 +67,17 @@ class SelfCritical:
         return inputs, targets  # the same lengths row by row
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-        """logits (N, T, V) of the sampled sequences, targets (N, T), advantages (N,)."""
-        # The distribution the sampler drew from: banned tokens, and <eos> before min_new_tokens.
-        banned = torch.tensor(self.vocab.never_generated, device=logits.device)
-        logits = logits.float().index_fill(-1, banned, float("-inf"))
-        logits[:, : self.decode.min_new_tokens, self.vocab.eos_id] = float("-inf")
-        logp = nnf.log_softmax(logits, dim=-1)
-        mask = targets != self.vocab.pad_id
-        token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
-        weighted = advantages.to(token_logp.device)[:, None] * token_logp
-        return -weighted.sum() / mask.sum().clamp(min=1)
+        """-mean over the sampled tokens of advantage x log p(token): logits (N, T, V) of the
+        sampled sequences, targets (N, T), advantages (N,)."""
+        n, t, v = logits.shape
+        banned = torch.tensor(self.vocab.never_generated, dtype=torch.long, device=logits.device)
+        early = self.decode.min_new_tokens
+
+        def exclude(flat: torch.Tensor) -> None:
+            """The distribution the sampler drew from: no banned words, no <eos> before min_new_tokens."""
+            flat.index_fill_(1, banned, float("-inf"))
+            flat.view(n, t, v)[:, :early, self.vocab.eos_id] = float("-inf")
+
+        weights = advantages.to(logits.device, torch.float32)[:, None].expand(n, t).flatten()
+        return token_cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=self.vocab.pad_id,
+                                   weights=weights, exclude=exclude)
