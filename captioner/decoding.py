@@ -226,7 +226,7 @@ def _sample(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules) -> l
     for _ in range(config.max_new_tokens):
         logits, state, alpha = decoder.step(tokens, state)
         logp = rules.log_probs(logits, history)  # (N, V)
-        tokens = _draw(logits, logp, config, generator) if config.do_sample else logp.argmax(dim=-1)
+        tokens = _draw(logp, config, generator) if config.do_sample else logp.argmax(dim=-1)
         tokens = tokens.masked_fill(finished, rules.eos)  # finished rows idle on <eos>
         step_logps.append(logp.gather(1, tokens[:, None]).squeeze(1).masked_fill(finished, 0.0))
         if config.return_attention and alpha is not None:
@@ -248,14 +248,11 @@ def _sample(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules) -> l
     return results
 
 
-def _draw(logits: torch.Tensor, logp: torch.Tensor, config: DecodeConfig, generator) -> torch.Tensor:
-    """Sample (N,) tokens from temperature / top-k / top-p filtered logits; tokens banned in
-    `logp` stay banned."""
-    if config.temperature == 1.0 and not config.top_k and config.top_p >= 1.0:
-        # Unfiltered: the weights are the probabilities themselves (a banned word's exp(-inf) is
-        # 0), the same distribution in one pass instead of five over (N, V).
-        return _categorical(logp.exp(), generator)
-    scores = (logits.float() / config.temperature).masked_fill(logp == NEG_INF, NEG_INF)
+def _draw(logp: torch.Tensor, config: DecodeConfig, generator) -> torch.Tensor:
+    """Sample (N,) tokens from temperature / top-k / top-p filtered log-probs (N, V); tokens
+    banned in `logp` (-inf) stay banned. Log-probs differ from the logits by a constant per row,
+    so every filter and the softmax see the same scores without masking the bans again."""
+    scores = logp if config.temperature == 1.0 else logp / config.temperature
     if config.top_k:
         kth = scores.topk(min(config.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, NEG_INF)

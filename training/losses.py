@@ -34,7 +34,7 @@ class _TokenCrossEntropy(torch.autograd.Function):
         keep = targets != ignore_index
         safe = targets.masked_fill(~keep, 0)
         count = keep.sum().clamp(min=1)
-        scale = keep.to(logp.dtype) if weights is None else keep.to(logp.dtype) * weights.to(logp.dtype)  # (M,)
+        scale = keep.to(logp.dtype) if weights is None else keep * weights.to(logp.dtype)  # (M,)
         nll = -logp.gather(1, safe[:, None]).squeeze(1).masked_fill(~keep, 0.0)  # (M,); an ignored target may be excluded
         if smoothing > 0:  # as nnf.cross_entropy: (1 - e) x nll + e x the mean over the vocabulary
             nll = (1 - smoothing) * nll - smoothing * logp.mean(dim=1)

@@ -94,9 +94,9 @@ def test_sampling_draws_each_word_at_its_probability_and_never_a_zero_weight_one
             assert _categorical(weights[None], None).tolist() == [expected]
 
 
-def test_unfiltered_sampling_draws_the_filtered_paths_distribution():
-    """At temperature 1 without top-k or top-p the sampler weighs words by their probabilities
-    directly: the same draws, with the same generator, as the general path's exp(logits - max)."""
+def test_sampling_from_log_probs_draws_as_from_the_masked_logits():
+    """The sampler weighs words by exp(log p - max): the same draws, with the same generator, as
+    exp(logits - max) with the banned words masked, and never a banned word."""
     from captioner.decoding import NEG_INF, _categorical, _draw
 
     torch.manual_seed(0)
@@ -104,11 +104,11 @@ def test_unfiltered_sampling_draws_the_filtered_paths_distribution():
     logp = logits.log_softmax(dim=-1)
     logp[:, :3] = NEG_INF  # banned words
     logp[::2, 7] = NEG_INF  # a word banned on some rows only
-    fast = _draw(logits, logp, DecodeConfig(num_beams=1, do_sample=True), torch.Generator().manual_seed(1))
+    drawn = _draw(logp, DecodeConfig(num_beams=1, do_sample=True), torch.Generator().manual_seed(1))
     scores = logits.masked_fill(logp == NEG_INF, NEG_INF)
     general = _categorical((scores - scores.amax(dim=-1, keepdim=True)).exp(), torch.Generator().manual_seed(1))
-    assert torch.equal(fast, general)
-    assert not (fast < 3).any() and not (fast[::2] == 7).any()
+    assert torch.equal(drawn, general)
+    assert not (drawn < 3).any() and not (drawn[::2] == 7).any()
 
 
 def test_decoding_stops_at_eos_and_respects_max_new_tokens(decoder):
