@@ -156,6 +156,22 @@ def _encoder_table(figures: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _limits(guided: dict[str, Any] | None) -> str:
+    """The card's out-of-domain limits, from the bundled model's guided COCO row when measured."""
+    figures = ""
+    if guided:
+        figures = (f" On the {guided['images']} COCO-MINI photos, with guidance: CIDEr-D {guided['CIDEr-D']:.3f}, "
+                   f"object recall {guided['object_recall']:.3f}, object precision {guided['object_precision']:.3f}; "
+                   f"the tagger is confident of a word on {guided['tagged_share']:.0%} of them, and only those "
+                   "captions change.")
+    return f"""
+## Limits
+The model saw only Flickr8k's photos, mostly people and dogs: on photos from elsewhere it
+still invents people and builds Flickr8k scenes around the objects it is told to name.{figures}
+What was tried against this, with its measurements, and what would help: `docs/out-of-domain.md`.
+"""
+
+
 def _history_table(history: str | None, _unused: None = None) -> str:
     """Per-epoch dev CIDEr-D / BLEU-4 (beam 3, measured during training)."""
     if not history or not Path(history).is_file():
@@ -347,7 +363,7 @@ same recipe: `docs/encoders.md` (its figures come from `captioner evaluate`, com
 | photo | without tags | with tags (default) | tags |
 |---|---|---|---|
 {gallery}
-
+{_limits(coco_rows.get(name, {}).get("beam 3 + tags (default)"))}
 ## What attention does
 Mean entropy of the attention over the 49 regions, per word of the beam-3 captions of 200 dev
 images: {entropy:.2f} nats (uniform would be {math.log(49):.2f}). The figure is the model's caption
