@@ -50,8 +50,12 @@ class ModelSettings:
 
 @dataclass
 class DataSettings:
-    train: DataSpec = field(default_factory=lambda: DataSpec(format="flickr", path="../shared/data/flickr8k"))
-    val: DataSpec = field(default_factory=lambda: DataSpec(format="flickr", path="../shared/data/flickr8k"))
+    # One data set or a list of them (a single mapping reads as a list of one); each has its own
+    # feature cache. Training sets are weighed per epoch by their `weight`; each validation set is
+    # decoded and reported, and the model is selected on the `weight`-weighted mean of their
+    # CIDEr-D (`val_CIDEr-D` in the run's metrics).
+    train: list[DataSpec] = field(default_factory=lambda: [DataSpec(format="flickr", path="../shared/data/flickr8k")])
+    val: list[DataSpec] = field(default_factory=lambda: [DataSpec(format="flickr", path="../shared/data/flickr8k")])
     train_split: str = "train"
     val_split: str = "dev"
     captions_per_image: int = 5  # sequences per image in a batch; the image is encoded once
@@ -68,6 +72,12 @@ class DataSettings:
     def __post_init__(self) -> None:
         if self.cache_views < 1:
             raise ValueError(f"data.cache_views must be at least 1, not {self.cache_views}")
+        for role, specs in (("train", self.train), ("val", self.val)):
+            names = [spec.label for spec in specs]
+            if not specs or len(set(names)) < len(names):
+                raise ValueError(f"data.{role} needs at least one data set, with distinct names: {names}")
+        if not sum(spec.weight for spec in self.val) > 0:
+            raise ValueError("data.val: the validation weights must not all be 0")
 
 
 @dataclass
@@ -141,8 +151,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         target = data
         *parents, leaf = key.split(".")
         for part in parents:
-            target = target.setdefault(part, {})
-        target[leaf] = yaml.safe_load(raw)
+            target = target[int(part)] if isinstance(target, list) else target.setdefault(part, {})
+        if isinstance(target, list):
+            target[int(leaf)] = yaml.safe_load(raw)
+        else:
+            target[leaf] = yaml.safe_load(raw)
     return _build(TrainConfig, data, "")
 
 
@@ -163,13 +176,26 @@ def _build(cls, data: dict[str, Any], where: str):
         if f.name not in data:
             continue
         value, hint = data[f.name], hints[f.name]
+        default = getattr(cls(), f.name) if _constructible(cls) else None
         if dataclasses.is_dataclass(hint):
-            default = getattr(cls(), f.name) if _constructible(cls) else None
             merged = {**(asdict(default) if default is not None else {}), **(value or {})}
             values[f.name] = _build(hint, merged, f"{where}{f.name}.")
+        elif _dataclass_list(hint):
+            item = hint.__args__[0]
+            if isinstance(value, dict):  # one data set given as a mapping: a list of one
+                base = asdict(default[0]) if default and len(default) == 1 else {}
+                value = [{**base, **value}]
+            if not isinstance(value, list):
+                raise ValueError(f"{where}{f.name}: expected a mapping or a list of mappings")
+            values[f.name] = [_build(item, entry, f"{where}{f.name}.{i}.") for i, entry in enumerate(value)]
         else:
             values[f.name] = _coerce(value, hint, where + f.name)
     return cls(**values)
+
+
+def _dataclass_list(hint: Any) -> bool:
+    args = getattr(hint, "__args__", ())
+    return getattr(hint, "__origin__", None) is list and len(args) == 1 and dataclasses.is_dataclass(args[0])
 
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:

@@ -35,10 +35,18 @@ class Sample:
 @dataclass
 class DataSpec:
     """Where a data set is and how to read it. `path` is the annotation file (or a folder holding
-    the usual files); `images` the image folder when it is not the usual one."""
+    the usual files); `images` the image folder when it is not the usual one.
+
+    Training and validation take a list of these. `weight` is, for a training set, how many times
+    each of its photos is seen per epoch (1.5: every photo once and a random half again); for a
+    validation set, its share of the model-selection score. `split` overrides the run's split
+    name for this set (Flickr8k's "dev" is Karpathy's "val")."""
 
     format: str
     path: str
+    name: str = ""  # in metric names and logs; default: the data set's folder name
+    weight: float = 1.0
+    split: str | None = None
     images: str | None = None
     split_file: str | None = None  # flickr: a list of image names for this split
     max_missing_fraction: float = 0.01
@@ -46,11 +54,23 @@ class DataSpec:
     extra: dict = field(default_factory=dict)
 
 
+    def __post_init__(self) -> None:
+        if not self.weight >= 0:
+            raise ValueError(f"data set weight must be at least 0, not {self.weight}")
+
+    @property
+    def label(self) -> str:
+        """`name`, or the data set's folder name."""
+        path = Path(self.path)
+        return self.name or (path.name if path.is_dir() or not path.suffix else path.parent.name)
+
+
 class DataError(ValueError):
     pass
 
 
 def load_dataset(spec: DataSpec, split: str) -> list[Sample]:
+    split = spec.split or split
     if spec.format not in FORMATS:
         raise DataError(f"unknown data format {spec.format!r}; expected one of {FORMATS}")
     reader = {"flickr": _flickr, "coco": _coco, "karpathy": _karpathy, "jsonl": _jsonl}[spec.format]

@@ -79,10 +79,27 @@ class FeatureCache:
         return torch.from_numpy(np.stack([self.array[r] for r in rows]).astype(np.float32))
 
 
+class CacheUnion:
+    """The caches of several data sets read as one: each image from the cache that holds it."""
+
+    def __init__(self, caches: Sequence[FeatureCache]):
+        self._owner = {key: cache for cache in caches for key in cache._row}
+
+    def _cache(self, path: str | os.PathLike) -> FeatureCache:
+        return self._owner[str(Path(path).resolve())]
+
+    def usable(self, path: str | os.PathLike) -> bool:
+        return self._cache(path).usable(path)
+
+    def regions(self, paths: Sequence[str | os.PathLike]) -> torch.Tensor:
+        """(B, P, E) float32 features of the given images."""
+        return torch.cat([self._cache(p).regions([p]) for p in paths])
+
+
 class FeatureViews:
     """Several cached views of the same images; an image is usable if every view could read it."""
 
-    def __init__(self, views: Sequence[FeatureCache]):
+    def __init__(self, views: Sequence[FeatureCache | CacheUnion]):
         self.views = list(views)
 
     def usable(self, path: str | os.PathLike) -> bool:

@@ -118,7 +118,7 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over the training images from `progress.batches_done` on. Returns mean loss."""
     cfg, world, rank = ctx.cfg, ctx.world, ctx.rank
-    order = torch.randperm(len(ctx.items), generator=torch.Generator().manual_seed(cfg.run.seed * 1000 + progress.epoch))
+    order = epoch_order(ctx.set_sizes, torch.Generator().manual_seed(cfg.run.seed * 1000 + progress.epoch))
     per_rank = max(1, cfg.optim.batch_images // world)
     global_batch = per_rank * world
     batches = [order[i: i + global_batch].tolist() for i in range(0, len(order) - global_batch + 1, global_batch)]
@@ -162,6 +162,25 @@ def train_one_epoch(
     bar.close()
     means = {f"train_{k}": v / max(count, 1) for k, v in totals.items()}
     return {**means, "epoch_complete": progress.batches_done >= len(batches)}
+
+
+def epoch_order(sets: list[tuple[int, float]], generator: torch.Generator) -> torch.Tensor:
+    """One epoch's image indices, shuffled: for training sets of (size, weight) laid end to end,
+    each set's images `weight` times, the fraction of a time a random subset of them."""
+    picks, start = [], 0
+    for size, weight in sets:
+        whole, part = divmod(weight, 1.0)
+        picks += [torch.arange(start, start + size)] * int(whole)
+        extra = round(part * size)
+        if extra:
+            picks.append(start + torch.randperm(size, generator=generator)[:extra])
+        start += size
+    order = torch.cat(picks) if picks else torch.zeros(0, dtype=torch.long)
+    return order[torch.randperm(len(order), generator=generator)]
+
+
+def epoch_length(sets: list[tuple[int, float]]) -> int:
+    return sum(int(weight // 1) * size + round(weight % 1 * size) for size, weight in sets)
 
 
 def _cross_entropy_loss(ctx: "Context", images: list[int], generator: torch.Generator, sampling: float):
@@ -252,6 +271,23 @@ def evaluate(
     return metrics, predictions
 
 
+def validate(ctx: "Context") -> dict[str, float]:
+    """Decode and score each validation set -> {"val_<set>_<metric>": ...}, and the selection
+    score `val_CIDEr-D`: the sets' CIDEr-D weighted by their `weight`."""
+    cfg = ctx.cfg
+    record: dict[str, float] = {}
+    total = sum(spec.weight for spec, _ in ctx.val_sets)
+    score = 0.0
+    for spec, samples in ctx.val_sets:
+        regions_of = lambda indices, samples=samples: ctx.val_regions([samples[i].image for i in indices])  # noqa: E731
+        captions_of = decoder_captions(ctx.decoder, ctx.vocab, regions_of, cfg.eval.decode)
+        metrics, _ = evaluate(captions_of, samples, meteor=cfg.eval.meteor, progress=cfg.run.progress)
+        record.update({f"val_{spec.label}_{k}": v for k, v in metrics.items()})
+        score += spec.weight / total * metrics["CIDEr-D"]
+    record["val_CIDEr-D"] = score
+    return record
+
+
 def decoder_captions(decoder: Decoder, vocab: Vocabulary, regions_of, decode: DecodeConfig):
     """`captions_of` for `evaluate` from a bare decoder: `regions_of(indices) -> (B, P, E)`."""
     def captions_of(indices: list[int]) -> list[str]:
@@ -279,10 +315,11 @@ class Context:
             keep_freed_memory()  # the step's large tensors reuse pages instead of faulting them in anew
         self.out = Path(cfg.run.out_dir)
 
-        self.train_samples = load_dataset(cfg.data.train, cfg.data.train_split)
-        self.val_samples = load_dataset(cfg.data.val, cfg.data.val_split)
-        if cfg.eval.max_images:
-            self.val_samples = self.val_samples[: cfg.eval.max_images]
+        train_sets = [(spec, load_dataset(spec, cfg.data.train_split)) for spec in cfg.data.train]
+        self.train_samples = [s for _, samples in train_sets for s in samples]
+        self.val_sets = [(spec, load_dataset(spec, cfg.data.val_split)[: cfg.eval.max_images or None])
+                         for spec in cfg.data.val]
+        self.val_samples = [s for _, samples in self.val_sets for s in samples]
         # The model's starting point: a run being resumed, a checkpoint to fine-tune, or nothing.
         init = None if resume_payload is not None or not cfg.model.init_from else load_checkpoint(cfg.model.init_from)
         source = resume_payload or init
@@ -332,12 +369,17 @@ class Context:
         self.finetune_from = cfg.optim.finetune_from_epoch if stages > 0 else -1
         self.finetuning = False
         self.items = self.val_cache = None
-        if cfg.data.use_cache:
-            train_images = [s.image for s in self.train_samples]
-            views = [self._cache(train_images, view) for view in range(cfg.data.cache_views)]
-            self.val_cache = self._cache([s.image for s in self.val_samples])
-            self.items = CaptionBatches(self.train_samples, self.vocab, cfg.model.max_caption_tokens,
-                                        cache=features.FeatureViews(views))
+        if cfg.data.use_cache:  # a cache per data set and view
+            views = features.FeatureViews([
+                features.CacheUnion([self._cache([s.image for s in samples], view) for _, samples in train_sets])
+                for view in range(cfg.data.cache_views)])
+            self.val_cache = features.CacheUnion([self._cache([s.image for s in samples]) for _, samples in self.val_sets])
+            train_sets = [(spec, [s for s in samples if views.usable(s.image)]) for spec, samples in train_sets]
+            dropped = len(self.train_samples) - sum(len(samples) for _, samples in train_sets)
+            if dropped:
+                log.warning("%d images could not be read when caching and are left out", dropped)
+            self.train_samples = [s for _, samples in train_sets for s in samples]
+            self.items = CaptionBatches(self.train_samples, self.vocab, cfg.model.max_caption_tokens, cache=views)
         else:
             self.items = CaptionBatches(self.train_samples, self.vocab, cfg.model.max_caption_tokens,
                                         preprocessing=self.preprocessing)
@@ -355,8 +397,9 @@ class Context:
         if encoder_params:
             groups.append({"params": encoder_params, "lr": cfg.optim.encoder_lr})
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.set_sizes = [(len(samples), spec.weight) for spec, samples in train_sets]  # for epoch_order
         per_rank = max(1, cfg.optim.batch_images // self.world)
-        self.batches_per_epoch = len(self.items) // (per_rank * self.world)
+        self.batches_per_epoch = epoch_length(self.set_sizes) // (per_rank * self.world)
         steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.optim.accumulation)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _schedule(cfg, steps_per_epoch * cfg.optim.epochs))
@@ -413,8 +456,8 @@ class Context:
     def parameters(self):
         return [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
 
-    def val_regions(self, indices: list[int]) -> torch.Tensor:
-        paths = [self.val_samples[i].image for i in indices]
+    def val_regions(self, paths: list[Path]) -> torch.Tensor:
+        """(B, P, E) regions of validation photos."""
         if self.val_cache is not None and not self.finetuning:
             return self.val_cache.regions(paths).to(self.device)
         pixels = torch.stack([self.preprocessing.load(p) for p in paths]).to(self.device)
@@ -548,11 +591,10 @@ def main(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         record: dict[str, Any] = {"epoch": progress.epoch + 1, "step": progress.step, **result,
                                   "epoch_seconds": round(time.monotonic() - started, 1)}
         if ctx.rank == 0 and (progress.epoch + 1) % cfg.eval.every_epochs == 0:
-            captions_of = decoder_captions(ctx.decoder, ctx.vocab, ctx.val_regions, cfg.eval.decode)
-            metrics, _ = evaluate(captions_of, ctx.val_samples, meteor=cfg.eval.meteor, progress=cfg.run.progress)
-            record.update({f"val_{k}": v for k, v in metrics.items()})
-            if metrics["CIDEr-D"] > progress.best_cider:
-                progress.best_cider, progress.best_epoch = metrics["CIDEr-D"], progress.epoch + 1
+            metrics = validate(ctx)
+            record.update(metrics)
+            if metrics["val_CIDEr-D"] > progress.best_cider:
+                progress.best_cider, progress.best_epoch = metrics["val_CIDEr-D"], progress.epoch + 1
                 finished = dataclasses.replace(progress, epoch=progress.epoch + 1, batches_done=0)
                 save_checkpoint(ctx.payload(finished, metrics), out / "best.pt")
                 stale = 0

@@ -21,3 +21,18 @@ def test_unknown_keys_and_bad_values_are_errors(tmp_path):
         load_config(None, ["--eval.decode.num_beams=0"])
     with pytest.raises(ValueError, match="optim.epochs"):
         load_config(None, ["--optim.epochs=many"])
+
+
+def test_data_sets_as_a_mapping_or_a_list_with_indexed_overrides(tmp_path):
+    single = load_config(None, ["--data.train.path=somewhere", "--data.train.limit=5"])
+    assert [(d.format, d.path, d.limit, d.label) for d in single.data.train] == [("flickr", "somewhere", 5, "somewhere")]
+    config = tmp_path / "two.yaml"
+    config.write_text(
+        "data:\n  train:\n    - {format: flickr, path: a/flickr8k}\n    - {format: karpathy, path: b/coco/dataset_coco.json}\n")
+    two = load_config(config, ["--data.train.1.weight=2.5"])
+    assert [(d.label, d.weight) for d in two.data.train] == [("flickr8k", 1.0), ("coco", 2.5)]
+    config.write_text("data:\n  train:\n    - {format: flickr, path: x/a}\n    - {format: flickr, path: y/a}\n")
+    with pytest.raises(ValueError, match="distinct names"):
+        load_config(config)
+    with pytest.raises(ValueError, match="weight"):
+        load_config(None, ["--data.train.weight=-1"])

@@ -19,7 +19,7 @@ from captioner.decoder import Decoder
 from tests.conftest import tiny_decoder_config
 from tests.training.conftest import tiny_train_overrides
 from training.config import load_config
-from training.train import caption_loss, main
+from training.train import caption_loss, epoch_length, epoch_order, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,9 @@ def test_training_run_writes_a_loadable_model_and_its_records(flickr_dir, tmp_pa
     out = tmp_path / "run"
     cfg = load_config(None, tiny_train_overrides(flickr_dir, out, **{"optim.epochs": 4}))
     result = main(cfg)
-    assert result["best_epoch"] >= 1 and "val_CIDEr-D" in result and "val_BLEU-4" in result
+    # one validation set, named after its folder: the selection score is its CIDEr-D
+    assert result["best_epoch"] >= 1 and result["val_CIDEr-D"] == result[f"val_{flickr_dir.name}_CIDEr-D"]
+    assert f"val_{flickr_dir.name}_BLEU-4" in result
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     assert records[-1]["train_ce"] < records[0]["train_ce"]  # it learns
@@ -151,3 +153,37 @@ def test_captions_without_photos_teach_words_and_train_the_language_model(flickr
     assert "giraffe" in model.vocabulary.words  # seen 3 times, in the text only
     assert "zebra" not in model.vocabulary.words  # dev-only words stay out
     assert model.caption(flickr_dir / "images" / "1000_img.jpg", num_beams=2, force_words=["giraffe"]).text
+
+
+def test_several_data_sets_train_together_and_each_validation_set_is_reported(flickr_dir, coco_file, tmp_path):
+    out = tmp_path / "run"
+    coco = {"format": "coco", "path": str(coco_file), "name": "coco", "split": "train"}
+    overrides = tiny_train_overrides(flickr_dir, out, **{"optim.epochs": 2, "optim.batch_images": 2})
+    overrides = [o for o in overrides if not o.startswith(("--data.train.", "--data.val."))] + [
+        "--data.train=" + json.dumps([{"format": "flickr", "path": str(flickr_dir), "name": "f8k"}, {**coco, "weight": 2}]),
+        "--data.val=" + json.dumps([{"format": "flickr", "path": str(flickr_dir), "name": "f8k", "weight": 3},
+                                    {**coco, "weight": 1}]),
+    ]
+    result = main(load_config(None, overrides))
+    # each validation set decoded and scored; selection on the weighted mean of their CIDEr-D
+    expected = (3 * result["val_f8k_CIDEr-D"] + result["val_coco_CIDEr-D"]) / 4
+    assert result["val_CIDEr-D"] == pytest.approx(expected)
+    assert Captioner.from_checkpoint(out / "best.pt").caption(coco_file.parents[1] / "train2017" / "000000000001.jpg").text
+    payload = torch.load(out / "last.pt", weights_only=True)
+    assert payload["provenance"]["train_images"] == 8 + 3
+    assert payload["provenance"]["config"]["data"]["train"][1]["weight"] == 2
+    # an epoch: 8 Flickr photos + the 3 COCO photos twice = 14, in 7 steps of 2; two epochs
+    assert payload["provenance"]["step"] == 2 * 7
+
+
+def test_an_epoch_sees_each_set_as_often_as_its_weight_says():
+    sets = [(10, 1.0), (4, 2.5)]  # images 0-9, then 10-13
+    order = epoch_order(sets, torch.Generator().manual_seed(0)).tolist()
+    assert len(order) == epoch_length(sets) == 10 + 10
+    counts = torch.bincount(torch.tensor(order), minlength=14).tolist()
+    assert counts[:10] == [1] * 10
+    assert sorted(counts[10:]) == [2, 2, 3, 3]  # twice each, and a random half a third time
+    assert order != sorted(order)
+    # one set of weight 1 is a plain permutation, as before data sets could be weighed
+    assert sorted(epoch_order([(7, 1.0)], torch.Generator().manual_seed(1)).tolist()) == list(range(7))
+    assert epoch_order([(5, 0.0), (3, 1.0)], torch.Generator().manual_seed(2)).min() >= 5
