@@ -1,6 +1,14 @@
-"""Visual-concept tags from the encoder's own ImageNet classifier head.
+"""Visual-concept tags: a linear head on the encoder's pooled features says which words a caption
+of the photo would use; guided decoding requires the confident ones and bans the surely absent.
 
-Shapes: B batch, E pooled feature dim, C ImageNet classes (1000), W tag words.
+Shapes: B batch, E pooled feature dim, C the head's classes, W tag words.
+
+Two kinds of head, one mechanism (`activation`):
+
+- "sigmoid": word detectors learned from captions (`training.concepts`, after Fang et al. 2015,
+  "From captions to visual concepts and back"): one class per word, each an independent
+  logistic output trained on whether the photo's captions name the word;
+- "softmax": the encoder's own ImageNet classifier head, as below.
 
 The frozen encoder is an ImageNet classifier without its last layer, so that layer, applied to the
 pooled features the captioner computes anyway, says what the photo shows at almost no cost:
@@ -69,7 +77,10 @@ class Tagger:
         backbone: str = "efficientnet_lite0",
         class_ids: list[str] | None = None,
         guidance: dict[str, Any] | None = None,
+        activation: str = "softmax",
     ):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"tagger activation must be one of {ACTIVATIONS}, not {activation!r}")
         if weight.dim() != 2 or bias.shape != (weight.shape[0],):
             raise ValueError(f"classifier weight (C, E) and bias (C,) expected, got {tuple(weight.shape)} "
                              f"and {tuple(bias.shape)}")
@@ -79,6 +90,7 @@ class Tagger:
         if missing:
             raise ValueError(f"class words without forms: {missing[:5]}")
         calibration = _platt(calibration)
+        self.activation = activation
         self.weight = weight.detach().float()  # (C, E)
         self.bias = bias.detach().float()  # (C,)
         self.class_names = list(class_names)
@@ -134,6 +146,7 @@ class Tagger:
             "forms": {w: list(f) for w, f in self.forms.items()},
             "calibration": None if self.calibration is None else dict(self.calibration),
             "guidance": dict(self.guidance),
+            "activation": self.activation,
         }
 
     @classmethod
@@ -142,7 +155,8 @@ class Tagger:
             raise ValueError(f"tagger format {data.get('format_version')!r}; this version reads {FORMAT_VERSION}")
         return cls(data["weight"], data["bias"], data["class_names"], data["class_words"], data["forms"],
                    calibration=data.get("calibration"), backbone=data.get("backbone", "efficientnet_lite0"),
-                   class_ids=data.get("class_ids"), guidance=data.get("guidance"))
+                   class_ids=data.get("class_ids"), guidance=data.get("guidance"),
+                   activation=data.get("activation", "softmax"))
 
     def to(self, device: str | torch.device) -> "Tagger":
         self.weight, self.bias = self.weight.to(device), self.bias.to(device)
@@ -150,7 +164,7 @@ class Tagger:
         return self
 
     def describe(self) -> dict[str, Any]:
-        return {"backbone": self.backbone, "classes": len(self.class_names),
+        return {"backbone": self.backbone, "activation": self.activation, "classes": len(self.class_names),
                 "mapped_classes": int(self._classes.numel()), "words": len(self.words),
                 "calibration": self.calibration, "guidance": self.guidance}
 
@@ -170,7 +184,8 @@ class Tagger:
 
     def raw_scores(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(word scores (B, W): summed class probabilities, class probabilities (B, C))."""
-        probs = self.logits(pooled).softmax(dim=1)  # (B, C)
+        logits = self.logits(pooled)  # (B, C)
+        probs = logits.sigmoid() if self.activation == "sigmoid" else logits.softmax(dim=1)
         raw = probs.new_zeros(probs.shape[0], len(self.words))  # (B, W)
         raw.index_add_(1, self._columns, probs[:, self._classes])
         return raw, probs
@@ -249,6 +264,8 @@ class Tagger:
 
     def _behind(self, word: str, probs: torch.Tensor) -> list[str]:
         """The word's most probable ImageNet classes in one image (C,), best first."""
+        if self.activation == "sigmoid":  # the word is its own class
+            return []
         classes = [c for c, w in enumerate(self.class_words) if w == word]
         classes.sort(key=lambda c: -float(probs[c]))
         return [self.class_names[c] for c in classes[:_CLASSES_PER_TAG]
@@ -256,6 +273,7 @@ class Tagger:
 
 
 PLATT_INPUTS = ("logit", "log")
+ACTIVATIONS = ("softmax", "sigmoid")
 
 
 def platt_input(raw: torch.Tensor, kind: str = "logit") -> torch.Tensor:

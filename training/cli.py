@@ -46,6 +46,8 @@ def register(commands) -> None:
     export.add_argument("--fp32", action="store_true", help="keep fp32 weights (pt)")
     export.add_argument("--no-tagger", action="store_true",
                         help="do not attach the encoder's ImageNet tagger (guided decoding then has no tags)")
+    export.add_argument("--tagger", metavar="FILE", default=None,
+                        help="attach this tagger of word detectors (python -m training.concepts) instead of the ImageNet one")
     export.add_argument("--int8-calibration", metavar="FILE", default=None,
                         help="onnx: activation ranges from training/calibrate_int8.py for the int8 encoder "
                              "(default: the bundled one, where it fits the encoder)")
@@ -107,11 +109,12 @@ def _export(args: argparse.Namespace) -> int:
 
     fmt = args.format or ("onnx" if str(args.target).lower().endswith(".onnx") else "pt")
     if fmt == "pt":
-        size = export_checkpoint(args.source, args.target, half=not args.fp32, tagger=not args.no_tagger)
+        size = export_checkpoint(args.source, args.target, half=not args.fp32, tagger=not args.no_tagger,
+                                 tagger_file=args.tagger)
         print(f"{args.target}: {size / 1e6:.1f} MB")
         return 0
     files = export_onnx(args.source, args.target, tagger=not args.no_tagger, calibration=args.int8_calibration,
-                        int8=not args.no_int8)
+                        int8=not args.no_int8, tagger_file=args.tagger)
     for kind, path in files.items():
         print(f"{path}: {path.stat().st_size / 1e6:.1f} MB ({kind})")
     if "encoder_int8" not in files and not args.no_int8:

@@ -15,6 +15,8 @@ import logging
 import tempfile
 from pathlib import Path
 
+import torch
+
 from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.encoder import LITE_WHEELS
 from captioner.tagger import Tagger
@@ -23,7 +25,10 @@ log = logging.getLogger(__name__)
 TAGGED_BACKBONES = tuple(LITE_WHEELS)  # backbones whose ImageNet head ships with their weights
 
 
-def export_checkpoint(source: str | Path, target: str | Path, *, half: bool = True, tagger: bool = True) -> int:
+def export_checkpoint(source: str | Path, target: str | Path, *, half: bool = True, tagger: bool = True,
+                      tagger_file: str | Path | None = None) -> int:
+    """`tagger_file`: a tagger of word detectors (training/concepts.py) to attach instead of the
+    ImageNet one; it must have been trained on this model's frozen encoder."""
     payload = load_checkpoint(source)
     payload.pop("training", None)
     for key in ("format", "format_version"):
@@ -33,6 +38,12 @@ def export_checkpoint(source: str | Path, target: str | Path, *, half: bool = Tr
     encoder = payload["encoder"]
     if not tagger:
         payload.pop("tagger", None)
+    elif tagger_file is not None:
+        learned = Tagger.from_dict(torch.load(tagger_file, weights_only=True))
+        if learned.backbone != encoder.get("backbone") or encoder.get("trainable_stages"):
+            raise ValueError(f"{tagger_file} was trained on {learned.backbone}'s pretrained features; the model's "
+                             f"encoder is {encoder.get('backbone')} with {encoder.get('trainable_stages')} trainable stages")
+        payload["tagger"] = learned.to_dict()
     elif encoder.get("backbone") in TAGGED_BACKBONES and not encoder.get("trainable_stages"):
         payload["tagger"] = Tagger.imagenet(encoder["backbone"]).to_dict()
     else:  # a fine-tuned trunk no longer feeds the head the features it was trained on
@@ -43,7 +54,7 @@ def export_checkpoint(source: str | Path, target: str | Path, *, half: bool = Tr
 
 
 def export_onnx(source: str | Path, target: str | Path, *, tagger: bool = True, calibration: str | Path | None = None,
-                int8: bool = True) -> dict[str, Path]:
+                int8: bool = True, tagger_file: str | Path | None = None) -> dict[str, Path]:
     """ONNX graphs of a checkpoint (training state stripped and the tagger attached as for .pt,
     fp32 weights). `calibration`: a training/calibrate_int8.py file for the int8 encoder."""
     from captioner.api import Captioner
@@ -51,7 +62,7 @@ def export_onnx(source: str | Path, target: str | Path, *, tagger: bool = True, 
 
     with tempfile.TemporaryDirectory(prefix="captioner-export-") as folder:
         shipped = Path(folder) / "model.pt"
-        export_checkpoint(source, shipped, half=False, tagger=tagger)
+        export_checkpoint(source, shipped, half=False, tagger=tagger, tagger_file=tagger_file)
         model = Captioner.from_checkpoint(shipped, precision="fp32")
     model.checkpoint_sha256 = hashlib.sha256(Path(source).read_bytes()).hexdigest()  # the source's, not the temporary's
     ranges = None
