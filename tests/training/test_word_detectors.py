@@ -9,7 +9,7 @@ import torch
 
 from captioner.api import Captioner
 from captioner.tagger import Tagger
-from training.concepts import average_precision, fit_detectors, forms_of, main as concepts_main, platt, soft_labels
+from training.concepts import absent_words, average_precision, fit_detectors, forms_of, main as concepts_main, platt, soft_labels
 from training.config import load_config
 from training.data import Sample
 from training.export import export_checkpoint
@@ -84,3 +84,12 @@ def test_detectors_trained_on_a_runs_data_guide_its_exported_model(flickr_dir, t
     [required] = result.required
     assert required.source == "tag" and required.word in tagger.words
     assert set(required.forms) & set(result.text.split())  # guided decoding said it
+
+
+def test_a_word_is_banned_only_where_low_confidence_reliably_means_no_caption_names_it():
+    confidence = torch.tensor([[0.01, 0.01, 0.5]] * 60 + [[0.9, 0.01, 0.9]] * 40)  # (N, W)
+    named = torch.zeros(100, 3, dtype=torch.bool)
+    named[60:, 0] = True  # "cup": named only where confident
+    named[:3, 1] = True  # "man": named for 3 of the 100 photos where it is unlikely
+    assert absent_words(confidence, named, ["cup", "man", "tea"], 0.02, max_miss=0.01, min_photos=50) == ["cup"]
+    assert absent_words(confidence, named, ["cup", "man", "tea"], 0.02, max_miss=0.05, min_photos=50) == ["cup", "man"]
