@@ -168,15 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     forms = {w: [f for f in forms_of(w) if f in vocabulary.index] for w in words}
 
     def features(samples: list[Sample], views: int) -> tuple[list[torch.Tensor], list[Sample]]:
-        """Pooled features (N, E) of each cached view, and the samples every view could read."""
+        """Pooled features (N, E) of each cached view of one data set (training's caches), and the
+        samples every view could read."""
         caches = [build_or_load(encoder, preprocessing, [s.image for s in samples], cfg.data.cache_dir, view=v)
                   for v in range(views)]
         usable = [s for s in samples if all(c.usable(s.image) for c in caches)]
         return [torch.cat([c.regions([s.image for s in usable[i:i + 256]]).mean(1) for i in range(0, len(usable), 256)])
                 for c in caches], usable
 
-    train: list[Sample] = [s for spec in cfg.data.train for s in load_dataset(spec, cfg.data.train_split)]
-    views, train = features(train, cfg.data.cache_views)
+    per_set = [features(load_dataset(spec, cfg.data.train_split), cfg.data.cache_views) for spec in cfg.data.train]
+    views = [torch.cat([set_views[v] for set_views, _ in per_set]) for v in range(cfg.data.cache_views)]
+    train = [s for _, samples in per_set for s in samples]
     y = soft_labels(train, forms, words)
     kept = (y > 0).sum(0) >= args.min_photos
     words = [w for w, k in zip(words, kept.tolist()) if k]
