@@ -1,6 +1,8 @@
 """Shared fixtures: tiny models that train and decode in milliseconds, and small real images.
 
-No test needs ../shared/data or a network."""
+No test needs ../shared/data or a network. Tests that start servers, subprocesses, Ray, Chromium
+or a fuzzer, or take more than about 5 s, are marked `integration`: `pytest -m "not integration"`
+is the inner loop."""
 
 from __future__ import annotations
 
@@ -59,6 +61,19 @@ def require_module(name: str, *, install: str):
     if os.environ.get("CI", "").lower() in ("true", "1"):
         pytest.fail(f"{reason} (CI=true: this test must run in CI)", pytrace=False)
     pytest.skip(reason, allow_module_level=True)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """A mark on a helper or a fixture does nothing (the `slow` mark once sat on a helper, so no
+    test was slow): refuse it, so that `-m "not integration"` deselects what it says."""
+    misplaced = []
+    for module in {item.module for item in items if getattr(item, "module", None) is not None}:
+        for name, value in vars(module).items():
+            if getattr(value, "pytestmark", None) and not name.startswith(("test", "Test")) \
+                    and getattr(value, "__module__", None) == module.__name__:
+                misplaced.append(f"{module.__name__}.{name}")
+    if misplaced:
+        raise pytest.UsageError(f"marks on non-test objects have no effect: {', '.join(sorted(misplaced))}")
 
 
 @pytest.fixture(scope="session")

@@ -98,6 +98,7 @@ def test_interrupted_save_leaves_the_old_checkpoint_intact(tiny_captioner, tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary left behind
 
 
+@pytest.mark.integration  # the CLI in subprocesses
 def test_cli_caption_and_info(tiny_checkpoint, tmp_path):
     image = tmp_path / "a.jpg"
     image.write_bytes(make_photo(seed=2))

@@ -25,6 +25,7 @@ def _faults(mode: str) -> tuple[str, int]:
     return applied, int(faults)
 
 
+@pytest.mark.integration  # subprocesses
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory tunes glibc's malloc")
 def test_training_reuses_freed_pages_instead_of_faulting_them_in_anew():
     _, fresh = _faults("plain")

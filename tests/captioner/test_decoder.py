@@ -145,6 +145,7 @@ def test_trained_attention_has_the_gradients_of_the_plain_formula():
     assert alpha.dtype == torch.float32 and torch.allclose(alpha.sum(-1), torch.ones(2, 3))
 
 
+@pytest.mark.integration  # torch.compile builds C++ kernels (~5 s)
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_elementwise_work_computes_the_eager_loss_and_gradients():
     """`compile_elementwise()` (training.run.compile_elementwise): the fused LSTM cell gives the

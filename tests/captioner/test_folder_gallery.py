@@ -9,6 +9,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from captioner.cli import main
 from tests.conftest import make_photo
 
@@ -22,6 +24,7 @@ def rendered_order(chromium: str, page: Path, fragment: str, profile: Path) -> l
     return re.findall(r'<figure class="card[^"]*" data-path="([^"]*)"', dom)
 
 
+@pytest.mark.integration  # headless Chromium
 def test_gallery_sorts_by_score_in_a_browser(chromium, tmp_path, tiny_checkpoint):
     folder = tmp_path / "photos"
     folder.mkdir()

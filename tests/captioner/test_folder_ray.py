@@ -128,6 +128,7 @@ def test_the_local_engine_refuses_uris(photos, tiny_checkpoint, tmp_path, capsys
     assert "needs --engine ray" in capsys.readouterr().err
 
 
+@pytest.mark.integration  # a subprocess
 def test_the_core_package_does_not_import_ray():
     code = ("import sys, captioner, captioner.api, captioner.folder, captioner.folder_ray, captioner.cli;"
             "captioner.cli.build_parser(); print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))")
@@ -178,6 +179,7 @@ class _Tee(io.StringIO):
         return super().write(text)
 
 
+@pytest.mark.integration  # a local Ray
 def test_same_records_as_the_local_engine(first_run, photos):
     expected, out, err, log, _ = first_run
     assert_same_records(read_jsonl(out), expected)
@@ -196,6 +198,7 @@ def test_same_records_as_the_local_engine(first_run, photos):
     assert re.findall(r'data-path="([^"]*)"', gallery) == [r["path"] for r in expected]
 
 
+@pytest.mark.integration  # a local Ray
 def test_nothing_is_written_into_the_source(first_run, photos):
     assert snapshot(photos) == first_run[-1]
 
@@ -209,6 +212,7 @@ def as_the_local_engine_writes(fmt: str, records: list[dict], path: Path) -> Pat
     return path
 
 
+@pytest.mark.integration  # a local Ray
 def test_uri_source_and_output_in_csv(first_run, photos, tiny_checkpoint, tmp_path):
     """SOURCE and OUT as URIs go through pyarrow's filesystems (file:// here; s3:// and gs:// alike)."""
     expected = first_run[0]
@@ -227,6 +231,7 @@ def test_uri_source_and_output_in_csv(first_run, photos, tiny_checkpoint, tmp_pa
     assert len(committed(out)) == 4
 
 
+@pytest.mark.integration  # a local Ray
 def test_rerun_captions_only_what_no_committed_shard_holds(first_run, photos, tiny_checkpoint, tmp_path, capsys):
     """A crash's leftovers, a photo added since, and OUT in another format (coco): the rerun
     captions what no committed shard holds and renders coco results as the local engine does."""

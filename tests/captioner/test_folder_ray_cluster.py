@@ -33,6 +33,10 @@ ROOT = Path(__file__).resolve().parents[2]
 IP = "127.0.0.2"
 PHOTOS = 24
 
+# Two Ray nodes and the command in subprocesses; starting the cluster, the runs and their restarts
+# each wait up to minutes on a slow machine: a longer timeout than the suite's.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
 
 def free_port() -> int:
     with socket.socket() as probe:

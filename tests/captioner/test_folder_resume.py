@@ -79,8 +79,6 @@ def assert_one_record_each(out: Path, folder: Path) -> list[dict]:
     return records
 
 
-@pytest.mark.slow
-
 def _photos_and_args(tmp_path, names, out_name, tiny_checkpoint):
     """A folder of photos with these names, and the caption-folder arguments writing out_name."""
     folder = tmp_path / "photos"
@@ -91,6 +89,8 @@ def _photos_and_args(tmp_path, names, out_name, tiny_checkpoint):
     return out, ["caption-folder", str(folder), "-o", str(out), "--checkpoint", tiny_checkpoint,
                  "--workers", "0", "--quiet", *FAST]
 
+
+@pytest.mark.integration
 def test_resume_after_kill_9(many_photos, tiny_checkpoint, tmp_path):
     out = tmp_path / "captions.jsonl"
     process = start_run(many_photos, out, tiny_checkpoint)
@@ -109,7 +109,7 @@ def test_resume_after_kill_9(many_photos, tiny_checkpoint, tmp_path):
     assert complete_lines(out)[: len(before)] == before  # what was written stays as it was
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(many_photos, tiny_checkpoint, tmp_path):
     out = tmp_path / "captions.jsonl"
     process = start_run(many_photos, out, tiny_checkpoint)

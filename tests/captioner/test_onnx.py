@@ -23,6 +23,9 @@ from tests.conftest import make_photo  # noqa: E402
 from training import calibrate_int8  # noqa: E402
 from training.export import export_checkpoint, export_onnx  # noqa: E402
 
+# Exporting and calibrating the module's model takes ~20 s, a concept head's export ~10 s.
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def exported(tiny_checkpoint, tmp_path_factory):

@@ -85,6 +85,7 @@ def test_explicit_precisions_run_or_say_what_is_missing(measured):
     assert "emulates" in _choose("bf16").reason
 
 
+@pytest.mark.integration  # the CLI in subprocesses
 def test_describe_and_info_say_which_path_runs_and_why(tiny_checkpoint):
     model = Captioner.from_checkpoint(tiny_checkpoint, precision="fp32")
     described = model.describe()["inference"]
@@ -100,6 +101,7 @@ def test_describe_and_info_say_which_path_runs_and_why(tiny_checkpoint):
     assert chosen["requested"] == "auto" and chosen["reason"].startswith(f"auto: {chosen['precision']}")
 
 
+@pytest.mark.integration  # a subprocess loading the bundled model twice
 def test_the_core_does_not_import_onnx_runtime():
     """Not at import, nor to load a model on a path that does not use it."""
     code = ("import sys; from captioner.api import Captioner; import captioner.cli; "

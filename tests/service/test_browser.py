@@ -14,6 +14,8 @@ from werkzeug.serving import make_server
 
 from tests.conftest import make_photo
 
+pytestmark = pytest.mark.integration  # headless Chromium
+
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PHONE = {"width": 390, "height": 844}  # an iPhone 12-14 in CSS pixels

@@ -20,6 +20,8 @@ from tests.service.conftest import corpus
 IMAGES = st.one_of(st.sampled_from([data for data, _ in corpus().values()]), st.binary(max_size=2048))
 schemathesis.openapi.media_type("image/*", IMAGES)
 
+pytestmark = pytest.mark.integration  # schemathesis fuzzing
+
 OPERATIONS = ["POST /v1/captions", "POST /v1/captions/attention.png", "GET /v1/model", "GET /v1/models",
               "POST /v1/models/{name}/reload", "GET /healthz", "GET /readyz", "GET /metrics"]
 

@@ -14,6 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import make_photo
 from tests.service.gunicorn_server import gunicorn
 
+pytestmark = pytest.mark.integration  # a real gunicorn
+
 CLIENTS = 32
 
 

@@ -8,11 +8,14 @@ import shutil
 import signal
 import time
 
+import pytest
 import requests
 
 from captioner.checkpoint import file_sha256
 from tests.conftest import make_photo
 from tests.service.gunicorn_server import Load, gunicorn, post, workers
+
+pytestmark = pytest.mark.integration  # a real gunicorn under load
 
 CLIENTS = 6
 DRAIN_S = 2.0

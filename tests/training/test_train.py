@@ -62,6 +62,8 @@ def test_training_run_writes_a_loadable_model_and_its_records(flickr_dir, tmp_pa
     assert all(isinstance(c["caption"], str) for c in captions)
 
 
+@pytest.mark.integration  # training subprocesses, three runs that may each take minutes
+@pytest.mark.timeout(600)
 def test_killed_run_resumes_to_the_same_weights(flickr_dir, tmp_path):
     # Two cached views: the random view of each image must be drawn alike after resuming too.
     text = tmp_path / "text.csv"  # and text batches, drawn from the same generator
@@ -106,6 +108,8 @@ def _wait_for_mid_epoch_checkpoint(path: Path, min_step: int, timeout: float) ->
     pytest.fail("the training run never wrote a mid-epoch checkpoint")
 
 
+@pytest.mark.integration  # a training subprocess and torchrun
+@pytest.mark.timeout(600)
 def test_two_process_data_parallel_training_tracks_one_process(flickr_dir, tmp_path):
     overrides = tiny_train_overrides(flickr_dir, tmp_path / "x", **{"optim.epochs": 3, "model.decoder.dropout": 0.0})
     single, double = tmp_path / "single", tmp_path / "double"
