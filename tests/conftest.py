@@ -1,8 +1,9 @@
 """Shared fixtures: tiny models that train and decode in milliseconds, and small real images.
 
-No test needs ../shared/data or a network. Tests that start servers, subprocesses, Ray, Chromium
-or a fuzzer, or take more than about 5 s, are marked `integration`: `pytest -m "not integration"`
-is the inner loop."""
+No test needs ../shared/data or a network, and none writes outside its temporary folders: the
+session points CAPTIONER_CACHE (and TORCH_HOME) at one. Tests that start servers, subprocesses,
+Ray, Chromium or a fuzzer, or take more than about 5 s, are marked `integration`:
+`pytest -m "not integration"` is the inner loop."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import io
 import os
 import re
 import shutil
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -61,6 +64,18 @@ def require_module(name: str, *, install: str):
     if os.environ.get("CI", "").lower() in ("true", "1"):
         pytest.fail(f"{reason} (CI=true: this test must run in CI)", pytrace=False)
     pytest.skip(reason, allow_module_level=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_caches(tmp_path_factory) -> Iterator[Path]:
+    """CAPTIONER_CACHE (where int8 encoders built from .pt checkpoints are kept) and TORCH_HOME in
+    a temporary folder for the whole session, in os.environ so that the subprocesses the tests
+    start (the CLI, training, gunicorn, Ray nodes) inherit them: no test writes to ~/.cache."""
+    root = tmp_path_factory.mktemp("caches")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CAPTIONER_CACHE", str(root / "captioner"))
+        mp.setenv("TORCH_HOME", str(root / "torch"))
+        yield root
 
 
 def pytest_collection_modifyitems(config, items) -> None:
