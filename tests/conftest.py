@@ -1,9 +1,9 @@
 """Shared fixtures: tiny models that train and decode in milliseconds, and small real images.
 
 No test needs ../shared/data or a network, and none writes outside its temporary folders: the
-session points CAPTIONER_CACHE (and TORCH_HOME) at one. Tests that start servers, subprocesses,
-Ray, Chromium or a fuzzer, or take more than about 5 s, are marked `integration`:
-`pytest -m "not integration"` is the inner loop."""
+session points CAPTIONER_CACHE (and TORCH_HOME) at one. Models load at precision="fp32" unless a
+test is about precision. Tests that start servers, subprocesses, Ray, Chromium or a fuzzer, or take
+more than about 5 s, are marked `integration`: `pytest -m "not integration"` is the inner loop."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def tiny_captioner(encoder: Encoder, vocab: Vocabulary) -> Captioner:
     torch.manual_seed(0)
     decoder = Decoder(tiny_decoder_config(len(vocab), feature_dim=encoder.feature_dim))
     preprocessing = Preprocessing(size=224, resize="squash")
-    return Captioner(encoder, decoder, vocab, preprocessing, provenance={"note": "test model"})
+    return Captioner(encoder, decoder, vocab, preprocessing, provenance={"note": "test model"}, precision="fp32")
 
 
 @pytest.fixture(scope="session")

@@ -50,7 +50,7 @@ def test_checkpoint_round_trip_with_weights_only(tiny_captioner, tiny_checkpoint
     payload = torch.load(tiny_checkpoint, weights_only=True)  # plain data and tensors only
     assert payload["format_version"] == 1 and payload["vocabulary"]["words"][:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
     assert payload["preprocessing"]["resize"] == "squash"
-    loaded = Captioner.from_checkpoint(tiny_checkpoint)
+    loaded = Captioner.from_checkpoint(tiny_checkpoint, precision="fp32")
     options = dict(num_beams=3, num_return_sequences=2)
     assert [s.text for s in loaded.caption(photo_bytes, **options).sequences] == \
         [s.text for s in tiny_captioner.caption(photo_bytes, **options).sequences]
@@ -60,7 +60,7 @@ def test_checkpoint_round_trip_with_weights_only(tiny_captioner, tiny_checkpoint
 def test_half_precision_checkpoint_loads_as_float(tiny_captioner, tmp_path):
     path = tmp_path / "half.pt"
     tiny_captioner.save(path, half=True)
-    model = Captioner.from_checkpoint(path)
+    model = Captioner.from_checkpoint(path, precision="fp32")
     assert next(model.decoder.parameters()).dtype == torch.float32
 
 
@@ -106,12 +106,12 @@ def test_cli_caption_and_info(tiny_checkpoint, tmp_path):
     broken.write_text("not an image")
     run = subprocess.run([sys.executable, "-m", "captioner.cli", "caption", str(image), str(broken),
                           "--checkpoint", tiny_checkpoint, "--num-beams", "3", "--num-return-sequences", "2",
-                          "--json"], capture_output=True, text=True, timeout=600)
+                          "--precision", "fp32", "--json"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 1  # one image failed
     assert "b.jpg" in run.stderr and "not an image" in run.stderr
     record = json.loads(run.stdout.strip())
     assert record["image"] == str(image) and len(record["sequences"]) == 2
-    info = subprocess.run([sys.executable, "-m", "captioner.cli", "info", tiny_checkpoint, "--json"],
+    info = subprocess.run([sys.executable, "-m", "captioner.cli", "info", tiny_checkpoint, "--precision", "fp32", "--json"],
                           capture_output=True, text=True, timeout=600)
     assert info.returncode == 0 and json.loads(info.stdout)["vocabulary_size"] == 20
     bad = subprocess.run([sys.executable, "-m", "captioner.cli", "caption", str(image), "--checkpoint",

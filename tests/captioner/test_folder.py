@@ -22,7 +22,7 @@ from captioner.folder import coco_image_ids, find_images, sniff_image
 from captioner.imageset import WORKER_NICENESS, ImageFileDataset, collate, pixel_loader
 from tests.conftest import make_photo
 
-FAST = ["--max-new-tokens", "4", "--num-beams", "2"]
+FAST = ["--max-new-tokens", "4", "--num-beams", "2", "--precision", "fp32"]
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:

@@ -33,7 +33,8 @@ def test_gallery_sorts_by_score_in_a_browser(chromium, tmp_path, tiny_checkpoint
     (folder / "broken.jpg").write_text("not an image")
     out, page = tmp_path / "o.jsonl", tmp_path / "gallery.html"
     assert main(["caption-folder", str(folder), "-o", str(out), "--html", str(page), "--checkpoint",
-                 tiny_checkpoint, "--workers", "0", "--quiet", "--num-beams", "2", "--max-new-tokens", "6"]) == 0
+                 tiny_checkpoint, "--workers", "0", "--quiet", "--num-beams", "2", "--max-new-tokens", "6",
+                 "--precision", "fp32"]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     score = {r["path"]: r.get("score", float("-inf")) for r in records}
     assert len(set(score.values())) > 2  # the order below is a real test

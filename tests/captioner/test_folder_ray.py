@@ -26,7 +26,7 @@ from captioner.folder import STORES
 from tests.captioner.test_folder import snapshot
 from tests.conftest import make_photo, require_module
 
-FAST = ["--max-new-tokens", "4", "--num-beams", "2", "--batch-size", "2"]
+FAST = ["--max-new-tokens", "4", "--num-beams", "2", "--batch-size", "2", "--precision", "fp32"]
 INSTALL = "pip install 'captioner[ray]'"
 ROOT = Path(__file__).resolve().parents[2]
 

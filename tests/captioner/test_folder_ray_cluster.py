@@ -27,7 +27,7 @@ import pytest
 
 from tests.conftest import make_photo, require_module
 
-FAST = ["--max-new-tokens", "4", "--num-beams", "2", "--batch-size", "2"]
+FAST = ["--max-new-tokens", "4", "--num-beams", "2", "--batch-size", "2", "--precision", "fp32"]
 INSTALL = "pip install 'captioner[ray]'"
 ROOT = Path(__file__).resolve().parents[2]
 IP = "127.0.0.2"

@@ -60,7 +60,7 @@ def test_tagger_guidance_says_cat_and_not_dog(tiny_captioner, tmp_path):
     payload = tiny_captioner.checkpoint_payload()
     payload["tagger"] = Tagger.imagenet().to_dict()
     save_checkpoint(payload, path)
-    model = Captioner.from_checkpoint(path)
+    model = Captioner.from_checkpoint(path, precision="fp32")
     chelsea = EXAMPLES / "chelsea.jpg"
     result = model.caption(chelsea, num_beams=3, num_return_sequences=2)
     assert [(r.word, r.source) for r in result.required] == [("cat", "tag")]
@@ -78,9 +78,11 @@ def test_tagger_guidance_says_cat_and_not_dog(tiny_captioner, tmp_path):
 def test_cli_force_words(tiny_checkpoint, tmp_path, capsys):
     photo = tmp_path / "p.jpg"
     photo.write_bytes(make_photo(seed=4))
-    assert main(["caption", str(photo), "--checkpoint", tiny_checkpoint, "--force-words", "bike,sofa", "--json"]) == 0
+    assert main(["caption", str(photo), "--checkpoint", tiny_checkpoint, "--force-words", "bike,sofa", "--json",
+                 "--precision", "fp32"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert {"bike", "sofa"} <= set(record["caption"].split())
     assert [r["word"] for r in record["required"]] == ["bike", "sofa"]
-    assert main(["caption", str(photo), "--checkpoint", tiny_checkpoint, "--force-words", "giraffe"]) == 2
+    assert main(["caption", str(photo), "--checkpoint", tiny_checkpoint, "--force-words", "giraffe",
+                 "--precision", "fp32"]) == 2
     assert "not in this model's vocabulary" in capsys.readouterr().err

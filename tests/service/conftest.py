@@ -1,5 +1,5 @@
 """Service fixtures: apps built with `create_app({...})` on the tiny checkpoint (never the bundled
-model), and a corpus of broken and unusual images made here."""
+model) at precision fp32, and a corpus of broken and unusual images made here."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from tests.conftest import make_photo
 
 
 def build_app(checkpoint: str, **settings) -> Flask:
-    return create_app({"checkpoint": checkpoint, "torch_threads": 1, **settings})  # settings may unset it
+    # fp32 as tiny_captioner, whose captions the tests compare; settings may override these
+    return create_app({"checkpoint": checkpoint, "torch_threads": 1, "precision": "fp32", **settings})
 
 
 @pytest.fixture(scope="session")
@@ -137,7 +138,7 @@ def other_checkpoint(encoder, vocab, tmp_path_factory) -> str:
     torch.manual_seed(1)
     decoder = Decoder(tiny_decoder_config(len(vocab), feature_dim=encoder.feature_dim))
     model = Captioner(encoder, decoder, vocab, Preprocessing(size=224, resize="squash"),
-                      provenance={"note": "other test model"})
+                      provenance={"note": "other test model"}, precision="fp32")
     path = tmp_path_factory.mktemp("checkpoints") / "other.pt"
     model.save(path)
     return str(path)

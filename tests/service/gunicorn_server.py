@@ -30,10 +30,12 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def gunicorn(log: Path, **settings: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """-> (url, process); settings are CAPTIONER_* variables without the prefix."""
+    """-> (url, process); settings are CAPTIONER_* variables without the prefix (precision fp32
+    unless they say otherwise, as tiny_captioner, whose captions the tests compare)."""
     port = free_port()
     env = {**os.environ, "CAPTIONER_BIND": f"127.0.0.1:{port}", "CAPTIONER_ACCESS_LOG": "false",
-           "CAPTIONER_TORCH_THREADS": "1", **{f"CAPTIONER_{k}": v for k, v in settings.items()}}
+           "CAPTIONER_TORCH_THREADS": "1", "CAPTIONER_PRECISION": "fp32",
+           **{f"CAPTIONER_{k}": v for k, v in settings.items()}}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.pop("CAPTIONER_RUNTIME_DIR", None)
     with open(log, "wb") as output:

@@ -16,7 +16,8 @@ def test_export_strips_training_state_and_halves_weights(tiny_checkpoint, tmp_pa
     assert "training" not in raw
     assert all(t.dtype == torch.float16 for t in raw["state_dict"].values() if t.is_floating_point())
     assert target.stat().st_size < source.stat().st_size
-    original, shipped = Captioner.from_checkpoint(tiny_checkpoint), Captioner.from_checkpoint(target)
+    original = Captioner.from_checkpoint(tiny_checkpoint, precision="fp32")
+    shipped = Captioner.from_checkpoint(target, precision="fp32")
     a, b = original.caption(photo_bytes, num_beams=3), shipped.caption(photo_bytes, num_beams=3)
     assert abs(a.score - b.score) < 0.05  # fp16 storage barely moves the scores
 
@@ -25,6 +26,6 @@ def test_export_attaches_the_imagenet_tagger_to_a_frozen_encoder(tiny_checkpoint
     tagged, bare = tmp_path / "tagged.pt", tmp_path / "bare.pt"
     export_checkpoint(tiny_checkpoint, tagged)
     export_checkpoint(tiny_checkpoint, bare, tagger=False)
-    assert Captioner.from_checkpoint(tagged).tagger is not None
-    assert Captioner.from_checkpoint(bare).tagger is None
+    assert Captioner.from_checkpoint(tagged, precision="fp32").tagger is not None
+    assert Captioner.from_checkpoint(bare, precision="fp32").tagger is None
     assert torch.load(tagged, weights_only=True)["tagger"]["weight"].dtype == torch.float16
