@@ -15,7 +15,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import requests
 
@@ -69,6 +69,14 @@ def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 
         time.sleep(0.2)
 
 
+def wait_until(condition: Callable[[], object], timeout: float, failure: Callable[[], str]) -> None:
+    """Poll `condition` until it holds; past `timeout` seconds fail with `failure()`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, failure()
+        time.sleep(0.02)
+
+
 def workers(master: int) -> set[int]:
     """The master's worker processes (its children, from /proc)."""
     from service.worker import _children
@@ -107,7 +115,7 @@ class Load:
     def __init__(self, url: str, photo: bytes, clients: int, *, until_refused: bool = False):
         self.url, self.photo, self.until_refused = url, photo, until_refused
         self.outcomes: Counter[str] = Counter()
-        self.answered: list[tuple[float, str]] = []  # (time, checkpoint) of each 200
+        self.answered: list[tuple[float, str]] = []  # (time sent, checkpoint) of each 200
         self.retry_after_missing = 0
         self.refusals: list[str] = []  # the 503 bodies, for the failure message
         self._stop = threading.Event()
@@ -129,11 +137,12 @@ class Load:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            sent = time.monotonic()
             outcome, headers = post(self.url, self.photo)
             with self._lock:
                 self.outcomes[outcome] += 1
                 if outcome == "200":
-                    self.answered.append((time.monotonic(), headers.get("X-Captioner-Checkpoint", "")))
+                    self.answered.append((sent, headers.get("X-Captioner-Checkpoint", "")))
                 if outcome == "503":
                     self.refusals.append(headers.get("body", ""))
                     self.retry_after_missing += "Retry-After" not in headers
@@ -141,6 +150,17 @@ class Load:
                 if self.until_refused:
                     return
                 time.sleep(0.05)
+
+    @property
+    def total(self) -> int:
+        """Requests that came back, whatever their outcome."""
+        with self._lock:
+            return sum(self.outcomes.values())
+
+    def answered_since(self, moment: float) -> list[str]:
+        """The checkpoints that answered the requests sent after `moment`."""
+        with self._lock:
+            return [checkpoint for sent, checkpoint in self.answered if sent > moment]
 
     @property
     def failures(self) -> int:

@@ -7,13 +7,14 @@ from __future__ import annotations
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
 from captioner.checkpoint import file_sha256
 from tests.conftest import make_photo
-from tests.service.gunicorn_server import Load, gunicorn, post, workers
+from tests.service.gunicorn_server import Load, gunicorn, post, wait_until, workers
 
 pytestmark = pytest.mark.integration  # a real gunicorn under load
 
@@ -21,13 +22,18 @@ CLIENTS = 6
 DRAIN_S = 2.0
 
 
+def state(load: Load, log: Path) -> str:
+    """What the clients got and the end of the server's log, for a failure message."""
+    return f"{dict(load.outcomes)}\n{log.read_text()[-3000:]}"
+
+
 def test_sigterm_drains_then_closes_without_resetting_a_request(tiny_checkpoint, tmp_path):
     photo = make_photo(seed=21)
     log = tmp_path / "server.log"
     with gunicorn(log, CHECKPOINT=tiny_checkpoint, WORKERS="2", THREADS="16", DRAIN_S=str(DRAIN_S)) as (url, master):
         with Load(url, photo, CLIENTS, until_refused=True) as load:
-            time.sleep(1.0)
-            before = sum(load.outcomes.values())
+            wait_until(lambda: load.total >= 2 * CLIENTS, 60, lambda: state(load, log))  # every client going
+            before = load.total
             signalled = time.monotonic()
             master.send_signal(signal.SIGTERM)
             while True:  # when the first /readyz that says 503 was asked
@@ -61,15 +67,18 @@ def test_rolling_restart_and_model_reload_fail_no_request(tiny_checkpoint, other
     with gunicorn(log, MODELS=f"main={served}", WORKERS="2", THREADS="16", DRAIN_S=str(DRAIN_S)) as (url, master):
         old_workers = workers(master.pid)
         with Load(url, photo, CLIENTS) as load:
-            time.sleep(1.0)
+            wait_until(lambda: load.total >= 2 * CLIENTS, 60, lambda: state(load, log))  # every client going
             master.send_signal(signal.SIGHUP)  # rolling restart: new workers, the old ones drain
-            deadline = time.monotonic() + 90
-            while not ((new := workers(master.pid)) and not new & old_workers and len(new) == 2
-                       and all(f"worker {pid} ready" in log.read_text() for pid in new)):
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.2)
-            restarted = sum(load.outcomes.values())
-            time.sleep(1.5)
+
+            def restarted_workers() -> bool:
+                new = workers(master.pid)
+                return bool(new) and not new & old_workers and len(new) == 2 and all(
+                    f"worker {pid} ready" in log.read_text() for pid in new)
+
+            wait_until(restarted_workers, 90, log.read_text)
+            restarted = load.total
+            # the new workers answer the load too
+            wait_until(lambda: load.total >= restarted + 4 * CLIENTS, 60, lambda: state(load, log))
             restart = dict(load.outcomes)
 
             shutil.copy(other_checkpoint, str(served) + ".new")
@@ -78,13 +87,16 @@ def test_rolling_restart_and_model_reload_fail_no_request(tiny_checkpoint, other
             started = time.monotonic()
             report = requests.post(f"{url}/v1/models/main/reload", timeout=60)
             reload_s = time.monotonic() - started
-            time.sleep(3.0)  # the other worker reloads on the SIGHUP it was sent
+            # The worker that answered reloaded; the other one reloads on the SIGHUP it was sent.
+            siblings = len(workers(master.pid)) - 1
+            wait_until(lambda: log.read_text().count(f"reloaded model main: {new_sha}") >= siblings, 60,
+                       lambda: f"{report.status_code} {report.text}; {state(load, log)}")
             switched = time.monotonic()
-            time.sleep(1.5)
+            wait_until(lambda: len(load.answered_since(switched)) >= 4 * CLIENTS, 60, lambda: state(load, log))
         print(f"\nrolling restart under {CLIENTS} clients: {restart} ({restarted} by the time the new workers ran); "
               f"reload under load: {dict(load.outcomes)} in total, POST /reload took {reload_s:.2f} s")
         assert report.status_code == 200, report.text
         assert report.json()["changed"] and report.json()["checkpoint_sha256"] == new_sha, (report.json(), log.read_text()[-3000:])
         assert set(load.outcomes) == {"200"}, (dict(load.outcomes), load.refusals, log.read_text()[-3000:])
-        late = [checkpoint for at, checkpoint in load.answered if at > switched]
-        assert late and set(late) == {new_sha}  # every worker answers with the new version
+        late = load.answered_since(switched)
+        assert late and set(late) == {new_sha}  # every request sent after both reloaded: the new version
