@@ -1,9 +1,10 @@
 """Shared fixtures: tiny models that train and decode in milliseconds, and small real images.
 
-No test needs ../shared/data or a network, and none writes outside its temporary folders: the
-session points CAPTIONER_CACHE (and TORCH_HOME) at one. Models load at precision="fp32" unless a
-test is about precision. Tests that start servers, subprocesses, Ray, Chromium or a fuzzer, or take
-more than about 5 s, are marked `integration`: `pytest -m "not integration"` is the inner loop."""
+No test needs ../shared/data or a network, and none writes outside temporary folders: the session
+points CAPTIONER_CACHE, TORCH_HOME and XDG_CACHE_HOME at one (`pytest_configure`). Models load at
+precision="fp32" unless a test is about precision. Tests that start servers, subprocesses, Ray,
+Chromium or a fuzzer, or take more than about 5 s, are marked `integration`:
+`pytest -m "not integration"` is the inner loop."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import io
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -66,16 +67,33 @@ def require_module(name: str, *, install: str):
     pytest.skip(reason, allow_module_level=True)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def isolated_caches(tmp_path_factory) -> Iterator[Path]:
-    """CAPTIONER_CACHE (where int8 encoders built from .pt checkpoints are kept) and TORCH_HOME in
-    a temporary folder for the whole session, in os.environ so that the subprocesses the tests
-    start (the CLI, training, gunicorn, Ray nodes) inherit them: no test writes to ~/.cache."""
-    root = tmp_path_factory.mktemp("caches")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CAPTIONER_CACHE", str(root / "captioner"))
-        mp.setenv("TORCH_HOME", str(root / "torch"))
-        yield root
+CACHES = pytest.StashKey[tuple[Path, dict[str, "str | None"]]]()
+
+
+def pytest_configure(config) -> None:
+    """CAPTIONER_CACHE (where int8 encoders built from .pt checkpoints are kept), TORCH_HOME and
+    XDG_CACHE_HOME (ONNX Runtime, matplotlib, Hugging Face) point at a temporary folder for the
+    whole session, in os.environ so that the subprocesses the tests start (the CLI, training,
+    gunicorn, Ray nodes) inherit them: no test writes to ~/.cache. Set here rather than in a
+    session fixture because ONNX Runtime writes its cache when it is imported, which test modules
+    do at collection, before any fixture runs."""
+    root = Path(tempfile.mkdtemp(prefix="captioner-test-caches-"))
+    settings = {"CAPTIONER_CACHE": str(root / "captioner"), "TORCH_HOME": str(root / "torch"),
+                "XDG_CACHE_HOME": str(root)}
+    config.stash[CACHES] = root, {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+
+
+def pytest_unconfigure(config) -> None:
+    if CACHES not in config.stash:
+        return
+    root, previous = config.stash[CACHES]
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
