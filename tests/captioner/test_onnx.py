@@ -205,3 +205,25 @@ def test_a_decoder_with_concept_inputs_exports_its_concept_head(tiny_captioner, 
         plain = model.decoder.init_state(regions, pooled, torch.zeros(2, len(tagger.words)))
     assert torch.allclose(theirs.image_gates, ours.image_gates, atol=1e-4)
     assert not torch.allclose(plain.image_gates, ours.image_gates, atol=1e-2)  # the concepts count
+
+
+def test_a_tagger_of_word_detectors_exports_and_guides_alike(tiny_checkpoint, pixels, tmp_path):
+    """A sigmoid tagger (training/concepts.py) is a linear head on the pooled vector like the
+    ImageNet one: the ONNX graph computes its logits, and guidance requires the same words."""
+    from captioner.tagger import Tagger
+
+    torch.manual_seed(0)
+    words = ["ball", "dog"]
+    tagger = Tagger(torch.randn(2, 1280) * 0.05, torch.zeros(2), words, words, {w: [w] for w in words},
+                    calibration={"a": 1.0, "b": 0.0}, activation="sigmoid", guidance={"threshold": 0.0, "max_tags": 1})
+    tagger_file = tmp_path / "tagger.pt"
+    torch.save(tagger.to_dict(), tagger_file)
+    shipped = tmp_path / "model.pt"
+    export_checkpoint(tiny_checkpoint, shipped, half=False, tagger_file=tagger_file)
+    files = export_onnx(shipped, tmp_path / "model.onnx", int8=False, tagger_file=tagger_file)
+    ours, theirs = (Captioner.from_checkpoint(path, precision="fp32") for path in (shipped, files["encoder"]))
+    assert ours.tagger.activation == theirs.tagger.activation == "sigmoid"
+    for mine, other in zip(ours.caption_pixels(pixels), theirs.caption_pixels(pixels)):
+        assert len(mine.required) == 1 and mine.required[0].word in words  # threshold 0: the likelier word
+        assert [r.to_dict() for r in other.required] == [r.to_dict() for r in mine.required]
+        assert other.text == mine.text
