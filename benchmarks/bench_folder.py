@@ -113,7 +113,7 @@ def _list(values: list[float]) -> str:
 
 
 def main() -> None:
-    from captioner.cpu import keep_freed_memory
+    from captioner.runtime.cpu import keep_freed_memory
 
     keep_freed_memory()  # the library here under the allocator settings the CLI and the service use
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -171,7 +171,7 @@ def main() -> None:
 
     library, folder = statistics.median(library_runs), statistics.median(folder_runs)
     command_wall = statistics.median(walls)
-    from captioner.cpu import cpu_flags, cpu_name
+    from captioner.runtime.cpu import cpu_flags, cpu_name
 
     rows = [
         ("cpu", f"{cpu_name()}, {'AVX-512 BF16' if 'avx512_bf16' in cpu_flags() else 'AVX2'}"),

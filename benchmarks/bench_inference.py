@@ -8,7 +8,7 @@ Times `Captioner.encode` (the encoder alone) and `Captioner.caption_pixels` (enc
 beam-3 decoding with the library defaults, which for a model with a tagger include its guidance,
 and beam 3 without tags) on the same preprocessed photos, at batch 1 and batch 16, interleaved and
 repeated, and reports medians in milliseconds per image and the ratios end-to-end / encoder, all
-on fp32 eager PyTorch. Then the inference paths (`captioner/precision.py`), each end to end with
+on fp32 eager PyTorch. Then the inference paths (`captioner/runtime/precision.py`), each end to end with
 beam 3 (tags on) at batch 1 and 16: fp32 eager, bf16 (the encoder under autocast), int8 (the .pt
 checkpoint's encoder quantised, on ONNX Runtime), onnx (an ONNX export: encoder and the decoder's
 step on ONNX Runtime; `--onnx`, else exported into a temporary folder first) and onnx_int8 (that
@@ -32,9 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from captioner import cpu  # noqa: E402
 from captioner.api import DEFAULT_CHECKPOINT, Captioner  # noqa: E402
 from captioner.decoding import DecodeConfig  # noqa: E402
+from captioner.runtime import cpu  # noqa: E402
 
 PATHS = ("fp32", "bf16", "int8", "onnx", "onnx_int8")
 
@@ -133,7 +133,7 @@ def load_paths(args, reference: Captioner, folder: Path) -> tuple[dict[str, Capt
                 models[name] = Captioner.from_checkpoint(args.checkpoint, device=args.device, precision=name)
                 continue
             if onnx_file is None:
-                from captioner.onnxrt import export
+                from captioner.runtime.onnxrt import export
 
                 onnx_file = folder / "model.onnx"
                 export(reference, onnx_file)

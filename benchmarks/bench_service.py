@@ -172,7 +172,7 @@ def drive(url: str, images: list[bytes], clients: int, duration: float, warmup: 
 
 
 def main() -> None:
-    from captioner.cpu import keep_freed_memory
+    from captioner.runtime.cpu import keep_freed_memory
 
     keep_freed_memory()  # the library here under the allocator settings the CLI and the service use
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

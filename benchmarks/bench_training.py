@@ -135,7 +135,7 @@ def main() -> None:
           f"({ctx.cfg.optim.batch_images} images x {ctx.cfg.data.captions_per_image} captions per step"
           f"{f' + {ctx.cfg.optim.text_batch} captions without photos' if ctx.text is not None else ''}; {amp})")
     if device == "cpu":
-        from captioner.cpu import BF16_FLAGS, cpu_flags, cpu_name
+        from captioner.runtime.cpu import BF16_FLAGS, cpu_flags, cpu_name
 
         print(f"CPU: {cpu_name()}; bf16 instructions: {[f for f in BF16_FLAGS if f in cpu_flags()] or 'none'}")
     print(f"{'mode':28}{'captions/s':>12}")

@@ -6,8 +6,8 @@
     result.text, result.sequences[1].log_prob
 
 The CLI, the folder command, evaluation and the HTTP service all load through `from_checkpoint`,
-which also reads ONNX exports (`captioner/onnxrt.py`) and chooses the inference path once
-(`precision="auto"|"fp32"|"bf16"|"int8"`, `captioner/precision.py`): `model.inference` says which
+which also reads ONNX exports (`captioner/runtime/onnxrt.py`) and chooses the inference path once
+(`precision="auto"|"fp32"|"bf16"|"int8"`, `captioner/runtime/precision.py`): `model.inference` says which
 path runs and why.
 """
 
@@ -22,14 +22,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import cpu, onnxrt
 from .checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
 from .decoder import Decoder, DecoderConfig
 from .decoding import MAX_CONSTRAINTS, DecodeConfig, Hypothesis, generate
 from .encoder import Encoder, EncoderConfig
 from .images import DEFAULT_MAX_PIXELS, ImageSource
-from .precision import EagerEncoder, InferencePath, check_precision, choose_path
 from .preprocessing import Preprocessing
+from .runtime import cpu, onnxrt
+from .runtime.precision import EagerEncoder, InferencePath, check_precision, choose_path
 from .tagger import Tagger
 from .vocab import Vocabulary
 
@@ -116,7 +116,7 @@ class CaptionResult:
 
 class Captioner:
     """A model ready to caption. Built from PyTorch modules (a `precision` picks the encoder's
-    path, see `captioner/precision.py`), or by `from_checkpoint` from a .pt checkpoint or an ONNX
+    path, see `captioner/runtime/precision.py`), or by `from_checkpoint` from a .pt checkpoint or an ONNX
     export. `inference` records the path that runs and why."""
 
     def __init__(
@@ -223,7 +223,7 @@ class Captioner:
         if missing:
             raise CheckpointError(f"{path}: the export's other files are missing: {', '.join(missing)}")
         # 8-bit weights where the CPU has int8 dot products, 7-bit ones where they would saturate
-        # (see captioner.onnxrt); an export from before the 7-bit file has only the first.
+        # (see captioner.runtime.onnxrt); an export from before the 7-bit file has only the first.
         int8_file = files.get("encoder_int8")
         if not cpu.native_int8():
             int8_file = files.get("encoder_int8_7bit", int8_file)

@@ -2,7 +2,7 @@
 
     captioner caption IMG... [--num-beams 3 --num-return-sequences 3 --json]
     captioner info [CHECKPOINT]
-    captioner caption-folder DIR -o OUT ...     (captioner/folder.py)
+    captioner caption-folder DIR -o OUT ...     (captioner/batch/local.py)
     captioner train / evaluate ...              (training/cli.py)
     captioner serve ...                         (service/cli.py)
 
@@ -21,11 +21,11 @@ import sys
 from importlib import import_module
 from typing import Any
 
-from .cpu import keep_freed_memory
 from .decoding import DecodeConfig
-from .precision import PRECISIONS
+from .runtime.cpu import keep_freed_memory
+from .runtime.precision import PRECISIONS
 
-COMMAND_MODULES = ("captioner.folder", "training.cli", "service.cli")
+COMMAND_MODULES = ("captioner.batch.local", "training.cli", "service.cli")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, precision: bool = True) -> None:

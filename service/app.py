@@ -27,9 +27,9 @@ from werkzeug.exceptions import HTTPException
 
 import captioner
 from captioner.api import Captioner
-from captioner.cpu import keep_freed_memory
 from captioner.decoding import DecodeConfig
 from captioner.images import ImageError
+from captioner.runtime.cpu import keep_freed_memory
 
 from . import access
 from .batcher import BatcherClosed, DeadlineExceeded, MicroBatcher, QueueFull
@@ -78,7 +78,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # Only the batching threads compute in parallel (see batcher.py): loading the models and the
     # request threads' preprocessing run on one thread each.
     torch.set_num_threads(1)
-    keep_freed_memory()  # each batch's large tensors reuse freed pages (captioner/cpu.py)
+    keep_freed_memory()  # each batch's large tensors reuse freed pages (captioner/runtime/cpu.py)
     metrics = Metrics()
     if settings.access_log:
         access.configure()

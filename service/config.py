@@ -24,7 +24,7 @@ class ServiceConfig:
     checkpoint: str | None = None  # None: the model bundled with the package
     models: list[str] = field(default_factory=list)  # "name=path" items; the first is the default
     device: str = "cpu"
-    precision: str = "auto"  # auto, fp32, bf16 or int8: the encoder's path (captioner/precision.py)
+    precision: str = "auto"  # auto, fp32, bf16 or int8: the encoder's path (captioner/runtime/precision.py)
     torch_threads: int = 0  # 0: cores / gunicorn workers
     warmup: bool = True  # caption one image before /readyz says ready
 

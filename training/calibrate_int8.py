@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from captioner.api import Captioner
-from captioner.onnxrt import (CALIBRATION_FILE, CALIBRATION_FORMAT_VERSION, calibrate, encoder_digest,
+from captioner.runtime.onnxrt import (CALIBRATION_FILE, CALIBRATION_FORMAT_VERSION, calibrate, encoder_digest,
                               export_encoder, require)
 
 log = logging.getLogger(__name__)

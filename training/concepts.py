@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as nnf
 
+from captioner.batch.local import write_atomically
 from captioner.checkpoint import load_checkpoint
 from captioner.encoder import Encoder, EncoderConfig
-from captioner.folder import write_atomically
 from captioner.preprocessing import Preprocessing
 from captioner.tagger import Tagger
 from captioner.vocab import Vocabulary, tokenize

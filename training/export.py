@@ -4,7 +4,7 @@ encoder is the frozen pretrained one whose classifier head the tagger uses (`--n
 it out). `Captioner.from_checkpoint` loads it back in fp32.
 
 `captioner export CHECKPOINT OUT.onnx --format onnx`: the same model as ONNX graphs for ONNX
-Runtime, OpenVINO or Triton (`captioner/onnxrt.py` describes the files), with an int8 encoder
+Runtime, OpenVINO or Triton (`captioner/runtime/onnxrt.py` describes the files), with an int8 encoder
 where an int8 calibration (training/calibrate_int8.py) fits the encoder."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def export_onnx(source: str | Path, target: str | Path, *, tagger: bool = True, 
     """ONNX graphs of a checkpoint (training state stripped and the tagger attached as for .pt,
     fp32 weights). `calibration`: a training/calibrate_int8.py file for the int8 encoder."""
     from captioner.api import Captioner
-    from captioner.onnxrt import encoder_digest, export
+    from captioner.runtime.onnxrt import encoder_digest, export
 
     with tempfile.TemporaryDirectory(prefix="captioner-export-") as folder:
         shipped = Path(folder) / "model.pt"

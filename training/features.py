@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from captioner.batch.imageset import ImageFileDataset, pixel_loader
 from captioner.encoder import Encoder
-from captioner.imageset import ImageFileDataset, pixel_loader
 from captioner.preprocessing import Preprocessing
 
 from .augment import AUGMENT_VERSION, SeededAugment

@@ -32,11 +32,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from captioner.checkpoint import load_checkpoint, save_checkpoint
-from captioner.cpu import keep_freed_memory, native_bf16
 from captioner.decoder import Decoder, DecoderConfig
 from captioner.decoding import DecodeConfig, generate
 from captioner.encoder import Encoder
 from captioner.preprocessing import Preprocessing
+from captioner.runtime.cpu import keep_freed_memory, native_bf16
 from captioner.tagger import Tagger
 from captioner.vocab import Vocabulary
 

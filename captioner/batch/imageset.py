@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .images import DEFAULT_MAX_PIXELS, ImageError
-from .preprocessing import Preprocessing
+from ..images import DEFAULT_MAX_PIXELS, ImageError
+from ..preprocessing import Preprocessing
 
 
 @dataclass

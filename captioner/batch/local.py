@@ -3,7 +3,7 @@
     captioner caption-folder photos/ -o captions.jsonl --recursive --html gallery.html
 
 Two engines run this command: this module's local one (below), and `--engine ray`
-(`captioner/folder_ray.py`: the same listing, records and writers on a Ray cluster). Both build
+(`captioner/batch/ray_engine.py`: the same listing, records and writers on a Ray cluster). Both build
 records with `caption_record` / `error_record` and write them with `encode_records` and
 `coco_results`: one record format for every engine.
 
@@ -11,7 +11,7 @@ How the local engine runs:
 - `find_images` lists DIR in sorted order. Image files are picked by extension, and files with
   another extension (or none) by their first bytes; hidden files, non-images and non-regular
   files are skipped. Directory symlinks are followed once: a loop is detected by (device, inode).
-- DataLoader workers decode and resize the images (`captioner.imageset`) while the main process
+- DataLoader workers decode and resize the images (`captioner.batch.imageset`) while the main process
   runs the encoder and decoder on whole batches; records are written in input order.
 - Every batch is appended to OUT with one write and an fsync, so an interrupted run (Ctrl-C,
   `kill -9`, power loss) loses at most the batch in flight. Run the same command again and it
@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .cli import add_decode_arguments, add_model_arguments, decode_options, load_model
+from ..cli import add_decode_arguments, add_model_arguments, decode_options, load_model
 
 FORMATS = ("jsonl", "csv", "coco")
 
@@ -392,7 +392,7 @@ def error_reason(reason: str, absolute: str, relative: str) -> str:
 
 
 def register(commands) -> None:
-    from . import folder_ray  # imports ray only when the command runs
+    from . import ray_engine  # imports ray only when the command runs
 
     parser = commands.add_parser(
         "caption-folder", help="caption every image in a folder (batched, resumable; locally or on Ray)",
@@ -419,7 +419,7 @@ def register(commands) -> None:
     parser.add_argument("--engine", choices=("local", "ray"), default="local",
                         help="local: this machine (default); ray: a Ray cluster, with Ray Data "
                              "(pip install 'captioner[ray]')")
-    folder_ray.add_arguments(parser)
+    ray_engine.add_arguments(parser)
     add_model_arguments(parser)
     add_decode_arguments(parser)
     parser.set_defaults(func=run)
@@ -450,7 +450,7 @@ class Summary:
 
 def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """The checks both engines make before any work; returns the decoding options."""
-    from .decoding import DecodeConfig
+    from ..decoding import DecodeConfig
 
     if args.batch_size < 1 or args.workers < 0:
         raise ValueError("--batch-size must be at least 1 and --workers at least 0")
@@ -481,10 +481,10 @@ def report(args: argparse.Namespace, summary: Summary, *, found_any: bool, capti
 
 def run(args: argparse.Namespace) -> int:
     if args.engine == "ray":
-        from .folder_ray import run as run_on_ray
+        from .ray_engine import run as run_on_ray
 
         return run_on_ray(args)
-    from .decoding import DecodeConfig
+    from ..decoding import DecodeConfig
 
     if "://" in args.dir or "://" in args.output:
         raise ValueError("a URI for DIR or OUT needs --engine ray (the local engine reads and writes local files)")

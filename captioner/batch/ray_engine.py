@@ -3,7 +3,7 @@
     captioner caption-folder s3://bucket/photos -o s3://bucket/captions.jsonl --engine ray \\
         --address auto --actors 8 --num-gpus-per-actor 1 --batch-size 64
 
-The same command as the local engine (`captioner/folder.py`): the same listing and filters, decoding
+The same command as the local engine (`captioner/batch/local.py`): the same listing and filters, decoding
 flags, formats, records and captions; Ray Data spreads the work over the cluster. Ray is imported
 only when the command runs (`pip install 'captioner[ray]'`).
 
@@ -51,8 +51,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .cli import load_model
-from .folder import (CSV_HEADER, IMAGE_EXTENSIONS, JOURNAL_SUFFIX, Discovery, OutputError, Summary, _glob_match,
+from ..cli import load_model
+from .local import (CSV_HEADER, IMAGE_EXTENSIONS, JOURNAL_SUFFIX, Discovery, OutputError, Summary, _glob_match,
                      _inside, caption_record, check_arguments, coco_results, encode_jsonl, encode_records,
                      error_reason, error_record, find_images, output_failed, output_format, parse_records, report,
                      sniff_image,
@@ -260,7 +260,7 @@ def decode_images(batch: dict, *, source: str, preprocessing: dict, size: int) -
     import numpy as np
 
     from .imageset import decode_file
-    from .preprocessing import Preprocessing
+    from ..preprocessing import Preprocessing
 
     prep = Preprocessing.from_dict(preprocessing)
     paths = [str(p) for p in batch["path"]]
@@ -313,8 +313,8 @@ class CaptionActor:
         import ray
         import torch
 
-        from .cpu import keep_freed_memory
-        from .decoding import DecodeConfig
+        from ..runtime.cpu import keep_freed_memory
+        from ..decoding import DecodeConfig
 
         torch.set_num_threads(1)
         keep_freed_memory()  # as the local engine's process does (cli.main)
@@ -448,9 +448,9 @@ def checkpoint_preprocessing(args: argparse.Namespace, data: bytes, suffix: str,
     seconds (the actors do it), so a .pt checkpoint's record is read as every load reads and checks
     it; the model is built here only for what needs it: an ONNX export, or --force-words (a word the
     model cannot say is refused now, not in an actor's traceback)."""
-    from .checkpoint import CheckpointError, load_checkpoint
-    from .decoding import DecodeConfig
-    from .preprocessing import Preprocessing
+    from ..checkpoint import CheckpointError, load_checkpoint
+    from ..decoding import DecodeConfig
+    from ..preprocessing import Preprocessing
 
     with tempfile.NamedTemporaryFile(prefix="captioner-", suffix=suffix) as handle:
         handle.write(data)
@@ -500,7 +500,7 @@ def run(args: argparse.Namespace) -> int:
 
     checkpoint = Location(args.checkpoint) if args.checkpoint else None
     if checkpoint is None:
-        from .api import DEFAULT_CHECKPOINT
+        from ..api import DEFAULT_CHECKPOINT
 
         checkpoint = Location(str(DEFAULT_CHECKPOINT))
     checkpoint_bytes = checkpoint.read_bytes()

@@ -47,15 +47,15 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .decoder import DecoderConfig, DecoderState
-from .encoder import EncoderConfig
+from ..decoder import DecoderConfig, DecoderState
+from ..encoder import EncoderConfig
 from .precision import ONNX_EXTRA
 
 log = logging.getLogger(__name__)
 FORMAT = "captioner-onnx"
 FORMAT_VERSION = 1
 OPSET = 18
-CALIBRATION_FILE = Path(__file__).parent / "data" / "int8_calibration.json"
+CALIBRATION_FILE = Path(__file__).parent.parent / "data" / "int8_calibration.json"
 CALIBRATION_FORMAT_VERSION = 1
 QUANTIZED_OPS = ("Conv", "Clip", "Add")  # the trunk; normalisation, pooling and the tagger head stay fp32
 COMPANIONS = {"decoder_init": ".decoder_init.onnx", "decoder_step": ".decoder_step.onnx",
@@ -218,7 +218,7 @@ def export(model, target: str | os.PathLike, *, calibration: dict | None = None,
     require("onnx", "onnxruntime", "onnxscript")
     import onnx
 
-    from .decoding import DecodeConfig
+    from ..decoding import DecodeConfig
 
     if not isinstance(model.encoder, nn.Module) or not isinstance(model.decoder, nn.Module):
         raise ValueError("export needs a PyTorch model (a .pt checkpoint), not an ONNX one")

@@ -9,7 +9,7 @@ import pytest
 # keep_freed_memory().
 SCRIPT = """
 import resource, sys, torch
-from captioner.cpu import keep_freed_memory
+from captioner.runtime.cpu import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 for _ in range(3):
     torch.ones(16_000_000)

@@ -16,10 +16,10 @@ from urllib.parse import unquote
 import pytest
 import torch
 
+from captioner.batch.imageset import WORKER_NICENESS, ImageFileDataset, collate, pixel_loader
+from captioner.batch.local import coco_image_ids, find_images, sniff_image
 from captioner.cli import main
 from captioner.decoding import DecodeConfig
-from captioner.folder import coco_image_ids, find_images, sniff_image
-from captioner.imageset import WORKER_NICENESS, ImageFileDataset, collate, pixel_loader
 from tests.conftest import make_photo
 
 FAST = ["--max-new-tokens", "4", "--num-beams", "2", "--precision", "fp32"]

@@ -15,10 +15,10 @@ pytest.importorskip("onnxruntime", reason="ONNX Runtime is the optional extra: p
 pytest.importorskip("onnxscript", reason="the ONNX exporter needs onnxscript: pip install 'captioner[onnx]'")
 onnx = pytest.importorskip("onnx", reason="pip install 'captioner[onnx]'")
 
-from captioner import cpu, onnxrt  # noqa: E402
 from captioner.api import Captioner  # noqa: E402
 from captioner.checkpoint import CheckpointError  # noqa: E402
 from captioner.decoding import DecodeConfig  # noqa: E402
+from captioner.runtime import cpu, onnxrt  # noqa: E402
 from tests.conftest import make_photo  # noqa: E402
 from training import calibrate_int8  # noqa: E402
 from training.export import export_checkpoint, export_onnx  # noqa: E402

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner import cpu, precision
 from captioner.api import Captioner
-from captioner.precision import QUALITY_TOLERANCE, choose_path
+from captioner.runtime import cpu, precision
+from captioner.runtime.precision import QUALITY_TOLERANCE, choose_path
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.jpg"))
 CPU = torch.device("cpu")
