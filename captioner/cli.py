@@ -2,68 +2,28 @@
 
     captioner caption IMG... [--num-beams 3 --num-return-sequences 3 --json]
     captioner info [CHECKPOINT]
-    captioner caption-folder DIR -o OUT ...     (captioner/batch/local.py)
+    captioner caption-folder DIR -o OUT ...     (captioner/batch/command.py)
     captioner train / evaluate ...              (training/cli.py)
     captioner serve ...                         (service/cli.py)
 
 This module is the composition root: it is the one place in `captioner/` that names `training`
 and `service`, and it imports their command modules only to register their arguments (those
-modules import their heavy dependencies inside the command itself).
+modules import their heavy dependencies inside the command itself). The arguments that several
+commands share are in `captioner/arguments.py`, so no command module imports this one.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import sys
 from importlib import import_module
-from typing import Any
 
+from .arguments import add_decode_arguments, add_model_arguments, decode_options
 from .decoding import DecodeConfig
 from .runtime.cpu import keep_freed_memory
-from .runtime.precision import PRECISIONS
 
-COMMAND_MODULES = ("captioner.batch.local", "training.cli", "service.cli")
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, *, precision: bool = True) -> None:
-    parser.add_argument("--checkpoint", default=None,
-                        help="model checkpoint, .pt or an ONNX export (default: the model bundled with the package)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    if precision:
-        parser.add_argument("--precision", choices=PRECISIONS, default=os.environ.get("CAPTIONER_PRECISION", "auto"),
-                            help="encoder path: auto picks the fastest that this CPU runs natively and whose "
-                                 "quality was measured to hold (`captioner info` says which and why; default: "
-                                 "$CAPTIONER_PRECISION, else auto)")
-
-
-def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per `DecodeConfig` field, with its Hugging Face name: --num-beams, --top-p, ..."""
-    group = parser.add_argument_group("decoding")
-    for field in dataclasses.fields(DecodeConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = field.default
-        if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"(default: {default})")
-        elif isinstance(default, tuple):
-            group.add_argument(flag, metavar="WORD[,WORD]", default=None,
-                               help="words every caption must say, comma-separated (default: none)")
-        else:
-            kind = float if isinstance(default, float) else int
-            group.add_argument(flag, type=kind, default=None, help=f"(default: {default})")
-
-
-def decode_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The decoding flags the user gave; the others keep `DecodeConfig`'s defaults."""
-    options = {}
-    for field in dataclasses.fields(DecodeConfig):
-        value = getattr(args, field.name, None)
-        if value is not None:
-            options[field.name] = value
-    return options
+COMMAND_MODULES = ("captioner.batch.command", "training.cli", "service.cli")
 
 
 def load_model(args: argparse.Namespace):

@@ -54,7 +54,7 @@ def register(commands) -> None:
     export.add_argument("--no-int8", action="store_true", help="onnx: do not write the int8 encoder")
     export.set_defaults(func=_export)
 
-    from captioner.cli import add_decode_arguments, add_model_arguments
+    from captioner.arguments import add_decode_arguments, add_model_arguments
 
     add_model_arguments(evaluate, precision=False)  # the fp32 feature cache; paths: training/evaluate_paths.py
     add_decode_arguments(evaluate)
@@ -82,7 +82,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     import logging
 
     from captioner.api import Captioner
-    from captioner.cli import decode_options
+    from captioner.arguments import decode_options
     from captioner.decoding import DecodeConfig
 
     from .data import DataSpec

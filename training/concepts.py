@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as nnf
 
-from captioner.batch.local import write_atomically
+from captioner.batch.storage import write_atomically
 from captioner.checkpoint import load_checkpoint
 from captioner.encoder import Encoder, EncoderConfig
 from captioner.preprocessing import Preprocessing

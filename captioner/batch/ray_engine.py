@@ -51,12 +51,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from ..cli import load_model
-from .local import (CSV_HEADER, IMAGE_EXTENSIONS, JOURNAL_SUFFIX, Discovery, OutputError, Summary, _glob_match,
-                     _inside, caption_record, check_arguments, coco_results, encode_jsonl, encode_records,
-                     error_reason, error_record, find_images, output_failed, output_format, parse_records, report,
-                     sniff_image,
-                     write_atomically)
+from .job import Summary, check_arguments, output_failed, report
+from .listing import IMAGE_EXTENSIONS, Discovery, find_images, glob_match, path_inside, sniff_image
+from .records import (CSV_HEADER, JOURNAL_SUFFIX, OutputError, caption_record, coco_results, encode_jsonl,
+                      encode_records, error_reason, error_record, output_format, parse_records)
+from .storage import write_atomically
 
 INSTALL = "pip install 'captioner[ray]'"
 SHARDS_SUFFIX = ".shards"
@@ -199,7 +198,7 @@ class Location:
 
 def inside(path: Location, folder: Location) -> bool:
     if path.local and folder.local:
-        return _inside(Path(path.path), Path(folder.path))
+        return path_inside(Path(path.path), Path(folder.path))
     if path.local or folder.local or path.fs.type_name != folder.fs.type_name:
         return False
     base = folder.path.rstrip("/")
@@ -227,7 +226,7 @@ def find_images_at(source: Location, *, recursive: bool = False, glob: str | Non
             continue
         if info.type == FileType.Directory:
             continue
-        if glob and not _glob_match(glob, relative):
+        if glob and not glob_match(glob, relative):
             continue
         if info.type != FileType.File:
             found.skipped.append((relative, "not a regular file"))
@@ -309,19 +308,20 @@ class CaptionActor:
     `threads` (libgomp sleeps between operations once threads hold more OpenMP workers than
     there are cores, which runs the encoder 2x slower; see service/batcher.py)."""
 
-    def __init__(self, *, checkpoint: list, suffix: str, model_args: dict, decode: dict, threads: int):
+    def __init__(self, *, checkpoint: list, suffix: str, device: str, precision: str, decode: dict, threads: int):
         import ray
         import torch
 
-        from ..runtime.cpu import keep_freed_memory
+        from ..api import Captioner
         from ..decoding import DecodeConfig
+        from ..runtime.cpu import keep_freed_memory
 
         torch.set_num_threads(1)
         keep_freed_memory()  # as the local engine's process does (cli.main)
         with tempfile.NamedTemporaryFile(prefix="captioner-", suffix=suffix) as handle:
             handle.write(ray.get(checkpoint[0]))
             handle.flush()
-            self.model = load_model(argparse.Namespace(**{**model_args, "checkpoint": handle.name}))
+            self.model = Captioner.from_checkpoint(handle.name, device=device, precision=precision)
         self.config = DecodeConfig.from_kwargs(**decode)
         self.threads = threads
         self._thread_count_set = False
@@ -442,12 +442,13 @@ def _import_ray():
     return ray
 
 
-def checkpoint_preprocessing(args: argparse.Namespace, data: bytes, suffix: str, options: dict[str, Any]):
+def checkpoint_preprocessing(data: bytes, suffix: str, options: dict[str, Any], *, precision: str):
     """The model's preprocessing, which the decoding tasks need, read in the driver before any
     Ray work, so that a bad checkpoint fails here with its own message. Building the model takes
     seconds (the actors do it), so a .pt checkpoint's record is read as every load reads and checks
     it; the model is built here only for what needs it: an ONNX export, or --force-words (a word the
     model cannot say is refused now, not in an actor's traceback)."""
+    from ..api import Captioner
     from ..checkpoint import CheckpointError, load_checkpoint
     from ..decoding import DecodeConfig
     from ..preprocessing import Preprocessing
@@ -459,8 +460,8 @@ def checkpoint_preprocessing(args: argparse.Namespace, data: bytes, suffix: str,
             try:
                 return Preprocessing.from_dict(load_checkpoint(handle.name)["preprocessing"])
             except CheckpointError:
-                pass  # perhaps an ONNX export: load_model says what it is
-        model = load_model(argparse.Namespace(**{**vars(args), "checkpoint": handle.name, "device": "cpu"}))
+                pass  # perhaps an ONNX export: from_checkpoint says what it is
+        model = Captioner.from_checkpoint(handle.name, device="cpu", precision=precision)
         model.requested_words(DecodeConfig.from_kwargs(**options))
         return model.preprocessing
 
@@ -505,7 +506,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint = Location(str(DEFAULT_CHECKPOINT))
     checkpoint_bytes = checkpoint.read_bytes()
     suffix = os.path.splitext(checkpoint.name)[1]
-    preprocessing = checkpoint_preprocessing(args, checkpoint_bytes, suffix, options)
+    preprocessing = checkpoint_preprocessing(checkpoint_bytes, suffix, options, precision=args.precision)
 
     shards = Shards(out.with_suffix(SHARDS_SUFFIX))
     try:
@@ -587,9 +588,8 @@ def _caption_on_ray(ray, args: argparse.Namespace, options: dict[str, Any], sour
         if args.quiet:
             logging.getLogger("ray.data").setLevel(logging.ERROR)
 
-        model_args = {k: v for k, v in vars(args).items() if k not in ("func", "overrides")}
-        if gpus > 0 and model_args.get("device", "cpu") == "cpu":
-            model_args["device"] = "cuda"  # Ray gives each actor its GPUs as CUDA_VISIBLE_DEVICES
+        # Ray gives each actor its GPUs as CUDA_VISIBLE_DEVICES
+        device = "cuda" if gpus > 0 and args.device == "cpu" else args.device
         source_name = source.path if source.local else source.name
         blocks = min(math.ceil(len(todo) / args.batch_size), 10_000)
         dataset = (
@@ -601,7 +601,8 @@ def _caption_on_ray(ray, args: argparse.Namespace, options: dict[str, Any], sour
             .map_batches(CaptionActor, batch_size=args.batch_size, batch_format="numpy",
                          compute=ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=gpus or None,
                          fn_constructor_kwargs={"checkpoint": [ray.put(checkpoint_bytes)], "suffix": suffix,
-                                                "model_args": model_args, "decode": options, "threads": threads})
+                                                "device": device, "precision": args.precision,
+                                                "decode": options, "threads": threads})
         )
         run, size = shards.next_run, args.shard_size
         pending: dict[int, dict[int, dict[str, Any]]] = {}  # shard -> index -> record

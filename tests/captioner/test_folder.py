@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from captioner.batch.imageset import WORKER_NICENESS, ImageFileDataset, collate, pixel_loader
-from captioner.batch.local import coco_image_ids, find_images, sniff_image
+from captioner.batch.listing import find_images, sniff_image
+from captioner.batch.records import coco_image_ids
 from captioner.cli import main
 from captioner.decoding import DecodeConfig
 from tests.conftest import make_photo

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from captioner.batch.local import STORES
+from captioner.batch.storage import STORES
 from captioner.cli import main
 from tests.captioner.test_folder import snapshot
 from tests.conftest import make_photo, require_module
@@ -130,7 +130,7 @@ def test_the_local_engine_refuses_uris(photos, tiny_checkpoint, tmp_path, capsys
 
 @pytest.mark.integration  # a subprocess
 def test_the_core_package_does_not_import_ray():
-    code = ("import sys, captioner, captioner.api, captioner.batch.local, captioner.batch.ray_engine, captioner.cli;"
+    code = ("import sys, captioner, captioner.api, captioner.batch.command, captioner.batch.ray_engine, captioner.cli;"
             "captioner.cli.build_parser(); print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))")
     finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert finished.returncode == 0, finished.stderr[-2000:]
