@@ -133,7 +133,7 @@ def load_paths(args, reference: Captioner, folder: Path) -> tuple[dict[str, Capt
                 models[name] = Captioner.from_checkpoint(args.checkpoint, device=args.device, precision=name)
                 continue
             if onnx_file is None:
-                from captioner.runtime.onnxrt import export
+                from captioner.runtime.onnx_export import export
 
                 onnx_file = folder / "model.onnx"
                 export(reference, onnx_file)

@@ -28,7 +28,7 @@ from .decoding import MAX_CONSTRAINTS, DecodeConfig, Hypothesis, generate
 from .encoder import Encoder, EncoderConfig
 from .images import DEFAULT_MAX_PIXELS, ImageSource
 from .preprocessing import Preprocessing
-from .runtime import cpu, onnxrt
+from .runtime import cpu, onnx_export, onnxrt
 from .runtime.precision import EagerEncoder, InferencePath, check_precision, choose_path
 from .tagger import Tagger
 from .vocab import Vocabulary
@@ -139,7 +139,7 @@ class Captioner:
         self.inference = choose_path(precision, device=self.device, runtime="pytorch",
                                      backbone=encoder.config.backbone, int8_unavailable=self._int8_unavailable)
         if self.inference.precision == "int8":
-            self._encode = onnxrt.int8_encoder(self, self._int8_calibration())
+            self._encode = onnx_export.int8_encoder(self, self._int8_calibration())
         else:
             dtype = torch.bfloat16 if self.inference.precision == "bf16" else None
             self._encode = EagerEncoder(self.encoder, preprocessing, self.device, dtype)
@@ -157,7 +157,7 @@ class Captioner:
 
     def _int8_calibration(self) -> dict | None:
         if not hasattr(self, "_calibration"):
-            self._calibration = onnxrt.bundled_calibration(self)
+            self._calibration = onnx_export.bundled_calibration(self)
         return self._calibration
 
     def _int8_unavailable(self) -> str | None:

@@ -233,7 +233,7 @@ class Decoder(nn.Module):
     def graph_step(
         self, tokens: torch.Tensor, state: DecoderState, tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
-        """`step` as an exported graph computes it (`captioner/runtime/onnxrt.py`), with `graph_tables()`:
+        """`step` as an exported graph computes it (`captioner/runtime/onnx_export.py`), with `graph_tables()`:
         the word-gate table looked up and the top layer's three projections of h in one product,
         as in inference; the same numbers as `step` up to summation order."""
         word_table, *top = tables

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 from captioner.api import Captioner
-from captioner.runtime.onnxrt import (CALIBRATION_FILE, CALIBRATION_FORMAT_VERSION, calibrate, encoder_digest,
-                              export_encoder, require)
+from captioner.runtime.onnx_export import (CALIBRATION_FILE, CALIBRATION_FORMAT_VERSION, calibrate, encoder_digest,
+                                           export_encoder)
+from captioner.runtime.onnxrt import require
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

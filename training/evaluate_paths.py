@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="captioner-paths-") as folder:
         onnx_file = args.onnx
         if onnx_file is None and any(p.startswith("onnx") for p in paths):
-            from captioner.runtime.onnxrt import export
+            from captioner.runtime.onnx_export import export
 
             onnx_file = Path(folder) / "model.onnx"
             export(reference_model, onnx_file)

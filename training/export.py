@@ -58,7 +58,7 @@ def export_onnx(source: str | Path, target: str | Path, *, tagger: bool = True, 
     """ONNX graphs of a checkpoint (training state stripped and the tagger attached as for .pt,
     fp32 weights). `calibration`: a training/calibrate_int8.py file for the int8 encoder."""
     from captioner.api import Captioner
-    from captioner.runtime.onnxrt import encoder_digest, export
+    from captioner.runtime.onnx_export import encoder_digest, export
 
     with tempfile.TemporaryDirectory(prefix="captioner-export-") as folder:
         shipped = Path(folder) / "model.pt"

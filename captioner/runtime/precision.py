@@ -5,7 +5,7 @@
     int8   ONNX Runtime, the encoder quantised to int8 (static, per-channel weights, activation
            ranges calibrated on training photos by training/calibrate_int8.py); needs captioner[onnx].
            From a .pt checkpoint the int8 encoder is built at the first load and cached
-           (`captioner.runtime.onnxrt.int8_encoder`); an ONNX export carries it.
+           (`captioner.runtime.onnx_export.int8_encoder`); an ONNX export carries it.
 
 The decoder keeps its own fast path in every case (fp16-packed weights, `captioner/decoder.py`);
 an ONNX export (`captioner/runtime/onnxrt.py`) runs its word step in ONNX Runtime too. The encoder is most

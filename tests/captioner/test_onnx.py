@@ -18,7 +18,7 @@ onnx = pytest.importorskip("onnx", reason="pip install 'captioner[onnx]'")
 from captioner.api import Captioner  # noqa: E402
 from captioner.checkpoint import CheckpointError  # noqa: E402
 from captioner.decoding import DecodeConfig  # noqa: E402
-from captioner.runtime import cpu, onnxrt  # noqa: E402
+from captioner.runtime import cpu, onnx_export, onnxrt  # noqa: E402
 from tests.conftest import make_photo  # noqa: E402
 from training import calibrate_int8  # noqa: E402
 from training.export import export_checkpoint, export_onnx  # noqa: E402
@@ -112,7 +112,7 @@ def test_int8_encoder_from_the_calibration_script(exported, pair, pixels):
     _, calibration, files = exported
     stored = json.loads(calibration.read_text())
     assert calibration.stat().st_size < 20_000 and stored["photos"] == 6 and stored["method"] == "percentile"
-    assert stored["encoder_sha256"] == onnxrt.encoder_digest(pair[0].encoder)
+    assert stored["encoder_sha256"] == onnx_export.encoder_digest(pair[0].encoder)
     int8 = Captioner.from_checkpoint(files["encoder"], precision="int8")
     assert (int8.inference.precision, int8.inference.runtime) == ("int8", "onnxruntime")
     for kind in ("encoder_int8", "encoder_int8_7bit"):
@@ -149,7 +149,7 @@ def test_a_calibration_of_another_encoder_is_refused(exported, tmp_path):
         export_onnx(tagged, tmp_path / "x.onnx", calibration=tmp_path / "other.json")
     partial = {"ranges": dict(list(other["ranges"].items())[:5])}
     with pytest.raises(ValueError, match="no range for"):
-        onnxrt.quantize_encoder(files["encoder"], tmp_path / "int8.onnx", partial)
+        onnx_export.quantize_encoder(files["encoder"], tmp_path / "int8.onnx", partial)
 
 
 def test_only_the_export_main_file_loads_and_all_its_parts_must_be_there(exported, tmp_path):
