@@ -41,7 +41,7 @@ from captioner.vocab import Vocabulary, tokenize
 from .config import load_config
 from .data import Sample, load_dataset
 from .features import build_or_load
-from .objects import NOT_OBJECTS, SYNONYMS, _plural
+from .objects import SYNONYMS, _plural
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,8 @@ SCENES = (
 
 def concept_words(vocabulary: Vocabulary, imagenet_words: list[str]) -> list[str]:
     """Candidate words (singular where there is one) that the vocabulary can say."""
-    blocked = {w for phrase in NOT_OBJECTS for w in phrase.split()} - set(SYNONYMS)
     names = {name for names in SYNONYMS.values() for name in names if " " not in name}
-    candidates = sorted((names | set(SCENES) | set(imagenet_words)) - blocked)
+    candidates = sorted(names | set(SCENES) | set(imagenet_words))
     return [w for w in candidates if any(f in vocabulary.index for f in forms_of(w))]
 
 
