@@ -180,7 +180,8 @@ def _history_table(history: str | None) -> str:
         return ""
     records = [json.loads(line) for line in Path(history).read_text().splitlines()]
     records = [r for r in records if "val_CIDEr-D" in r]
-    sets = sorted({k[4:-len("_CIDEr-D")] for r in records for k in r if k.startswith("val_") and k.endswith("_CIDEr-D")})
+    sets = sorted({k[4:-len("_CIDEr-D")] for r in records for k in r
+                   if k.startswith("val_") and k.endswith("_CIDEr-D") and k != "val_CIDEr-D"})
     keys = [(f"val_{name}_{metric}", f"{name} {metric}") for name in sets for metric in ("CIDEr-D", "BLEU-4")]
     keys.append(("val_CIDEr-D", "selection score"))
     lines = ["| epoch | " + " | ".join(label for _, label in keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -243,7 +244,7 @@ def _recipe(provenance: dict[str, Any], training_time: str) -> str:
                 f"{optim_text.get('text_weight')}) as language-model batches with the image input absent; "
                 if text and optim_text.get("text_batch") else "")
     inputs = language + (f"features from {views} cached views of each photo (the plain one and {views - 1} light "
-              f"augmentations), one drawn at random per step; " if views > 1 else "")
+              f"augmentation{'s' if views > 2 else ''}), one drawn at random per step; " if views > 1 else "")
     warmup = f" after {optim.get('warmup_steps')} warm-up steps" if optim.get("warmup_steps") else ""
     if optim.get("objective") == "scst":
         stages.append(
@@ -391,8 +392,8 @@ scenes its 8,000 training photos rarely show.
 - Guidance (on by default, `tags=False` / `--no-tags` turns it off): constrained beam search must
   say every tag word of confidence at least {guidance.get('threshold')} (at most {guidance.get('max_tags')}
   per photo, any of its forms), and must not say {', '.join(guidance.get('absent_words', [])) or 'nothing'}
-  where its confidence is below {guidance.get('absent_below')} (held-out training photos that low
-  rarely have a caption naming the word).
+  where its confidence is below {guidance.get('absent_below')} (fitted on training photos: a photo
+  that low rarely has a caption naming the word).
 {example_lines}
 
 ## How it was trained
