@@ -652,10 +652,12 @@ def _plot(history: list[dict], path: Path) -> None:
             left.plot(epochs, [r[key] for r in history], marker="o", label=label)
     left.set_xlabel("epoch")
     left.legend()
-    for key in ("val_CIDEr-D", "val_BLEU-4", "val_METEOR"):
+    # each validation set's CIDEr-D and BLEU-4, and the selection score
+    keys = sorted({k for r in history for k in r if k.startswith("val_") and k.endswith(("_CIDEr-D", "_BLEU-4"))} - {"val_CIDEr-D"})
+    for key in keys + ["val_CIDEr-D"]:
         points = [(r["epoch"], r[key]) for r in history if key in r]
         if points:
-            right.plot(*zip(*points), marker="o", label=key[4:])
+            right.plot(*zip(*points), marker="o", label="selection (CIDEr-D)" if key == "val_CIDEr-D" else key[4:])
     right.set_xlabel("epoch")
     right.legend()
     figure.tight_layout()
