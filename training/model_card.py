@@ -218,6 +218,12 @@ def _first_stage(provenance: dict[str, Any]) -> dict[str, Any]:
     return provenance
 
 
+def _depth(provenance: dict[str, Any]) -> int:
+    """1 for a run from scratch, 2 for one fine-tuned from it, ..."""
+    init = provenance.get("init_from") or {}
+    return 1 + (_depth(init["provenance"]) if init.get("provenance") else 0)
+
+
 def _training_summary(provenance: dict[str, Any]) -> dict[str, Any]:
     cfg = provenance.get("config", {})
     return {
@@ -248,7 +254,8 @@ def _recipe(provenance: dict[str, Any], training_time: str) -> str:
     warmup = f" after {optim.get('warmup_steps')} warm-up steps" if optim.get("warmup_steps") else ""
     if optim.get("objective") == "scst":
         stages.append(
-            f"- Stage 2, self-critical fine-tuning from `{init['path'] if init else '?'}`: {optim.get('scst_samples')} sampled "
+            f"- Stage {_depth(provenance)}, self-critical fine-tuning from `{init['path'] if init else '?'}`: "
+            f"{optim.get('scst_samples')} sampled "
             f"captions per image rewarded by CIDEr-D (document frequencies from the training captions), baseline "
             f"the mean of the image's other samples, dropout on with its masks replayed in the gradient pass; {inputs}"
             f"AdamW lr {optim.get('lr')}, cosine decay{warmup}, {optim.get('batch_images')} images per step; "
@@ -310,7 +317,7 @@ def main() -> None:
         parser.error("--also takes LABEL=CHECKPOINT")
     started = time.time()
     model = Captioner.from_checkpoint(args.model, precision="fp32")
-    name = "bundled, stages 1 + 2" if args.stage1 else "bundled"
+    name = "bundled"
     models = [(name, model)] + [(label, Captioner.from_checkpoint(path, precision="fp32")) for label, path in
                                 [("stage 1 only", args.stage1), *also] if path]
     flickr = DataSpec(format="flickr", path=args.data)
