@@ -38,6 +38,7 @@ from captioner.preprocessing import Preprocessing
 from captioner.tagger import Tagger
 from captioner.vocab import Vocabulary, tokenize
 
+from .calibrate_tagger import fit_platt
 from .config import load_config
 from .data import Sample, load_dataset
 from .features import build_or_load
@@ -114,20 +115,6 @@ def fit_detectors(x: torch.Tensor, y: torch.Tensor, *, weight_decay: float,
         return folded.detach(), (bias - folded @ mean).detach()
 
 
-def platt(logits: torch.Tensor, positive: torch.Tensor, steps: int = 300) -> tuple[float, float]:
-    """One global a, b with sigmoid(a * logit + b) fitted to held-out positives."""
-    a, b = torch.ones(1, requires_grad=True), torch.zeros(1, requires_grad=True)
-    optimiser = torch.optim.LBFGS([a, b], max_iter=steps)
-
-    def closure():
-        optimiser.zero_grad()
-        loss = nnf.binary_cross_entropy_with_logits(a * logits + b, positive.float())
-        loss.backward()
-        return loss
-    optimiser.step(closure)
-    return a.item(), b.item()
-
-
 def absent_words(confidence: torch.Tensor, named: torch.Tensor, words: list[str], below: float, *,
                  max_miss: float, min_photos: int = 50) -> list[str]:
     """Words whose confidence below `below` reliably means no caption names them: of the photos
@@ -192,20 +179,20 @@ def main(argv: list[str] | None = None) -> int:
     best = None
     for decay in args.weight_decay:
         weight, bias = fit_detectors(x_fit, y_fit, weight_decay=decay)
-        logits = torch.addmm(bias, views[0][held], weight.t())
+        logits = torch.addmm(bias, views[0][held], weight.t())  # (held, W)
         ap = average_precision(logits, y[held] > 0).nanmean().item()
         log.info("weight decay %g: held-out mAP %.3f", decay, ap)
         if best is None or ap > best[0]:
-            best = (ap, decay, weight, bias)
-    held_map, decay, weight, bias = best
-    logits = torch.addmm(bias, views[0][held], weight.t())
-    a, b = platt(logits.flatten(), (y[held] > 0).flatten())
-    banned = absent_words(torch.sigmoid(a * logits + b), y[held] > 0, words, args.absent_below,
-                          max_miss=args.absent_max_miss)
+            best = (ap, decay, weight, bias, logits)
+    held_map, decay, weight, bias, logits = best
+    # Platt scaling on the held-out photos, fitted on what Tagger.calibrate reads: the sigmoid outputs
+    a, b = fit_platt(logits.sigmoid().flatten().double(), (y[held] > 0).flatten().double())
     tagger = Tagger(weight, bias, words, words, {w: forms[w] for w in words},
                     calibration={"a": a, "b": b, "input": "logit"}, backbone=encoder.config.backbone,
-                    guidance={"threshold": args.threshold, "max_tags": args.max_tags,
-                              "absent_below": args.absent_below, "absent_words": banned}, activation="sigmoid")
+                    guidance={"threshold": args.threshold, "max_tags": args.max_tags}, activation="sigmoid")
+    banned = absent_words(tagger.word_probs(views[0][held]), y[held] > 0, words, args.absent_below,
+                          max_miss=args.absent_max_miss)
+    tagger.guidance.update(absent_below=args.absent_below, absent_words=banned)
 
     report = {"words": len(words), "weight_decay": decay, "held_out_mAP": held_map, "absent_words": banned,
               "calibration": {"a": a, "b": b}, "validation": {}}

@@ -27,6 +27,7 @@ from typing import Any
 from captioner.api import Captioner
 from captioner.decoding import DecodeConfig
 
+from .config import config_from_dict
 from .data import DataSpec, load_dataset
 from .evaluate import evaluate_checkpoint
 from .features import build_or_load
@@ -192,23 +193,12 @@ def _history_table(history: str | None) -> str:
 
 def _data_sets(provenance: dict[str, Any]) -> tuple[str, str]:
     """-> (the training photo sets with their weights, the selection rule), from a run's config."""
-    data = provenance.get("config", {}).get("data", {})
-    train, val = _as_list(data.get("train")), _as_list(data.get("val"))
-    trained = "; ".join(f"{_label(d)} ({d.get('format')}, split {d.get('split') or data.get('train_split')}, "
-                        f"seen {d.get('weight', 1.0):g}x an epoch)" for d in train)
-    total = sum(d.get("weight", 1.0) for d in val) or 1.0
-    selection = " + ".join(f"{d.get('weight', 1.0) / total:.2f} x {_label(d)} {d.get('split') or data.get('val_split')}"
-                           for d in val)
+    data = config_from_dict(provenance.get("config", {})).data
+    trained = "; ".join(f"{d.label} ({d.format}, split {d.split or data.train_split}, seen {d.weight:g}x an epoch)"
+                        for d in data.train)
+    total = sum(d.weight for d in data.val)
+    selection = " + ".join(f"{d.weight / total:.2f} x {d.label} {d.split or data.val_split}" for d in data.val)
     return trained, f"beam-3 CIDEr-D (no guidance), {selection}"
-
-
-def _as_list(value: Any) -> list[dict[str, Any]]:
-    return [] if value is None else [value] if isinstance(value, dict) else list(value)
-
-
-def _label(spec: dict[str, Any]) -> str:
-    path = Path(spec.get("path", ""))
-    return spec.get("name") or (path.name if not path.suffix else path.parent.name)
 
 
 def _first_stage(provenance: dict[str, Any]) -> dict[str, Any]:

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from captioner.api import Captioner
-from captioner.tagger import Tagger
-from training.concepts import absent_words, average_precision, fit_detectors, forms_of, main as concepts_main, platt, soft_labels
+from captioner.tagger import Tagger, platt_input
+from training.concepts import absent_words, average_precision, fit_detectors, forms_of, main as concepts_main, soft_labels
+from training.calibrate_tagger import fit_platt
 from training.config import load_config
 from training.data import Sample
 from training.export import export_checkpoint
@@ -39,8 +40,8 @@ def test_detectors_learn_words_from_features_and_calibrate():
     weight, bias = fit_detectors(x[:500], y[:500], weight_decay=1e-4)
     logits = torch.addmm(bias, x[500:], weight.t())
     assert average_precision(logits, y[500:] > 0).min() > 0.95
-    a, b = platt(logits.flatten(), (y[500:] > 0).flatten())
-    confident = torch.sigmoid(a * logits + b)
+    a, b = fit_platt(logits.sigmoid().flatten().double(), (y[500:] > 0).flatten().double())
+    confident = torch.sigmoid(a * platt_input(logits.sigmoid()) + b)  # what Tagger.calibrate computes
     assert confident[y[500:] > 0].mean() > 0.8 and confident[y[500:] == 0].mean() < 0.2
 
 
