@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .files import atomic_path
 
 FORMAT = "captioner"
 FORMAT_VERSION = 1
@@ -32,30 +33,15 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike, *, half: bool = False) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, then rename, so a crash
-    never leaves a corrupt checkpoint. `half` stores floating-point weights as fp16."""
+    """Write atomically (`captioner.files`), so a crash never leaves a corrupt checkpoint.
+    `half` stores floating-point weights as fp16."""
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
     if half:
         payload["state_dict"] = {
             k: v.half() if v.is_floating_point() else v for k, v in payload["state_dict"].items()
         }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file 0600; a checkpoint is readable like any file the user writes
-        # (a container's service user must read a mounted one).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(descriptor, 0o666 & ~umask)
-        with os.fdopen(descriptor, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary:
+        torch.save(payload, temporary)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -23,7 +23,6 @@ Features come from the training feature cache (`training.features`), so nothing 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 from pathlib import Path
@@ -31,9 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as nnf
 
-from captioner.batch.storage import write_atomically
 from captioner.checkpoint import load_checkpoint
 from captioner.encoder import Encoder, EncoderConfig
+from captioner.files import atomic_path
 from captioner.preprocessing import Preprocessing
 from captioner.tagger import Tagger
 from captioner.vocab import Vocabulary, tokenize
@@ -209,10 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         log.info("%s: mAP %.3f over the %d words its %d photos name", spec.label, float(ap[present].mean()),
                  int(present.sum()), len(samples))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(tagger.to_dict(), buffer)
-    write_atomically(Path(args.out), buffer.getvalue())
+    with atomic_path(args.out) as temporary:
+        torch.save(tagger.to_dict(), temporary)
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "validation"}

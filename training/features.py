@@ -3,7 +3,7 @@
 Region features are stored as fp16 in a memory-mapped `.npy` of shape (N, P, E), with a JSON index
 of the image paths. The cache folder is keyed by the backbone, a fingerprint of its weights, the
 preprocessing, the image list and the view, so changing any of them builds a new cache instead of
-silently reusing a stale one. Files are written under temporary names and renamed when complete.
+silently reusing a stale one. Files are written atomically (`captioner.files`), the index last.
 
 Augmentation with a frozen encoder: view 0 is each image as preprocessed; views 1.. are fixed
 light augmentations of it (`SeededAugment`), each cached like view 0. `FeatureViews` then gives
@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from captioner.batch.imageset import ImageFileDataset, pixel_loader
 from captioner.encoder import Encoder
+from captioner.files import atomic_path, write_atomically
 from captioner.preprocessing import Preprocessing
 
 from .augment import AUGMENT_VERSION, SeededAugment
@@ -143,28 +144,27 @@ def _build(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Path]
     device = next(encoder.parameters()).device
     dataset = ImageFileDataset(paths, preprocessing, transform=SeededAugment(view) if view else None)
     valid = np.zeros(len(paths), dtype=bool)
-    temporary = folder / "regions.npy.tmp"
     array = None
     failures = []
     description = f"encoding images (view {view})" if view else "encoding images"
-    with tqdm(total=len(paths), desc=description, unit="img", disable=not progress) as bar:
+    with atomic_path(folder / "regions.npy") as temporary, \
+            tqdm(total=len(paths), desc=description, unit="img", disable=not progress) as bar:
         for batch in pixel_loader(dataset, batch_size=batch_size, workers=workers):
             failures.extend(batch.failures)
             if batch.indices:
                 regions, _ = encoder.extract(preprocessing.normalize(batch.pixels.to(device)))  # (B, P, E)
                 if array is None:
-                    shape = (len(paths), *regions.shape[1:])
+                    shape = (len(paths), *regions.shape[1:])  # (N, P, E)
                     array = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float16, shape=shape)
                 array[batch.indices] = regions.to(torch.float16).cpu().numpy()
                 valid[batch.indices] = True
             bar.update(len(batch.indices) + len(batch.failures))
-    if array is None:
-        raise ValueError("no image could be read; nothing to cache")
-    array.flush()
-    del array
-    os.replace(temporary, folder / "regions.npy")
+        if array is None:
+            raise ValueError("no image could be read; nothing to cache")
+        array.flush()
+        del array
     for index, reason in failures:
         log.warning("unreadable image skipped: %s", reason)
+    # Written last: its presence is what marks the cache complete.
     index = {"paths": [str(p) for p in paths], "valid": valid.tolist(), "failures": [r for _, r in failures]}
-    (folder / "index.json.tmp").write_text(json.dumps(index))
-    os.replace(folder / "index.json.tmp", folder / "index.json")
+    write_atomically(folder / "index.json", json.dumps(index))

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from captioner.files import write_atomically
 from captioner.vocab import tokenize
 
 from .data import DataSpec, load_dataset
@@ -361,8 +362,6 @@ def build_mapping(wordnet: WordNet, counts: Counter, *, min_count: int, ratio: f
 
 def write_json(data: dict, path: str | os.PathLike) -> None:
     """Atomically, one class per line (small diffs when the mapping changes)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     head = {k: v for k, v in data.items() if k not in ("classes", "words")}
     lines = ["{"]
     for key, value in head.items():
@@ -374,9 +373,7 @@ def write_json(data: dict, path: str | os.PathLike) -> None:
     lines.append(",\n".join(f"    {json.dumps(w)}: {json.dumps(v)}" for w, v in data["words"].items()))
     lines.append("  }")
     lines.append("}")
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_atomically(path, "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import quote
 
+from ..files import write_atomically
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5rem; background: #fafafa; color: #222; }
 header { display: flex; flex-wrap: wrap; gap: 1rem; align-items: baseline; margin-bottom: 1rem; }
@@ -97,12 +99,8 @@ def render_gallery(records: Iterable[dict[str, Any]], image_root: Path, page: Pa
 
 
 def write_gallery(records: Iterable[dict[str, Any]], image_root: Path, page: Path, *, title: str) -> None:
-    """Render and write the page atomically (a temporary file beside it, then a rename)."""
-    page.parent.mkdir(parents=True, exist_ok=True)
-    text = render_gallery(records, image_root, page, title=title)
-    temporary = page.with_name(page.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8", errors="surrogateescape")
-    os.replace(temporary, page)
+    """Render and write the page atomically (`captioner.files`)."""
+    write_atomically(page, render_gallery(records, image_root, page, title=title))
 
 
 def _relative_url(target: Path, base: Path) -> str:

@@ -51,11 +51,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ..files import write_atomically
 from .job import Summary, check_arguments, output_failed, report
 from .listing import IMAGE_EXTENSIONS, Discovery, find_images, glob_match, path_inside, sniff_image
 from .records import (CSV_HEADER, JOURNAL_SUFFIX, OutputError, caption_record, coco_results, encode_jsonl,
                       encode_records, error_reason, error_record, output_format, parse_records)
-from .storage import write_atomically
 
 INSTALL = "pip install 'captioner[ray]'"
 SHARDS_SUFFIX = ".shards"
@@ -159,8 +159,7 @@ class Location:
     def write(self, chunks: Iterable[bytes]) -> None:
         """Write the file whole: under a temporary name first, renamed once complete."""
         if self.local:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(Path(self.path), chunks)
+            write_atomically(self.path, chunks)
             return
         self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
         temporary = self.path + ".tmp"

@@ -3,8 +3,8 @@
 Every batch is appended to OUT with one write and an fsync, so an interrupted run (Ctrl-C,
 `kill -9`, power loss) loses at most the batch in flight. Opening OUT again drops a half-written
 tail and reads back the complete records, so that a rerun appends exactly the missing ones;
-`overwrite` starts afresh. `write_atomically` writes a whole file (the coco results, the Ray
-engine's shards and outputs) under a temporary name, then renames it.
+`overwrite` starts afresh. Whole files (the coco results, the Ray engine's shards and outputs)
+are written with `captioner.files.write_atomically`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import csv
 import io
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
+from ..files import fsync_directory, write_atomically
 from .records import (CSV_FIELDS, CSV_HEADER, JOURNAL_SUFFIX, OutputError, coco_results, encode_csv, encode_jsonl,
                       parse_records)
 
@@ -32,7 +33,7 @@ class JsonlStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if overwrite or not self.path.exists():
             self._handle = open(self.path, "wb")
-            _fsync_directory(self.path.parent)
+            fsync_directory(self.path.parent)
             return
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1  # a record is complete once its newline is written
@@ -64,7 +65,7 @@ class CsvStore(JsonlStore):
         if overwrite or not self.path.exists() or self.path.stat().st_size == 0:
             self._handle = open(self.path, "wb")
             self._write(CSV_HEADER)
-            _fsync_directory(self.path.parent)
+            fsync_directory(self.path.parent)
             return
         text = self.path.read_bytes().decode("utf-8", errors="surrogateescape")
         rows, end = _complete_csv_rows(text)
@@ -129,29 +130,3 @@ class CocoStore(JsonlStore):
 
 
 STORES = {"jsonl": JsonlStore, "csv": CsvStore, "coco": CocoStore}
-
-
-def write_atomically(path: Path, data: bytes | Iterable[bytes]) -> None:
-    """Write `data` (bytes, or chunks of them) to PATH.tmp, then rename it to PATH: readers see
-    the old file or the whole new one, never a part."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        for chunk in [data] if isinstance(data, bytes) else data:
-            handle.write(chunk)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(folder: Path) -> None:
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)

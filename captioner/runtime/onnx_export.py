@@ -30,6 +30,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from ..files import write_atomically
 from .onnxrt import (FORMAT, FORMAT_VERSION, LazySession, OrtEncoder, companion, require, state_from_tensors,
                      state_names, state_tensors, step_output_names)
 
@@ -313,10 +314,7 @@ def int8_encoder(model, calibration: dict) -> "OrtEncoder":
             quantize_encoder(fp32, int8, calibration, reduce_range=reduce_range)
             data = int8.read_bytes()
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            temporary = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-            temporary.write_bytes(data)
-            os.replace(temporary, cached)  # atomic: workers building at once each write a whole file
+            write_atomically(cached, data)  # workers building at once each write a whole file
         except OSError as error:
             log.warning("int8 encoder not cached (%s): the next load builds it again", error)
     return OrtEncoder(LazySession(data), model.encoder.config, model.encoder.grid_size, model.encoder.feature_dim)
