@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, checkpoint_payload, file_sha256, load_checkpoint, write_checkpoint
 from .decoder import Decoder, DecoderConfig
 from .decoding import MAX_CONSTRAINTS, DecodeConfig, Hypothesis, generate
 from .encoder import Encoder, EncoderConfig
@@ -254,25 +254,16 @@ class Captioner:
         return cls.from_checkpoint(DEFAULT_CHECKPOINT, device=device, precision=precision)
 
     def checkpoint_payload(self) -> dict[str, Any]:
-        """Everything `from_checkpoint` needs, for `save_checkpoint` (training adds its state)."""
-        if not isinstance(self.encoder, nn.Module):
-            raise ValueError("an ONNX model cannot be saved as a checkpoint: save or export the .pt it came from")
-        state = {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
-        state.update({f"decoder.{k}": v for k, v in self.decoder.state_dict().items()})
-        payload = {
-            "encoder": self.encoder.config.to_dict(),
-            "decoder": self.decoder.config.to_dict(),
-            "vocabulary": self.vocabulary.to_dict(),
-            "preprocessing": self.preprocessing.to_dict(),
-            "provenance": self.provenance,
-            "state_dict": {k: v.detach().cpu().contiguous() for k, v in state.items()},
-        }
-        if self.tagger is not None:
-            payload["tagger"] = self.tagger.to_dict()
-        return payload
+        """Everything `from_checkpoint` needs (`captioner.checkpoint.checkpoint_payload`)."""
+        return checkpoint_payload(*self._parts(), provenance=self.provenance, tagger=self.tagger)
 
     def save(self, path: str | os.PathLike, *, half: bool = False) -> None:
-        save_checkpoint(self.checkpoint_payload(), path, half=half)
+        write_checkpoint(path, *self._parts(), provenance=self.provenance, tagger=self.tagger, half=half)
+
+    def _parts(self) -> tuple:
+        if not isinstance(self.encoder, nn.Module):
+            raise ValueError("an ONNX model cannot be saved as a checkpoint: save or export the .pt it came from")
+        return self.encoder, self.decoder, self.vocabulary, self.preprocessing
 
     # -- captioning ------------------------------------------------------------------------------
 

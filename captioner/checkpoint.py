@@ -32,6 +32,37 @@ class CheckpointError(ValueError):
     """A file is not a usable captioner checkpoint."""
 
 
+def checkpoint_payload(encoder, decoder, vocabulary, preprocessing, *, provenance: dict[str, Any],
+                       tagger=None, training: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The payload of a model's parts: `encoder` and `decoder` modules with a `.config`, the others
+    with `to_dict()`. The encoder's local `weights_path` is dropped: the weights travel in the
+    state dict, and the path means nothing on another machine."""
+    state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    state.update({f"decoder.{k}": v for k, v in decoder.state_dict().items()})
+    payload = {
+        "encoder": {**encoder.config.to_dict(), "weights_path": None},
+        "decoder": decoder.config.to_dict(),
+        "vocabulary": vocabulary.to_dict(),
+        "preprocessing": preprocessing.to_dict(),
+        "provenance": provenance,
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in state.items()},
+    }
+    if tagger is not None:
+        payload["tagger"] = tagger.to_dict()
+    if training is not None:
+        payload["training"] = training
+    return payload
+
+
+def write_checkpoint(path: str | os.PathLike, encoder, decoder, vocabulary, preprocessing, *,
+                     provenance: dict[str, Any], tagger=None, training: dict[str, Any] | None = None,
+                     half: bool = False) -> None:
+    """Build a model's checkpoint (`checkpoint_payload`) and write it (`save_checkpoint`)."""
+    payload = checkpoint_payload(encoder, decoder, vocabulary, preprocessing, provenance=provenance,
+                                 tagger=tagger, training=training)
+    save_checkpoint(payload, path, half=half)
+
+
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike, *, half: bool = False) -> None:
     """Write atomically (`captioner.files`), so a crash never leaves a corrupt checkpoint.
     `half` stores floating-point weights as fp16."""

@@ -31,7 +31,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from captioner.checkpoint import load_checkpoint, save_checkpoint
+from captioner.checkpoint import load_checkpoint, write_checkpoint
 from captioner.decoder import Decoder, DecoderConfig
 from captioner.decoding import DecodeConfig, generate
 from captioner.encoder import Encoder
@@ -464,38 +464,31 @@ class Context:
         self.encoder.eval()
         return self.encoder.extract(self.preprocessing.normalize(pixels))[0].clone()
 
-    def payload(self, progress: Progress, metrics: dict | None = None) -> dict[str, Any]:
-        state = {f"encoder.{k}": v.detach().cpu() for k, v in self.encoder.state_dict().items()}
-        state.update({f"decoder.{k}": v.detach().cpu() for k, v in self.decoder.state_dict().items()})
-        return {
-            "encoder": {**self.encoder.config.to_dict(), "weights_path": None},
-            "decoder": self.decoder.config.to_dict(),
-            "vocabulary": self.vocab.to_dict(),
-            "preprocessing": self.preprocessing.to_dict(),
-            "provenance": {
-                "config": self.cfg.to_dict(),
-                "train_images": len(self.items),
-                "epochs_completed": progress.epoch + progress.batches_done / max(1, self.batches_per_epoch),
-                "step": progress.step,
-                "metrics": metrics or {},
-                "init_from": self.init_provenance,
-                "torch": str(torch.__version__),
-                "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            },
-            "state_dict": state,
+    def save(self, path: Path, progress: Progress, metrics: dict | None = None, *,
+             training: dict[str, Any] | None = None) -> None:
+        provenance = {
+            "config": self.cfg.to_dict(),
+            "train_images": len(self.items),
+            "epochs_completed": progress.epoch + progress.batches_done / max(1, self.batches_per_epoch),
+            "step": progress.step,
+            "metrics": metrics or {},
+            "init_from": self.init_provenance,
+            "torch": str(torch.__version__),
+            "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        write_checkpoint(path, self.encoder, self.decoder, self.vocab, self.preprocessing, provenance=provenance,
+                         training=training)
 
     def save_last(self, progress: Progress) -> None:
+        """last.pt, with the state to resume from (optimiser, schedule, RNG, progress)."""
         if self.rank != 0:
             return
-        payload = self.payload(progress)
-        payload["training"] = {
+        self.save(self.out / "last.pt", progress, training={
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(),
             "progress": dataclasses.asdict(progress),
-        }
-        save_checkpoint(payload, self.out / "last.pt")
+        })
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
@@ -596,7 +589,7 @@ def main(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
             if metrics["val_CIDEr-D"] > progress.best_cider:
                 progress.best_cider, progress.best_epoch = metrics["val_CIDEr-D"], progress.epoch + 1
                 finished = dataclasses.replace(progress, epoch=progress.epoch + 1, batches_done=0)
-                save_checkpoint(ctx.payload(finished, metrics), out / "best.pt")
+                ctx.save(out / "best.pt", finished, metrics)
                 stale = 0
             else:
                 stale += 1

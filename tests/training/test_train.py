@@ -47,6 +47,14 @@ def test_training_run_writes_a_loadable_model_and_its_records(flickr_dir, tmp_pa
     model = Captioner.from_checkpoint(out / "best.pt", precision="fp32")
     payload = torch.load(out / "best.pt", weights_only=True)
     assert payload["provenance"]["config"]["optim"]["epochs"] == 4  # the resolved config travels along
+    # training and the library write one payload: a re-save of the loaded model has the same parts
+    model.save(tmp_path / "resaved.pt")
+    resaved = torch.load(tmp_path / "resaved.pt", weights_only=True)
+    assert resaved.keys() == payload.keys() and "training" in torch.load(out / "last.pt", weights_only=True)
+    assert payload["encoder"]["weights_path"] is None and resaved["encoder"]["weights_path"] is None
+    for part in ("decoder", "vocabulary", "preprocessing", "provenance"):
+        assert resaved[part] == payload[part]
+    assert all(torch.equal(resaved["state_dict"][k], v) for k, v in payload["state_dict"].items())
     assert "zebra" not in model.vocabulary.words  # built from the training split only
     assert model.vocabulary.words[4:7] == ["a", "the", "on"]
     assert model.preprocessing.resize == "squash"
