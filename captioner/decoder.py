@@ -35,7 +35,7 @@ class DecoderConfig:
     vocab_size: int
     feature_dim: int = 1280  # E, from the encoder
     embed_dim: int = 256
-    hidden_dim: int = 512  # D
+    hidden_dim: int = 384  # D
     memory_dim: int = 256  # F
     attention: bool = True
     attention_dim: int = 256  # A

@@ -5,35 +5,38 @@ into the run folder and into every checkpoint."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
 
+from captioner.decoder import DecoderConfig
 from captioner.decoding import DecodeConfig
 from captioner.encoder import EncoderConfig
 
 from .data import DataSpec
 
 
-@dataclass
-class DecoderSettings:
-    """`DecoderConfig` without the sizes that come from the data and the encoder."""
+# DecoderConfig's fields that the data and the encoder decide: the vocabulary, the feature width,
+# and the tagger's words and classes behind `concepts`.
+FROM_DATA = ("vocab_size", "feature_dim", "concepts", "concept_classes")
 
-    embed_dim: int = 256
-    hidden_dim: int = 384
-    memory_dim: int = 256
-    attention: bool = True
-    attention_dim: int = 256
-    cell: str = "lstm"
-    num_layers: int = 1
-    dropout: float = 0.5
-    tie_embeddings: bool = True
-    # The encoder's ImageNet head, mapped to caption words and calibrated (captioner.tagger), as
-    # an input; captions without photos get confidences made from their own words. With
-    # model.init_from a model without them, adds them (starting at zero: the model as it was).
-    concepts: bool = False
+
+def _decoder_settings() -> type:
+    """`model.decoder`: `DecoderConfig`'s own fields and defaults (made from it, so they are
+    written once) minus FROM_DATA, plus `concepts: bool`: the encoder's ImageNet head, mapped to
+    caption words and calibrated (captioner.tagger), as an input; captions without photos get
+    confidences made from their own words. With model.init_from a model without them, adds them
+    (starting at zero: the model as it was)."""
+    hints = get_type_hints(DecoderConfig)
+    own = [(f.name, hints[f.name], field(default=f.default)) for f in fields(DecoderConfig) if f.name not in FROM_DATA]
+    settings = make_dataclass("DecoderSettings", [*own, ("concepts", bool, field(default=False))])
+    settings.__module__, settings.__doc__ = __name__, _decoder_settings.__doc__
+    return settings
+
+
+DecoderSettings = _decoder_settings()
 
 
 @dataclass

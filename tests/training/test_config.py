@@ -1,5 +1,8 @@
+import dataclasses
+
 import pytest
 
+from captioner.decoder import DecoderConfig
 from training.config import load_config
 
 
@@ -12,6 +15,16 @@ def test_yaml_then_dotted_overrides(tmp_path):
     assert cfg.model.decoder.attention is False
     assert cfg.eval.decode.num_beams == 5
     assert cfg.model.decoder.hidden_dim == 384  # untouched defaults stay
+
+
+def test_decoder_settings_are_decoder_config_less_what_the_data_decides():
+    settings = dataclasses.asdict(load_config(None).model.decoder)
+    assert settings.pop("concepts") is False  # whether to add them; their number comes from the tagger
+    library = dataclasses.asdict(DecoderConfig(vocab_size=20))
+    assert settings == {k: v for k, v in library.items() if k not in ("vocab_size", "feature_dim", "concepts",
+                                                                      "concept_classes")}
+    with pytest.raises(ValueError, match="model.decoder.vocab_size"):
+        load_config(None, ["--model.decoder.vocab_size=20"])
 
 
 def test_unknown_keys_and_bad_values_are_errors(tmp_path):
