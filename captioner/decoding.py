@@ -1,10 +1,15 @@
 """Decoding: greedy, sampling and beam search, batched over images and beams.
 
-All methods talk to the decoder only through `init_state` / `step` / `DecoderState`, so a fix
-lands once. Parameter names follow Hugging Face `generate`.
+Every method talks to the decoder only through `init_state` / `step` / `DecoderState`, and
+applies the same list of token rules (`TokenRule`, in the spirit of Hugging Face's logits
+processors), each of which bans words per row in one mask. A hypothesis is ranked by `score`,
+written once. Beam search is a loop over the named steps of one `BeamState`: select candidates,
+finish the ones that end, advance the others, drop the images that are done.
 
-Shapes: B images, K beams (or samples) per image, N = B*K, V vocabulary, T generated tokens,
-P regions, R returned sequences per image.
+Shapes: B images, K beams (or samples) per image, N = B*K rows, V vocabulary, T generated
+tokens, P regions, H hypotheses kept per image (the pool), Q candidates per image and state in
+one step, S constraint states per image (2^C for C required words), W words that meet some
+required word (per image, padded).
 """
 
 from __future__ import annotations
@@ -28,9 +33,15 @@ class Hypothesis:
     tokens: list[int]
     token_log_probs: list[float]
     log_prob: float
-    score: float  # log_prob / length ** length_penalty, the ranking score
+    score: float  # see `score`
     finished: bool
     attention: torch.Tensor | None = field(default=None, repr=False)
+
+
+def score(log_prob, length: int, length_penalty: float):
+    """The ranking score of a hypothesis of `length` tokens (<eos> included): log_prob /
+    length ** length_penalty; 0 ranks by log_prob. log_prob: a float or a tensor."""
+    return log_prob / max(length, 1) ** length_penalty if length_penalty else log_prob
 
 
 def generate(
@@ -53,21 +64,21 @@ def generate(
     required words, each a sequence of word ids of which one must appear (a word's forms);
     `excluded[b]`: word ids image b's captions must not say. Both need search (constrained beam
     search, with one beam per state when num_beams is 1)."""
-    rules = _Rules(config, eos_id, banned_ids)
-    required = None
+    guide = None
     if constraints is not None or excluded is not None:
         for given in (constraints, excluded):
             if given is not None and len(given) != regions.shape[0]:
                 raise ValueError(f"constraints for {len(given)} images, but {regions.shape[0]} images")
-        required = _Constraints.build(constraints or [[]] * regions.shape[0], excluded, decoder.config.vocab_size)
-        if required is not None and config.do_sample:
+        guide = _Constraints.build(constraints or [[]] * regions.shape[0], excluded, decoder.config.vocab_size)
+        if guide is not None and config.do_sample:
             raise ValueError("required words need search: they do not combine with do_sample=True")
+    rules = token_rules(config, eos_id, banned_ids)
     with torch.inference_mode():  # less per-op overhead than no_grad: decoding is many small ops
         state = decoder.init_state(regions, pooled)
-        if config.num_beams > 1 or required is not None:
-            results = _beam_search(decoder, state, bos_id, rules, required)
+        if config.num_beams > 1 or guide is not None:
+            results = _beam_search(decoder, state, bos_id, eos_id, rules, config, guide)
         else:
-            results = _sample(decoder, state, bos_id, rules)
+            results = _sample(decoder, state, bos_id, eos_id, rules, config)
     for hypotheses in results:
         if best_first:
             hypotheses.sort(key=lambda h: h.score, reverse=True)
@@ -76,48 +87,105 @@ def generate(
     return results
 
 
+# -- token rules -------------------------------------------------------------------------------
+
 @dataclass
-class _Rules:
-    config: DecodeConfig
+class Rows:
+    """What a rule may need to know of each row (N,): its image's index in the batch as given,
+    and, in constrained search, the constraint bits the row has met and its image's goal."""
+
+    image: torch.Tensor
+    met: torch.Tensor | None = None
+    goal: torch.Tensor | None = None
+
+
+class TokenRule:
+    """One rule over the next word: `__call__(ban, history, rows)` updates ban (N, V), True where
+    a row may not say a word, from history (N, t), the words generated so far. Rules run in list
+    order; a later rule sees (and may lift) an earlier one's bans."""
+
+    def __call__(self, ban: torch.Tensor, history: torch.Tensor, rows: Rows) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class BanTokens(TokenRule):
+    ids: tuple[int, ...]  # special tokens: <pad>, <bos>, <unk>
+
+    def __call__(self, ban, history, rows):
+        ban[:, list(self.ids)] = True
+
+
+@dataclass
+class MinLength(TokenRule):
     eos: int
-    banned: tuple[int, ...]
+    min_new_tokens: int
 
-    def __post_init__(self) -> None:
-        self.banned_index = torch.tensor(self.banned, dtype=torch.long)
+    def __call__(self, ban, history, rows):
+        if history.shape[1] < self.min_new_tokens:
+            ban[:, self.eos] = True
 
-    def log_probs(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        """logits (N, V), history (N, t) generated so far -> (N, V) log-probs, -inf where banned:
-        special tokens, <eos> before min_new_tokens, tokens that would repeat an n-gram."""
-        logp = logits.float().log_softmax(dim=-1)
-        # Each step bans at most one word per n-gram seen so far, so only a vocabulary that small
-        # can run out of words: then <eos> stays allowed and the caption ends.
-        may_run_out = logp.shape[1] - len(self.banned) <= history.shape[1] + 2
-        eos_logp = logp[:, self.eos].clone() if may_run_out else None
-        if self.banned:
-            logp.index_fill_(1, self.banned_index.to(logp.device), NEG_INF)
-        if history.shape[1] < self.config.min_new_tokens:
-            logp[:, self.eos] = NEG_INF
-        n = self.config.no_repeat_ngram_size
+
+@dataclass
+class NoRepeatNgram(TokenRule):
+    n: int  # never say an n-gram a row has said
+
+    def __call__(self, ban, history, rows):
+        n = self.n
         if n == 1 and history.shape[1]:
-            logp.scatter_(1, history, NEG_INF)
+            ban.scatter_(1, history, True)
         elif n > 1 and history.shape[1] >= n:
-            windows = history.unfold(1, n, 1)  # (N, W, n): every n-gram so far
+            windows = history.unfold(1, n, 1)  # (N, T-n+1, n): every n-gram so far
             suffix = history[:, history.shape[1] - n + 1:]  # (N, n-1)
-            seen = (windows[:, :, :-1] == suffix[:, None]).all(dim=-1)  # (N, W)
-            penalty = torch.zeros(seen.shape, dtype=logp.dtype, device=logp.device).masked_fill_(seen, NEG_INF)
-            logp.scatter_add_(1, windows[:, :, -1], penalty)
-        if may_run_out:
-            stuck = torch.isinf(logp).all(dim=-1)
-            logp[stuck, self.eos] = eos_logp[stuck]
-        return logp
+            seen = (windows[:, :, :-1] == suffix[:, None]).all(dim=-1)  # (N, T-n+1)
+            ban.scatter_add_(1, windows[:, :, -1], seen)  # bool add: or
 
-    def score(self, log_prob: torch.Tensor, length: int | torch.Tensor) -> torch.Tensor:
-        penalty = self.config.length_penalty
-        if penalty == 0:
-            return log_prob
-        if not isinstance(length, torch.Tensor):
-            length = torch.tensor(float(length), device=log_prob.device)
-        return log_prob / length.to(log_prob.dtype).clamp(min=1) ** penalty
+
+@dataclass
+class EndWhenStuck(TokenRule):
+    """A row the rules before leave no word may end (a vocabulary as small as the words said)."""
+
+    eos: int
+
+    def __call__(self, ban, history, rows):
+        ban[ban.all(dim=1), self.eos] = False
+
+
+@dataclass
+class ExcludeWords(TokenRule):
+    banned: torch.Tensor  # (B, V) True where an image's captions must not say a word
+
+    def __call__(self, ban, history, rows):
+        ban |= self.banned[rows.image]
+
+
+@dataclass
+class EndWhenMet(TokenRule):
+    """Only a row that met every constraint of its image may end."""
+
+    eos: int
+
+    def __call__(self, ban, history, rows):
+        ban[:, self.eos] |= rows.met != rows.goal
+
+
+def token_rules(config: DecodeConfig, eos: int, banned_ids: tuple[int, ...]) -> list[TokenRule]:
+    """The rules every decoding method applies; constrained search adds its own after them."""
+    rules: list[TokenRule] = [BanTokens(tuple(banned_ids))] if banned_ids else []
+    if config.min_new_tokens:
+        rules.append(MinLength(eos, config.min_new_tokens))
+    if config.no_repeat_ngram_size:
+        rules.append(NoRepeatNgram(config.no_repeat_ngram_size))
+    rules.append(EndWhenStuck(eos))
+    return rules
+
+
+def log_probs(logits: torch.Tensor, rules: Sequence[TokenRule], history: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """logits (N, V), history (N, t) -> log-probs (N, V), -inf where a rule bans the word."""
+    ban = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+    for rule in rules:
+        rule(ban, history, rows)
+    return logits.float().log_softmax(dim=-1).masked_fill_(ban, NEG_INF)
 
 
 def _hypothesis(tokens: torch.Tensor, logps: torch.Tensor, attention, length: int, finished: bool,
@@ -126,21 +194,21 @@ def _hypothesis(tokens: torch.Tensor, logps: torch.Tensor, attention, length: in
     token_logps = logps[:length].tolist()
     log_prob = float(sum(token_logps))
     words = tokens[: length - 1 if finished else length].tolist()
-    score = log_prob / max(length, 1) ** penalty if penalty else log_prob
-    return Hypothesis(words, token_logps, log_prob, score, finished,
+    return Hypothesis(words, token_logps, log_prob, score(log_prob, length, penalty), finished,
                       None if attention is None else attention[:length].clone())
 
 
 # -- greedy and sampling -----------------------------------------------------------------------
 
-def _sample(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules) -> list[list[Hypothesis]]:
-    config = rules.config
+def _sample(decoder: Decoder, state: DecoderState, bos: int, eos: int, rules: list[TokenRule],
+            config: DecodeConfig) -> list[list[Hypothesis]]:
     b, k = state.image_gates.shape[0], config.num_return_sequences
     state = state.repeat(k) if k > 1 else state
     n, device = b * k, state.h.device
     generator = None
     if config.do_sample and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
+    rows = Rows(image=torch.arange(b, device=device).repeat_interleave(k))
     tokens = torch.full((n,), bos, dtype=torch.long, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     length = torch.zeros(n, dtype=torch.long, device=device)
@@ -148,27 +216,24 @@ def _sample(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules) -> l
     step_logps, alphas = [], []
     for _ in range(config.max_new_tokens):
         logits, state, alpha = decoder.step(tokens, state)
-        logp = rules.log_probs(logits, history)  # (N, V)
+        logp = log_probs(logits, rules, history, rows)  # (N, V)
         tokens = _draw(logp, config, generator) if config.do_sample else logp.argmax(dim=-1)
-        tokens = tokens.masked_fill(finished, rules.eos)  # finished rows idle on <eos>
+        tokens = tokens.masked_fill(finished, eos)  # finished rows idle on <eos>
         step_logps.append(logp.gather(1, tokens[:, None]).squeeze(1).masked_fill(finished, 0.0))
         if config.return_attention and alpha is not None:
             alphas.append(alpha)
         length += (~finished).long()
         history = torch.cat([history, tokens[:, None]], dim=1)
-        finished |= tokens == rules.eos
+        finished |= tokens == eos
         if bool(finished.all()):
             break
     token_logps = torch.stack(step_logps, dim=1).cpu()  # (N, T)
     attention = torch.stack(alphas, dim=1).cpu() if alphas else None  # (N, T, P)
     history, length, finished = history.cpu(), length.tolist(), finished.tolist()
-    results = []
-    for image in range(b):
-        hyps = [_hypothesis(history[row], token_logps[row], None if attention is None else attention[row],
-                            length[row], finished[row], config.length_penalty)
-                for row in range(image * k, image * k + k)]
-        results.append(hyps)
-    return results
+    return [[_hypothesis(history[row], token_logps[row], None if attention is None else attention[row],
+                         length[row], finished[row], config.length_penalty)
+             for row in range(image * k, image * k + k)]
+            for image in range(b)]
 
 
 def _draw(logp: torch.Tensor, config: DecodeConfig, generator) -> torch.Tensor:
@@ -204,7 +269,7 @@ def _categorical(weights: torch.Tensor, generator) -> torch.Tensor:
 # -- beam search -------------------------------------------------------------------------------
 
 class _Pool:
-    """The best finished (or, at the end, truncated) hypotheses of every image, S = slots."""
+    """The best finished (or, at the end, truncated) hypotheses of every image, H = slots."""
 
     def __init__(self, images: int, slots: int, max_len: int, regions: int | None, device):
         self.score = torch.full((images, slots), NEG_INF, device=device)
@@ -214,11 +279,15 @@ class _Pool:
         self.finished = torch.zeros(images, slots, dtype=torch.bool, device=device)
         self.alpha = None if regions is None else torch.zeros(images, slots, max_len, regions, device=device)
 
+    def worst(self, images: torch.Tensor) -> torch.Tensor:
+        """(B,) the score an image's pool would drop next (-inf while it has a free slot)."""
+        return self.score[images, -1]
+
     def merge(self, images, score, tokens, logps, alpha, length: int, finished: bool) -> None:
-        """Offer C candidates for each of the given images: score (B, C), tokens and logps
-        (B, C, t), alpha (B, C, t, P); keep the best S per image."""
+        """Offer Q candidates for each of the given images: score (B, Q), tokens and logps
+        (B, Q, t), alpha (B, Q, t, P); keep the best H per image."""
         b, slots, max_len = images.shape[0], self.score.shape[1], self.tokens.shape[2]
-        merged, keep = torch.cat([self.score[images], score], dim=1).topk(slots, dim=1)  # (B, S)
+        merged, keep = torch.cat([self.score[images], score], dim=1).topk(slots, dim=1)  # (B, H)
 
         def pick(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
             if new.dim() > 2 and new.shape[2] < max_len:  # pad the time axis
@@ -228,12 +297,12 @@ class _Pool:
             index = keep.view(b, slots, *[1] * (both.dim() - 2)).expand(b, slots, *both.shape[2:])
             return both.gather(1, index)
 
-        c = score.shape[1]
+        q = score.shape[1]
         self.score[images] = merged
         self.tokens[images] = pick(self.tokens[images], tokens)
         self.logps[images] = pick(self.logps[images], logps)
-        self.length[images] = pick(self.length[images], torch.full((b, c), length, device=score.device))
-        self.finished[images] = pick(self.finished[images], torch.full((b, c), finished, device=score.device))
+        self.length[images] = pick(self.length[images], torch.full((b, q), length, device=score.device))
+        self.finished[images] = pick(self.finished[images], torch.full((b, q), finished, device=score.device))
         if self.alpha is not None:
             self.alpha[images] = pick(self.alpha[images], alpha)
 
@@ -249,127 +318,179 @@ class _Pool:
         ]
 
 
-def _beam_search(decoder: Decoder, state: DecoderState, bos: int, rules: _Rules,
-                 constraints: "_Constraints | None" = None) -> list[list[Hypothesis]]:
+@dataclass
+class _Candidates:
+    """One step's candidates of each image and state, (B, S, Q) each: their cumulative log-prob,
+    the row (within the image) they extend, their word and its log-prob."""
+
+    logp: torch.Tensor
+    origin: torch.Tensor
+    word: torch.Tensor
+    word_logp: torch.Tensor
+
+
+class BeamState:
+    """The live beams of the images still searching, with their histories. Each image keeps R
+    rows: K beams in each of its S constraint states (state-major; S = 1 without constraints).
+    Images whose search is done leave, so an image's result never depends on the others."""
+
+    def __init__(self, images: int, config: DecodeConfig, bos: int, guide: "_Constraints | None",
+                 regions: int | None, device):
+        self.config, self.device = config, device
+        self.k = k = config.num_beams
+        self.s = s = 1 if guide is None else guide.states
+        self.r = r = s * k
+        self.active = torch.arange(images, device=device)  # (B,) each image's index in the batch as given
+        self.logp = torch.full((images, s, k), NEG_INF, device=device)  # (B, S, K) cumulative
+        self.logp[:, 0, 0] = 0.0  # every image starts with one beam, in state 0 (nothing met yet)
+        self.tokens = torch.full((images * r,), bos, dtype=torch.long, device=device)  # (N,) next input
+        self.history = torch.empty(images, r, 0, dtype=torch.long, device=device)  # (B, R, t)
+        self.history_logps = torch.empty(images, r, 0, device=device)  # (B, R, t)
+        self.history_alpha = None if regions is None else torch.empty(images, r, 0, regions, device=device)
+        self.row_state = torch.arange(s, device=device).repeat_interleave(k)  # (R,)
+        self.guide = guide
+        self.goal = torch.zeros(images, dtype=torch.long, device=device)  # (B,) the state of all met
+        self.required = None
+        if guide is not None:
+            self.goal = guide.goal.to(device)
+            self.required = guide.required_words(device)
+
+    @property
+    def images(self) -> int:
+        return self.active.shape[0]
+
+    def rows(self) -> Rows:
+        return Rows(image=self.active.repeat_interleave(self.r), met=self.row_state.repeat(self.images),
+                    goal=self.goal.repeat_interleave(self.r))
+
+    def select(self, logp: torch.Tensor) -> _Candidates:
+        """logp (N, V) of the next word -> the best 2K candidates moving into each state."""
+        b, r, k = self.images, self.r, self.k
+        vocab = logp.shape[1]
+        cumulative = self.logp.view(b, r, 1) + logp.view(b, r, vocab)  # (B, R, V)
+        if self.s == 1:
+            top_logp, top_index = cumulative.view(b, 1, r * vocab).topk(2 * k, dim=2)  # (B, 1, 2K)
+        else:
+            top_logp, top_index = _state_top(cumulative, self.row_state, self.s, self.required, 2 * k)
+        origin = torch.div(top_index, vocab, rounding_mode="floor")
+        word = top_index % vocab
+        first_row = torch.arange(b, device=self.device)[:, None, None] * r
+        word_logp = logp[(first_row + origin).view(-1), word.view(-1)].view(word.shape)
+        return _Candidates(top_logp, origin, word, word_logp)
+
+    def finish(self, top: _Candidates, alpha, pool: _Pool, eos: int, length: int) -> None:
+        """An <eos> among the goal state's first K candidates enters the pool."""
+        b, k = self.images, self.k
+        if self.s == 1:
+            goal_of = lambda t: t[:, 0]  # noqa: E731
+        else:
+            at_goal = self.goal.view(b, 1, 1).expand(b, 1, 2 * k)
+            goal_of = lambda t: t.gather(1, at_goal).squeeze(1)  # noqa: E731 (B, S, 2K) -> (B, 2K)
+        ends = goal_of((top.word == eos) & (top.logp > NEG_INF))
+        ends[:, k:] = False
+        if bool(ends.any()):
+            first_row = torch.arange(b, device=self.device)[:, None] * self.r
+            tokens, logps, attention = self._extend(first_row + goal_of(top.origin), goal_of(top.word),
+                                                    goal_of(top.word_logp), alpha)
+            ranked = score(goal_of(top.logp), length, self.config.length_penalty).masked_fill(~ends, NEG_INF)
+            pool.merge(self.active, ranked, tokens, logps, attention, length=length, finished=True)
+
+    def advance(self, top: _Candidates, alpha, eos: int) -> torch.Tensor:
+        """The best K other candidates of each state continue -> the rows (N,) they extend."""
+        b, r = self.images, self.r
+        self.logp, live = top.logp.masked_fill(top.word == eos, NEG_INF).topk(self.k, dim=2)  # (B, S, K)
+        first_row = torch.arange(b, device=self.device)[:, None] * r
+        rows = first_row + top.origin.gather(2, live).view(b, r)  # (B, R)
+        words = top.word.gather(2, live).view(b, r)
+        self.tokens = words.view(-1)
+        self.history, self.history_logps, self.history_alpha = self._extend(
+            rows, words, top.word_logp.gather(2, live).view(b, r), alpha)
+        return rows.view(-1)
+
+    def done(self, pool: _Pool, length: int) -> torch.Tensor:
+        """(B,) True for images whose search is over: with early_stopping as soon as their pool
+        is full, else when no live beam can still beat the pool's worst (Hugging Face's rule)."""
+        worst = pool.worst(self.active)
+        done = worst > NEG_INF
+        if not self.config.early_stopping:
+            best_live = self.logp.view(self.images, -1).max(dim=1).values
+            done &= (worst >= score(best_live, length, self.config.length_penalty)) | (best_live == NEG_INF)
+        return done
+
+    def keep(self, stay: torch.Tensor) -> None:
+        """Keep only the images `stay` (B',) indexes."""
+        self.active, self.logp, self.goal = self.active[stay], self.logp[stay], self.goal[stay]
+        self.tokens = self.tokens.view(-1, self.r)[stay].view(-1)
+        self.history, self.history_logps = self.history[stay], self.history_logps[stay]
+        self.history_alpha = None if self.history_alpha is None else self.history_alpha[stay]
+        self.required = None if self.required is None else self.required.select(stay)
+
+    def flush(self, pool: _Pool) -> None:
+        """max_new_tokens reached: the live beams at the goal compete unfinished; an image none
+        of whose beams met every constraint keeps its best beams of any state."""
+        b = self.images
+        final = self.logp.view(b, self.r)
+        if self.s > 1:
+            reached = self.row_state[None] == self.goal[:, None]  # (B, R)
+            fallback = ~(reached & (final > NEG_INF)).any(dim=1, keepdim=True)
+            final = final.masked_fill(~reached & ~fallback, NEG_INF)
+        length = self.config.max_new_tokens
+        pool.merge(self.active, score(final, length, self.config.length_penalty), self.history,
+                   self.history_logps, self.history_alpha, length=length, finished=False)
+
+    def _extend(self, rows: torch.Tensor, words: torch.Tensor, word_logps: torch.Tensor, alpha):
+        """Histories of candidates: rows (B, Q) of the flat (N, ...) beams, each with its new word
+        and log-prob (B, Q) and the step's attention (N, P) -> tokens, logps (B, Q, t+1) and
+        attention (B, Q, t+1, P) or None."""
+        b, q = rows.shape
+        flat = rows.reshape(-1)
+
+        def grown(past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:  # past (B, R, t, *X), new (N or B*Q, *X)
+            before = past.view(b * self.r, *past.shape[2:])[flat].view(b, q, *past.shape[2:])
+            return torch.cat([before, new.reshape(b, q, 1, *past.shape[3:])], dim=2)
+
+        tokens = grown(self.history, words)
+        logps = grown(self.history_logps, word_logps)
+        attention = None if self.history_alpha is None else grown(self.history_alpha, alpha[flat])
+        return tokens, logps, attention
+
+
+def _beam_search(decoder: Decoder, state: DecoderState, bos: int, eos: int, rules: list[TokenRule],
+                 config: DecodeConfig, guide: "_Constraints | None" = None) -> list[list[Hypothesis]]:
     """Vectorised beam search with a pool of finished hypotheses per image, as in Hugging Face
     `generate`: each step takes the top 2K of the K*V candidates; an <eos> among the first K
     enters the pool, the best K others continue. An image is done when its pool is full (and,
-    without `early_stopping`, no live beam can beat the pool's worst); done images leave the
-    batch, so an image's result never depends on the others. After `max_new_tokens` the live
-    beams join the pool unfinished, so every image gets a caption even when no beam finished.
+    without `early_stopping`, no live beam can beat the pool's worst). After `max_new_tokens` the
+    live beams join the pool unfinished, so every image gets a caption even when no beam finished.
 
     Required words (constrained beam search, Anderson et al. 2017): with C constraints each image
     keeps K beams in each of S = 2^C states, the set of constraints met so far. A candidate moves
     to the state of its beam plus the constraints its word meets; every state keeps its own best
     K, and only beams that met every constraint may end. Without constraints S = 1 and this is
     plain beam search."""
-    config = rules.config
-    b_all, k = state.image_gates.shape[0], config.num_beams
-    device, vocab = state.h.device, decoder.config.vocab_size
-    s = 1 if constraints is None else constraints.states  # S
-    r = s * k  # R rows per image: beams of state 0, then of state 1, ...
-    want_alpha = config.return_attention and decoder.config.attention
-    regions = state.memory.shape[1] if want_alpha else None
-    pool = _Pool(b_all, max(k, config.num_return_sequences), config.max_new_tokens, regions, device)
-
-    active = torch.arange(b_all, device=device)  # original index of each image still searching
-    state = state.repeat(r)
-    beam_logp = torch.full((b_all, s, k), NEG_INF, device=device)
-    beam_logp[:, 0, 0] = 0.0  # every image starts with one beam, in state 0 (nothing met yet)
-    history = torch.empty(b_all, r, 0, dtype=torch.long, device=device)  # (B, R, t)
-    history_logps = torch.empty(b_all, r, 0, device=device)
-    history_alpha = torch.empty(b_all, r, 0, regions, device=device) if want_alpha else None
-    tokens = torch.full((b_all * r,), bos, dtype=torch.long, device=device)
-    first_rows = torch.arange(b_all, device=device)[:, None, None] * r  # (B, 1, 1) first row of each image
-    among_first_k = torch.arange(2 * k, device=device) < k  # (2K,)
-    row_state = torch.arange(s, device=device).repeat_interleave(k)  # (R,) the state of each row
-    goal = (torch.zeros(b_all, dtype=torch.long, device=device) if constraints is None
-            else constraints.goal.to(device))  # (B,) the state with every constraint met, of each active image
-    required_words = None if constraints is None else constraints.required_words(device)
-    banned = None if constraints is None or constraints.banned is None else constraints.banned.to(device)  # (B, V)
-
+    b = state.image_gates.shape[0]
+    device = state.h.device
+    regions = state.memory.shape[1] if config.return_attention and decoder.config.attention else None
+    beams = BeamState(b, config, bos, guide, regions, device)
+    pool = _Pool(b, max(config.num_beams, config.num_return_sequences), config.max_new_tokens, regions, device)
+    if guide is not None:
+        rules = rules + ([ExcludeWords(guide.banned.to(device))] if guide.banned is not None else []) \
+            + ([EndWhenMet(eos)] if beams.s > 1 else [])
+    state = state.repeat(beams.r)
     for step in range(config.max_new_tokens):
-        b = active.shape[0]
-        image_rows = first_rows[:b]
-        logits, state, alpha = decoder.step(tokens, state)
-        logp = rules.log_probs(logits, history.view(b * r, -1)).view(b, r, vocab)  # (B, R, V)
-        if banned is not None:
-            logp.masked_fill_(banned[:, None], NEG_INF)
-        if s > 1:  # only beams that met every constraint may end
-            logp[:, :, rules.eos].masked_fill_(row_state[None] != goal[:, None], NEG_INF)
-        candidates = beam_logp.view(b, r, 1) + logp  # (B, R, V)
-        if s == 1:
-            top_logp, top_index = candidates.view(b, 1, r * vocab).topk(2 * k, dim=2)  # (B, 1, 2K)
-        else:
-            top_logp, top_index = _state_top(candidates, row_state, s, required_words, 2 * k)  # (B, S, 2K)
-        origin = torch.div(top_index, vocab, rounding_mode="floor")  # row (within the image) each extends
-        word = top_index % vocab
-        word_logp = logp.view(b * r, vocab)[(image_rows + origin).view(-1), word.view(-1)].view(b, s, 2 * k)
-        is_eos = (word == rules.eos) & (top_logp > NEG_INF)
-
-        def extend(rows: torch.Tensor, new_word: torch.Tensor, new_logp: torch.Tensor):
-            """Histories of candidates: rows (B, C) of the flat (N, ...) beams + their last step."""
-            c = rows.shape[1]
-            flat = rows.reshape(-1)
-            grown = (
-                torch.cat([history.view(b * r, -1)[flat].view(b, c, -1), new_word.reshape(b, c, 1)], dim=2),
-                torch.cat([history_logps.view(b * r, -1)[flat].view(b, c, -1), new_logp.reshape(b, c, 1)], dim=2),
-            )
-            if not want_alpha:
-                return (*grown, None)
-            past = history_alpha.view(b * r, *history_alpha.shape[2:])[flat].view(b, c, -1, regions)
-            return (*grown, torch.cat([past, alpha[flat].view(b, c, 1, regions)], dim=2))
-
-        # 1) An <eos> among the goal state's first K candidates finishes a hypothesis.
-        at_goal = goal.view(b, 1, 1).expand(b, 1, 2 * k) if s > 1 else None
-
-        def goal_of(t: torch.Tensor) -> torch.Tensor:  # (B, S, 2K) -> (B, 2K): the goal state's
-            return t[:, 0] if s == 1 else t.gather(1, at_goal).squeeze(1)
-
-        enters = goal_of(is_eos) & among_first_k
-        if bool(enters.any()):
-            eos_tokens, eos_logps, eos_alpha = extend(image_rows[:, 0] + goal_of(origin), goal_of(word),
-                                                      goal_of(word_logp))
-            pool.merge(active, rules.score(goal_of(top_logp), step + 1).masked_fill(~enters, NEG_INF),
-                       eos_tokens, eos_logps, eos_alpha, length=step + 1, finished=True)
-
-        # 2) The best K other candidates of each state continue.
-        beam_logp, live = top_logp.masked_fill(is_eos, NEG_INF).topk(k, dim=2)  # (B, S, K)
-        rows = (image_rows + origin.gather(2, live)).view(b, r)  # (B, R)
-        live_words = word.gather(2, live).view(b, r)
-        tokens = live_words.view(-1)
-        history, history_logps, history_alpha = extend(rows, live_words, word_logp.gather(2, live).view(b, r))
-        state = state.reorder(rows.view(-1))
-
-        # 3) Done images leave the batch: with early_stopping as soon as their pool is full, else
-        #    when no live beam can still beat the pool's worst (Hugging Face's heuristic).
-        worst_kept = pool.score[active, -1]
-        done = worst_kept > NEG_INF
-        if not config.early_stopping:
-            best_live = beam_logp.view(b, r).max(dim=1).values
-            done &= (worst_kept >= rules.score(best_live, step + 1)) | (best_live == NEG_INF)
+        logits, state, alpha = decoder.step(beams.tokens, state)
+        logp = log_probs(logits, rules, beams.history.view(beams.images * beams.r, -1), beams.rows())  # (N, V)
+        top = beams.select(logp)
+        beams.finish(top, alpha, pool, eos, length=step + 1)
+        state = state.reorder(beams.advance(top, alpha, eos))
+        done = beams.done(pool, length=step + 1)
         if bool(done.any()):
             stay = (~done).nonzero().squeeze(1)
             if stay.numel() == 0:
                 return pool.results(config.num_return_sequences, config.length_penalty)
-            active, state = active[stay], state.select_images(stay)
-            beam_logp, history, history_logps = beam_logp[stay], history[stay], history_logps[stay]
-            history_alpha = None if history_alpha is None else history_alpha[stay]
-            tokens = tokens.view(-1, r)[stay].view(-1)
-            goal = goal[stay]
-            required_words = None if required_words is None else required_words.select(stay)
-            banned = None if banned is None else banned[stay]
-
-    # max_new_tokens reached: the live beams at the goal compete unfinished; an image none of
-    # whose beams met every constraint keeps its best beams of any state.
-    b = active.shape[0]
-    final_logp = beam_logp.view(b, r)
-    if s > 1:
-        reached = row_state[None] == goal[:, None]  # (B, R)
-        fallback = ~(reached & (final_logp > NEG_INF)).any(dim=1, keepdim=True)
-        final_logp = final_logp.masked_fill(~reached & ~fallback, NEG_INF)
-    pool.merge(active, rules.score(final_logp, config.max_new_tokens), history, history_logps, history_alpha,
-               length=config.max_new_tokens, finished=False)
+            beams.keep(stay)
+            state = state.select_images(stay)
+    beams.flush(pool)
     return pool.results(config.num_return_sequences, config.length_penalty)
 
 
@@ -390,10 +511,10 @@ def _state_top(candidates: torch.Tensor, row_state: torch.Tensor, s: int, requir
                count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The best `count` candidates moving into each of the S = `s` states: candidates (B, R, V)
     with R = S*K rows, state-major (`row_state` (R,) the state of each row) -> log-probs and flat
-    indices row*V + word, each (B, S, count). A word
-    that meets no constraint keeps its row's state, so a state's other words come from its own
-    K rows (one top-k over (B, S, K*V), no (B, S, R, V) mask); the few required words, from any
-    row whose state plus their bits is that state."""
+    indices row*V + word, each (B, S, count). A word that meets no constraint keeps its row's
+    state, so a state's other words come from its own K rows (one top-k over (B, S, K*V), no
+    (B, S, R, V) mask); the few required words, from any row whose state plus their bits is that
+    state."""
     b, r, vocab = candidates.shape
     k = r // s
     plain = candidates.view(b, s, k, vocab).masked_fill(required.mask[:, None, None], NEG_INF)

@@ -31,11 +31,13 @@ def test_beam_size_one_equals_greedy(decoder):
     """The beam-search code path with one beam against the greedy code path."""
     regions, pooled = _images(8)
     greedy = _run(decoder, regions, pooled, num_beams=1)
-    from captioner.decoding import _beam_search, _Rules
+    from captioner.decoding import _beam_search, token_rules
 
-    rules = _Rules(DecodeConfig(num_beams=1), SPECIAL["eos_id"], SPECIAL["banned_ids"])
+    config = DecodeConfig(num_beams=1)
+    rules = token_rules(config, SPECIAL["eos_id"], SPECIAL["banned_ids"])
     with torch.no_grad():
-        beamed = _beam_search(decoder, decoder.init_state(regions, pooled), SPECIAL["bos_id"], rules)
+        beamed = _beam_search(decoder, decoder.init_state(regions, pooled), SPECIAL["bos_id"], SPECIAL["eos_id"],
+                              rules, config)
     assert [r[0].tokens for r in beamed] == [r[0].tokens for r in greedy]
     for b, g in zip(beamed, greedy):
         assert b[0].log_prob == pytest.approx(g[0].log_prob, abs=1e-4)
