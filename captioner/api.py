@@ -49,11 +49,13 @@ class Caption:
     attention: torch.Tensor | None = field(default=None, repr=False)
 
     def to_dict(self, *, attention: bool = False) -> dict[str, Any]:
-        data = {"text": self.text, "log_prob": self.log_prob, "score": self.score,
+        """JSON-ready; with `attention`, the (T, H', W') grids as nested lists and their shape."""
+        data = {"text": self.text, "words": self.words, "log_prob": self.log_prob, "score": self.score,
                 "token_log_probs": self.token_log_probs, "finished": self.finished}
         if attention and self.attention is not None:
-            data["attention"] = [[round(v, 4) for v in row] for row in self.attention.flatten(1).tolist()]
-            data["attention_shape"] = list(self.attention.shape)
+            grid = self.attention.float()  # (T, H', W')
+            data["attention"] = [[[round(v, 4) for v in row] for row in word] for word in grid.tolist()]
+            data["attention_shape"] = list(grid.shape)
         return data
 
 
@@ -110,6 +112,9 @@ class CaptionResult:
                 "excluded": [r.to_dict(self.sequences[0]) for r in self.excluded]}
 
     def to_dict(self, *, attention: bool = False) -> dict[str, Any]:
+        """The one JSON shape of a result, for `captioner caption --json`, the HTTP API and
+        caption-folder records: `{"caption", "score", "sequences": [Caption.to_dict()],
+        "required", "excluded"}`."""
         return {"caption": self.text, "score": self.score,
                 "sequences": [s.to_dict(attention=attention) for s in self.sequences], **self.requirements()}
 

@@ -50,7 +50,8 @@ def _caption(args: argparse.Namespace) -> int:
             print(f"error: {error}", file=sys.stderr)
             continue
         if args.json:
-            print(json.dumps({"image": path, **result.to_dict(attention=bool(options.get("return_attention")))}))
+            # a caption-folder record: the path, then the result's one JSON shape
+            print(json.dumps({"path": path, **result.to_dict(attention=bool(options.get("return_attention")))}))
             continue
         if len(result.sequences) == 1:
             print(f"{path}\t{result.text}")

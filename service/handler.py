@@ -47,26 +47,13 @@ class CaptionHandler:
         return self.model.caption_pixels(pixels, config)
 
     def postprocess(self, results: Sequence[CaptionResult], *, attention: bool = False) -> list[dict[str, Any]]:
-        return [result_to_json(result, attention=attention) for result in results]
+        return [result.to_dict(attention=attention) for result in results]
 
     def warmup(self, batcher: MicroBatcher) -> None:
         """One short caption of a grey image through `batcher` (first-call allocations, lazy inits)."""
         size = self.model.preprocessing.size
         pixels = torch.full((3, size, size), 128, dtype=torch.uint8)
         batcher.submit([pixels], DecodeConfig(max_new_tokens=3), deadline=time.monotonic() + 300)[0].wait()
-
-
-def result_to_json(result: CaptionResult, *, attention: bool) -> dict[str, Any]:
-    sequences = []
-    for caption in result.sequences:
-        item = caption.to_dict(attention=False)
-        item["words"] = caption.words
-        if attention and caption.attention is not None:
-            grid = caption.attention.float()  # (T, H', W')
-            item["attention"] = [[[round(v, 4) for v in row] for row in word] for word in grid.tolist()]
-            item["attention_shape"] = list(grid.shape)
-        sequences.append(item)
-    return {"caption": result.text, "score": result.score, "sequences": sequences, **result.requirements()}
 
 
 # -- attention heat maps as a PNG ---------------------------------------------------------------

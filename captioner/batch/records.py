@@ -1,7 +1,7 @@
 """What caption-folder writes, alike for every engine: one record per image, its encodings and formats.
 
-A record is `{"path", "caption", "score"}` (with `sequences` and the required words where there
-are any) or `{"path", "error"}`. Formats: `jsonl` (one record a line), `csv` (path, caption,
+A record is `{"path", **CaptionResult.to_dict()}` (`caption`, `score`, `sequences`, `required`,
+`excluded`: the shape of `captioner caption --json` and of the HTTP API) or `{"path", "error"}`. Formats: `jsonl` (one record a line), `csv` (path, caption,
 score, error) and `coco` (the results array the coco-caption toolkit reads, rendered from a
 `OUT.records.jsonl` journal that also keeps the error records).
 """
@@ -26,12 +26,8 @@ class OutputError(RuntimeError):
 
 
 def caption_record(path: str, result) -> dict[str, Any]:
-    record: dict[str, Any] = {"path": path, "caption": result.text, "score": round(result.score, 6)}
-    if len(result.sequences) > 1:
-        record["sequences"] = [{"caption": s.text, "score": round(s.score, 6)} for s in result.sequences]
-    # The words the caption had to say or avoid, and why (only where there were any).
-    record.update({key: value for key, value in result.requirements().items() if value})
-    return record
+    """The result's one JSON shape (`CaptionResult.to_dict`), with the image's path first."""
+    return {"path": path, **result.to_dict()}
 
 
 def error_record(path: str, reason: str) -> dict[str, Any]:

@@ -44,6 +44,9 @@ def test_results_carry_n_best_and_attention_maps(tiny_captioner, photo_bytes):
     data = result.to_dict(attention=True)
     assert data["caption"] == result.text and len(data["sequences"]) == 3
     assert data["sequences"][0]["attention_shape"] == [len(best.token_log_probs), 7, 7]
+    assert torch.tensor(data["sequences"][0]["attention"]).shape == best.attention.shape  # (T, H', W')
+    assert data["sequences"][0]["words"] == best.words
+    assert json.loads(json.dumps(data)) == data  # plain JSON
 
 
 def test_checkpoint_round_trip_with_weights_only(tiny_captioner, tiny_checkpoint, photo_bytes):
@@ -110,7 +113,7 @@ def test_cli_caption_and_info(tiny_checkpoint, tmp_path):
     assert run.returncode == 1  # one image failed
     assert "b.jpg" in run.stderr and "not an image" in run.stderr
     record = json.loads(run.stdout.strip())
-    assert record["image"] == str(image) and len(record["sequences"]) == 2
+    assert record["path"] == str(image) and len(record["sequences"]) == 2
     info = subprocess.run([sys.executable, "-m", "captioner.cli", "info", tiny_checkpoint, "--precision", "fp32", "--json"],
                           capture_output=True, text=True, timeout=600)
     assert info.returncode == 0 and json.loads(info.stdout)["vocabulary_size"] == 20

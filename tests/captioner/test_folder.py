@@ -143,6 +143,20 @@ def test_captions_every_image_in_order_and_matches_the_library(photo_dir, tiny_c
     assert re.search(r"captioned 5, failed 0, skipped 3 \(not images, or hidden\); [\d.]+ s, [\d.]+ images/s", err)
 
 
+def test_a_record_is_the_cli_json_line_of_the_same_image(photo_dir, tiny_checkpoint, tmp_path, capsys):
+    options = [*FAST, "--num-return-sequences", "2", "--force-words", "cat", "--checkpoint", tiny_checkpoint]
+    assert run(photo_dir, "-o", tmp_path / "out.jsonl", *options) == 0
+    [record] = [r for r in read_jsonl(tmp_path / "out.jsonl") if r["path"] == "b.jpg"]
+    capsys.readouterr()
+    assert main(["caption", str(photo_dir / "b.jpg"), "--json", *options]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line.keys() == record.keys() and line["path"] == str(photo_dir / "b.jpg")
+    assert [s.keys() for s in line["sequences"]] == [s.keys() for s in record["sequences"]]
+    assert [s["text"] for s in line["sequences"]] == [s["text"] for s in record["sequences"]]
+    assert line["score"] == pytest.approx(record["score"], abs=1e-4)
+    assert line["required"] == record["required"] and line["required"][0]["word"] == "cat"
+
+
 def test_unreadable_files_become_error_records_and_the_run_goes_on(tmp_path, tiny_checkpoint, capsys):
     folder = tmp_path / "mixed"
     folder.mkdir()
@@ -156,7 +170,8 @@ def test_unreadable_files_become_error_records_and_the_run_goes_on(tmp_path, tin
     assert run(folder, "-o", out, "--checkpoint", tiny_checkpoint, "--batch-size", "2", "--workers", "1", *FAST) == 0
     records = {r["path"]: r for r in read_jsonl(out)}
     assert list(records) == ["empty.png", "good.jpg", "link.jpg", "text.jpg", "truncated.jpg", "zlast.jpg"]
-    assert set(records["good.jpg"]) == {"path", "caption", "score"} and records["zlast.jpg"]["caption"]
+    assert set(records["good.jpg"]) == {"path", "caption", "score", "sequences", "required", "excluded"}
+    assert records["zlast.jpg"]["caption"]
     for name in ("empty.png", "link.jpg", "text.jpg", "truncated.jpg"):
         assert set(records[name]) == {"path", "error"} and records[name]["error"], name
         assert str(folder) not in records[name]["error"]  # the record names the file already

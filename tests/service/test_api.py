@@ -44,6 +44,9 @@ def test_raw_image_gives_the_library_caption(client, tiny_captioner):
     assert body["options"]["num_beams"] == 3
     assert set(body["timings_ms"]) == {"preprocess", "queue", "inference", "total"}
     assert "attention" not in image["sequences"][0]
+    # the library's one JSON shape of a result, with the image's place in the request
+    assert image.keys() == {"index", "filename", *expected.to_dict()}
+    assert image["sequences"][0].keys() == expected.sequences[0].to_dict().keys()
 
 
 def test_multipart_images_and_form_options(client, tiny_captioner):
