@@ -1,7 +1,8 @@
 """Command-line arguments that several commands share: which model to load, and how to decode.
 
 `captioner caption`, `info`, `caption-folder` and `evaluate` read them; one flag per `DecodeConfig`
-field, so a decoding option added there is a flag of every command at once.
+field, with the help and bounds its field describes, so a decoding option added there is a flag of
+every command at once.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 import os
 from typing import Any
 
-from .decoding import DecodeConfig
+from .decode_config import DecodeConfig, option_kind, option_range
 from .runtime.precision import PRECISIONS
 
 
@@ -31,16 +32,17 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoding")
     for field in dataclasses.fields(DecodeConfig):
         flag = "--" + field.name.replace("_", "-")
+        kind, bounds = option_kind(field), option_range(field)
         default = field.default
-        if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"(default: {default})")
-        elif isinstance(default, tuple):
-            group.add_argument(flag, metavar="WORD[,WORD]", default=None,
-                               help="words every caption must say, comma-separated (default: none)")
+        default = str(default).lower() if isinstance(default, bool) else "none" if default in (None, ()) else default
+        # argparse reads % as a format; the help says what the value means, its bounds and default
+        help = field.metadata["help"].replace("%", "%%") + f" ({bounds + '; ' if bounds else ''}default: {default})"
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+        elif kind is tuple:
+            group.add_argument(flag, metavar="WORD[,WORD]", default=None, help=help)
         else:
-            kind = float if isinstance(default, float) else int
-            group.add_argument(flag, type=kind, default=None, help=f"(default: {default})")
+            group.add_argument(flag, type=kind, default=None, help=help)
 
 
 def decode_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,56 +1,61 @@
-"""How to decode: `DecodeConfig`, the options of greedy, sampling and beam search, with their
-bounds. Parameter names follow Hugging Face's `GenerationConfig`."""
+"""How to decode: `DecodeConfig`, the options of greedy, sampling and beam search. Parameter names
+follow Hugging Face's `GenerationConfig`.
+
+Each option is described once, in its field's metadata: `help`, and for numbers `minimum`,
+`maximum` and whether the minimum is exclusive. Validation (`__post_init__`), the command-line
+flags (`captioner.arguments`), the HTTP parser and the OpenAPI document (`service/`) all read it,
+so an option's bounds and wording cannot drift apart.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import asdict, dataclass, fields
+from typing import Any, get_type_hints
 
 from .vocab import tokenize
 
 MAX_CONSTRAINTS = 3  # required words per image: the search keeps 2^C states of K beams
 
 
+def _option(default: Any, help: str, *, minimum: float | None = None, maximum: float | None = None,
+            exclusive_minimum: bool = False) -> Any:
+    return dataclasses.field(default=default, metadata={
+        "help": help, "minimum": minimum, "maximum": maximum, "exclusive_minimum": exclusive_minimum})
+
+
 @dataclass
 class DecodeConfig:
-    num_beams: int = 3
-    num_return_sequences: int = 1
-    max_new_tokens: int = 20  # words, not counting <eos>
-    min_new_tokens: int = 1
-    length_penalty: float = 1.0  # score = log_prob / length ** length_penalty; 0 ranks by log_prob
-    no_repeat_ngram_size: int = 3  # 0 disables
-    early_stopping: bool = True  # beam search: stop an image at num_beams finished hypotheses
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0  # 0 disables
-    top_p: float = 1.0
-    seed: int | None = None
-    return_attention: bool = False
-    force_words: tuple[str, ...] = ()  # words every caption must say (any form of each: cat or cats)
-    tags: bool = True  # also require the model's confident visual tags (models that carry a tagger)
-
-    LIMITS = {"num_beams": (1, 16), "num_return_sequences": (1, 16), "max_new_tokens": (1, 100),
-              "min_new_tokens": (0, 100), "no_repeat_ngram_size": (0, 10), "top_k": (0, 100_000)}
+    num_beams: int = _option(3, "beam width; 1 is greedy (or sampling with do_sample)", minimum=1, maximum=16)
+    num_return_sequences: int = _option(
+        1, "how many captions per image (n-best list), best first; at most num_beams unless sampling",
+        minimum=1, maximum=16)
+    max_new_tokens: int = _option(20, "at most this many words per caption, not counting <eos>", minimum=1, maximum=100)
+    min_new_tokens: int = _option(1, "at least this many words before the caption may end", minimum=0, maximum=100)
+    length_penalty: float = _option(1.0, "score = log_prob / length ** length_penalty; 0 ranks by log_prob",
+                                    minimum=-5, maximum=5)
+    no_repeat_ngram_size: int = _option(3, "never repeat an n-gram of this size; 0 disables", minimum=0, maximum=10)
+    early_stopping: bool = _option(True, "beam search: stop an image at num_beams finished captions")
+    do_sample: bool = _option(False, "sample instead of beam search (requires num_beams=1)")
+    temperature: float = _option(1.0, "sampling temperature", minimum=0, maximum=100, exclusive_minimum=True)
+    top_k: int = _option(0, "sample from the k most likely words; 0 disables", minimum=0, maximum=100_000)
+    top_p: float = _option(1.0, "nucleus sampling threshold", minimum=0, maximum=1, exclusive_minimum=True)
+    seed: int | None = _option(None, "random seed for reproducible sampling", minimum=0, maximum=2**63 - 1)
+    return_attention: bool = _option(False, "include each word's attention grid (T, H', W') in the result")
+    force_words: tuple[str, ...] = _option(
+        (), f"words every caption must say, comma-separated, at most {MAX_CONSTRAINTS} (any form of each: cat "
+            "or cats); the result's `required` says which words were required and why")
+    tags: bool = _option(True, "also require the model's confident visual tags (models that carry a tagger)")
 
     def __post_init__(self) -> None:
-        for name, (low, high) in self.LIMITS.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-        if not isinstance(self.temperature, (int, float)) or not 0 < self.temperature <= 100:
-            raise ValueError(f"temperature must be in (0, 100], got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.early_stopping, bool):
-            raise ValueError(f"early_stopping must be true or false, got {self.early_stopping!r}")
-        if not isinstance(self.length_penalty, (int, float)) or not -5 <= self.length_penalty <= 5:
-            raise ValueError(f"length_penalty must be in [-5, 5], got {self.length_penalty!r}")
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if value is not None or field.default is not None:
+                _check(field, value)
+        self.force_words = _words(self.force_words)
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError("min_new_tokens must not exceed max_new_tokens")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if not isinstance(self.tags, bool):
-            raise ValueError(f"tags must be true or false, got {self.tags!r}")
-        self.force_words = _words(self.force_words)
         if self.force_words and self.do_sample:
             raise ValueError("force_words needs search: it does not combine with do_sample=True")
         if self.do_sample:
@@ -69,6 +74,41 @@ class DecodeConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@functools.cache
+def _kinds() -> dict[str, type]:
+    """Each option's kind: bool, int, float, or tuple (force_words); `int | None` is int."""
+    kinds = {}
+    for name, hint in get_type_hints(DecodeConfig).items():
+        options = [a for a in getattr(hint, "__args__", (hint,)) if a is not type(None)]
+        kinds[name] = tuple if getattr(hint, "__origin__", None) is tuple else options[0]
+    return kinds
+
+
+def option_kind(field: dataclasses.Field) -> type:
+    return _kinds()[field.name]
+
+
+def option_range(field: dataclasses.Field) -> str | None:
+    """A number option's bounds as an interval, "[1, 16]" or "(0, 1]"; None for the others."""
+    low, high = field.metadata["minimum"], field.metadata["maximum"]
+    if low is None:
+        return None
+    return f"{'(' if field.metadata['exclusive_minimum'] else '['}{low}, {high}]"
+
+
+def _check(field: dataclasses.Field, value: Any) -> None:
+    kind, name = option_kind(field), field.name
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+    elif kind in (int, float):
+        number = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+        low, high = field.metadata["minimum"], field.metadata["maximum"]
+        if not (number and (low < value if field.metadata["exclusive_minimum"] else low <= value) and value <= high):
+            what = "an integer in" if kind is int else "in"
+            raise ValueError(f"{name} must be {what} {option_range(field)}, got {value!r}")
 
 
 def _words(value) -> tuple[str, ...]:

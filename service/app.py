@@ -27,6 +27,7 @@ from werkzeug.exceptions import HTTPException
 
 import captioner
 from captioner.api import Captioner
+from captioner.decode_config import option_kind
 from captioner.decoding import DecodeConfig
 from captioner.images import ImageError
 from captioner.runtime.cpu import keep_freed_memory
@@ -153,17 +154,18 @@ def parse_options(pairs: list[tuple[str, str]], model: Captioner | None = None) 
 
 
 def _convert(name: str, raw: str) -> Any:
-    default = _OPTION_FIELDS[name].default
+    """A field's text as the option's kind (`DecodeConfig` then checks its bounds)."""
+    kind = option_kind(_OPTION_FIELDS[name])
     text = raw.strip().lower()
-    if isinstance(default, tuple):  # force_words: comma-separated words
+    if kind is tuple:  # force_words: comma-separated words
         return text
-    if isinstance(default, bool):
+    if kind is bool:
         if text in _TRUE:
             return True
         if text in _FALSE:
             return False
         raise Problem(422, f"{name} must be true or false, got {raw!r}")
-    if isinstance(default, int) or name == "seed":
+    if kind is int:
         try:
             return int(text, 10)
         except ValueError:

@@ -1,53 +1,27 @@
-"""The OpenAPI 3.1 document of the service, built from `DecodeConfig` so options never drift."""
+"""The OpenAPI 3.1 document of the service. The decoding options' types, bounds and descriptions
+come from `DecodeConfig`'s fields, as validation reads them, so the document never drifts."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
+from captioner.decode_config import option_kind
 from captioner.decoding import DecodeConfig
 
 from .config import ServiceConfig
 
-# The bounds `DecodeConfig` enforces beyond its integer `LIMITS`.
-_FLOAT_BOUNDS = {
-    "temperature": {"exclusiveMinimum": 0, "maximum": 100},
-    "top_p": {"exclusiveMinimum": 0, "maximum": 1},
-    "length_penalty": {"minimum": -5, "maximum": 5},
-}
-_DESCRIPTIONS = {
-    "num_beams": "beam width; 1 is greedy (or sampling with do_sample)",
-    "num_return_sequences": "how many captions per image (n-best list); at most num_beams unless sampling",
-    "max_new_tokens": "maximum words per caption",
-    "min_new_tokens": "minimum words before the caption may end",
-    "length_penalty": "score = log_prob / length ** length_penalty",
-    "no_repeat_ngram_size": "never repeat an n-gram of this size; 0 disables",
-    "do_sample": "sample instead of beam search (requires num_beams=1)",
-    "temperature": "sampling temperature",
-    "top_k": "sample from the k most likely words; 0 disables",
-    "top_p": "nucleus sampling threshold",
-    "seed": "random seed for reproducible sampling",
-    "return_attention": "include each word's attention grid in the response",
-    "force_words": "comma-separated words every caption must say (any form: cat or cats); "
-                   "the response's `required` says which words were required and why",
-    "tags": "also require the model's confident visual tags (models with a tagger)",
-}
-
 
 def option_schema(field: dataclasses.Field) -> dict[str, Any]:
-    default = field.default
-    if isinstance(default, bool):
+    kind, default, meta = option_kind(field), field.default, field.metadata
+    if kind is bool:
         schema: dict[str, Any] = {"type": "boolean"}
-    elif isinstance(default, tuple):
+    elif kind is tuple:  # force_words travels as one comma-separated field
         schema = {"type": "string", "maxLength": 200, "pattern": "^[A-Za-z0-9', ]*$"}
         default = ",".join(default)
-    elif field.name == "seed":
-        schema = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
-    elif isinstance(default, int):
-        low, high = DecodeConfig.LIMITS[field.name]
-        schema = {"type": "integer", "minimum": low, "maximum": high}
     else:
-        schema = {"type": "number", **_FLOAT_BOUNDS[field.name]}
+        low = "exclusiveMinimum" if meta["exclusive_minimum"] else "minimum"
+        schema = {"type": "integer" if kind is int else "number", low: meta["minimum"], "maximum": meta["maximum"]}
     if default is not None:
         schema["default"] = default
     return schema
@@ -64,7 +38,7 @@ REQUEST_ID = {"name": "X-Request-ID", "in": "header", "required": False,
 
 def _option_parameters() -> list[dict[str, Any]]:
     return [{"name": f.name, "in": "query", "required": False, "schema": option_schema(f),
-             "description": _DESCRIPTIONS.get(f.name, f.name)} for f in dataclasses.fields(DecodeConfig)] \
+             "description": f.metadata["help"]} for f in dataclasses.fields(DecodeConfig)] \
         + [MODEL_PARAMETER, REQUEST_ID]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import threading
@@ -139,6 +140,23 @@ def test_openapi_document_is_valid_3_1_and_lists_every_option(client):
     assert names == set(DecodeConfig.__dataclass_fields__) | {"model", "X-Request-ID"}
     assert {"/v1/captions", "/v1/captions/attention.png", "/v1/model", "/v1/models", "/v1/models/{name}/reload",
             "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
+
+
+def test_openapi_and_the_http_parser_read_each_options_own_description_and_bounds(client):
+    spec = client.get("/openapi.json").get_json()
+    parameters = {p["name"]: p for p in spec["paths"]["/v1/captions"]["post"]["parameters"]}
+    for field in dataclasses.fields(DecodeConfig):
+        parameter, meta = parameters[field.name], field.metadata
+        assert parameter["description"] == meta["help"]
+        if meta["minimum"] is None:
+            continue
+        schema = parameter["schema"]
+        low = schema.get("exclusiveMinimum", schema.get("minimum"))
+        assert (low, schema["maximum"]) == (meta["minimum"], meta["maximum"])
+        # a value past the documented bounds is a 422 naming the option
+        body = assert_problem(client.post(f"/v1/captions?{field.name}={schema['maximum'] * 2 + 1}",
+                                          data=make_photo(), content_type="image/jpeg"), 422)
+        assert field.name in body["detail"]
 
 
 def test_docs_page_and_web_page(client):
