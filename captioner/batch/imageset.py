@@ -49,14 +49,18 @@ class ImageFileDataset(Dataset):
 def decode_file(source: str | os.PathLike | bytes, preprocessing: Preprocessing,
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor | None, str | None]:
     """One image file (a path, or the bytes of a file) -> ((3, S, S) uint8, None), or (None, why)
-    when it cannot be read: the one decoding step of every batch job (folders, feature caches, the
-    Ray engine's decoding tasks)."""
+    when it cannot be read: the one decoding step, and the one guard, of every batch job (folders
+    on either engine, feature caches). No file fails the job: an exception the decoder did not
+    expect (a codec's own error) becomes that file's reason too."""
+    name = "image data" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
     try:
         return preprocessing.load(source, max_pixels=max_pixels), None
     except ImageError as error:
         return None, str(error)
     except OSError as error:
-        return None, f"{source}: {error}"
+        return None, f"{name}: {error}"
+    except Exception as error:  # noqa: BLE001 - a night-long job outlives one odd file
+        return None, f"{name}: cannot decode ({type(error).__name__}: {error})"
 
 
 def collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> PixelBatch:

@@ -276,10 +276,10 @@ def decode_images(batch: dict, *, source: str, preprocessing: dict, size: int) -
             except OSError as error:
                 errors.append(error_reason(f"{absolute}: {error}", absolute, relative))
                 continue
-            image, reason, named = *_decode_guarded(decode_file, data, prep), "image data"
+            image, reason, named = *decode_file(data, prep), "image data"
         else:
             absolute = os.path.join(source, relative)
-            image, reason, named = *_decode_guarded(decode_file, absolute, prep), absolute
+            image, reason, named = *decode_file(absolute, prep), absolute
         if image is None:
             errors.append(error_reason(reason, named, relative))
         else:
@@ -287,15 +287,6 @@ def decode_images(batch: dict, *, source: str, preprocessing: dict, size: int) -
             errors.append("")
     return {"index": batch["index"], "path": np.array(paths, dtype=object), "pixels": pixels,
             "error": np.array(errors, dtype=object)}
-
-
-def _decode_guarded(decode_file, source, prep):
-    """A file must never fail the job: an exception the decoder did not expect becomes its reason."""
-    try:
-        return decode_file(source, prep)
-    except Exception as error:  # noqa: BLE001 - a night-long job outlives one odd file
-        name = source if isinstance(source, str) else "image data"
-        return None, f"{name}: cannot decode ({type(error).__name__}: {error})"
 
 
 class CaptionActor:

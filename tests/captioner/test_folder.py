@@ -181,6 +181,32 @@ def test_unreadable_files_become_error_records_and_the_run_goes_on(tmp_path, tin
     assert "captioned 2, failed 4" in err and "truncated.jpg:" in err
 
 
+def test_an_unexpected_decoder_error_is_that_files_record_on_either_engine(photo_dir, tiny_checkpoint, tmp_path,
+                                                                           monkeypatch):
+    import numpy as np
+
+    from captioner.batch.ray_engine import decode_images
+    from captioner.preprocessing import Preprocessing
+
+    load = Preprocessing.load
+
+    def codec_bug(self, source, **kwargs):
+        if str(source).endswith("b.jpg"):
+            raise RuntimeError("codec bug")
+        return load(self, source, **kwargs)
+
+    monkeypatch.setattr(Preprocessing, "load", codec_bug)
+    assert run(photo_dir, "-o", tmp_path / "out.jsonl", "--checkpoint", tiny_checkpoint, "--workers", "0", *FAST) == 0
+    records = {r["path"]: r for r in read_jsonl(tmp_path / "out.jsonl")}
+    reason = "cannot decode (RuntimeError: codec bug)"
+    assert records["b.jpg"] == {"path": "b.jpg", "error": reason} and "caption" in records["a.png"]
+    # the Ray engine's decoding task runs the same guard
+    batch = {"index": np.array([0, 1]), "path": np.array(["a.png", "b.jpg"], dtype=object)}
+    decoded = decode_images(batch, source=str(photo_dir), size=224,
+                            preprocessing=Preprocessing(size=224, resize="squash").to_dict())
+    assert list(decoded["error"]) == ["", reason]
+
+
 def test_csv_and_coco_outputs(photo_dir, tiny_checkpoint, tmp_path):
     (photo_dir / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     csv_path = tmp_path / "captions.csv"
