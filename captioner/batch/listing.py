@@ -2,8 +2,9 @@
 
 Image files are picked by extension, and files with another extension (or none) by their first
 bytes (`sniff_image`); hidden files, non-images and non-regular files are skipped. Directory
-symlinks are followed once: a loop is detected by (device, inode). Both engines list a local
-folder with `find_images`; the Ray engine applies the same rules to an object store's listing.
+symlinks are followed once: a loop is detected by (device, inode). The rules are written once
+(`hidden`, `Discovery.add_file`); two walkers apply them: `find_images` to a local folder (both
+engines) and the Ray engine's `find_images_at` to an object store's listing.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import fnmatch
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 # Extensions that name an image format; such files always get a record (a caption or an error).
 IMAGE_EXTENSIONS = frozenset({
@@ -25,6 +27,35 @@ IMAGE_EXTENSIONS = frozenset({
 class Discovery:
     images: list[str] = field(default_factory=list)  # paths relative to DIR, posix style, sorted
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why)
+
+    def add_file(self, relative: str, *, glob: str | None, regular: bool, sniff: Callable[[], bool],
+                 link: bool = False) -> None:
+        """The rule for an entry that is not a folder (nor hidden): files `glob` does not match are
+        left out silently; a regular file is an image by its extension, else by its first bytes
+        (`sniff`, read only then); a link that reads as no file but has an image's extension is
+        listed, so that reading it gives an error record; anything else is skipped, with why."""
+        if glob and not glob_match(glob, relative):
+            return
+        image_name = os.path.splitext(relative)[1].lower() in IMAGE_EXTENSIONS
+        if regular:
+            if image_name or sniff():
+                self.images.append(relative)
+            else:
+                self.skipped.append((relative, "not an image"))
+        elif image_name and link:
+            self.images.append(relative)
+        else:
+            self.skipped.append((relative, "not a regular file"))
+
+    def sort(self) -> "Discovery":
+        self.images.sort()
+        self.skipped.sort()
+        return self
+
+
+def hidden(name: str) -> bool:
+    """A hidden file or folder (the folder with all it holds) is skipped."""
+    return name.startswith(".")
 
 
 def sniff_image(head: bytes) -> bool:
@@ -65,7 +96,7 @@ def find_images(root: str | os.PathLike, *, recursive: bool = False, glob: str |
             continue
         for entry in entries:
             relative = prefix + entry.name
-            if entry.name.startswith("."):
+            if hidden(entry.name):
                 found.skipped.append((relative, "hidden"))
                 continue
             try:
@@ -78,21 +109,9 @@ def find_images(root: str | os.PathLike, *, recursive: bool = False, glob: str |
                 if recursive:
                     pending.append((relative + "/", Path(entry.path)))
                 continue
-            if glob and not glob_match(glob, relative):
-                continue
-            is_image_name = os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
-            if is_file:
-                if is_image_name or _sniff_file(entry.path):
-                    found.images.append(relative)
-                else:
-                    found.skipped.append((relative, "not an image"))
-            elif is_image_name and entry.is_symlink():
-                found.images.append(relative)  # a broken link: reading it gives an error record
-            else:
-                found.skipped.append((relative, "not a regular file"))
-    found.images.sort()
-    found.skipped.sort()
-    return found
+            found.add_file(relative, glob=glob, regular=is_file, link=entry.is_symlink(),
+                           sniff=lambda path=entry.path: _sniff_file(path))
+    return found.sort()
 
 
 def glob_match(pattern: str, relative: str) -> bool:

@@ -53,7 +53,7 @@ from typing import Any, Iterable, Iterator
 
 from ..files import write_atomically
 from .job import Summary, check_arguments, output_failed, report
-from .listing import IMAGE_EXTENSIONS, Discovery, find_images, glob_match, path_inside, sniff_image
+from .listing import Discovery, find_images, hidden, path_inside, sniff_image
 from .records import (CSV_HEADER, JOURNAL_SUFFIX, OutputError, caption_record, coco_results, encode_jsonl,
                       encode_records, error_reason, error_record, output_format, parse_records)
 
@@ -215,28 +215,19 @@ def find_images_at(source: Location, *, recursive: bool = False, glob: str | Non
         raise FileNotFoundError(f"{source} is not a folder")
     base = source.path.rstrip("/")
     found = Discovery()
-    hidden: set[str] = set()
+    skipped_hidden: set[str] = set()
     for info in source.fs.get_file_info(FileSelector(base, recursive=recursive)):
         relative = info.path[len(base) + 1:]
         parts = relative.split("/")
-        dot = next((i for i, part in enumerate(parts) if part.startswith(".")), None)
-        if dot is not None:
-            hidden.add("/".join(parts[:dot + 1]))
+        dot = next((i for i, part in enumerate(parts) if hidden(part)), None)
+        if dot is not None:  # a store lists a hidden folder's contents too: skip it once, as a whole
+            skipped_hidden.add("/".join(parts[:dot + 1]))
             continue
-        if info.type == FileType.Directory:
-            continue
-        if glob and not glob_match(glob, relative):
-            continue
-        if info.type != FileType.File:
-            found.skipped.append((relative, "not a regular file"))
-        elif os.path.splitext(relative)[1].lower() in IMAGE_EXTENSIONS or _sniff_remote(source.fs, info.path):
-            found.images.append(relative)
-        else:
-            found.skipped.append((relative, "not an image"))
-    found.skipped.extend((name, "hidden") for name in hidden)
-    found.images.sort()
-    found.skipped.sort()
-    return found
+        if info.type != FileType.Directory:
+            found.add_file(relative, glob=glob, regular=info.type == FileType.File,
+                           sniff=lambda path=info.path: _sniff_remote(source.fs, path))
+    found.skipped.extend((name, "hidden") for name in skipped_hidden)
+    return found.sort()
 
 
 def _sniff_remote(fs, path: str) -> bool:

@@ -84,6 +84,20 @@ def test_find_images_by_extension_and_content_sorted(photo_dir: Path):
     assert find_images(photo_dir, recursive=True, glob="trip/*").images == ["trip/d.webp"]
 
 
+@pytest.mark.parametrize("recursive, glob", [(False, None), (True, None), (True, "*.jpg"), (True, "trip/*")])
+def test_the_local_and_the_object_store_walkers_apply_one_rule(photo_dir: Path, recursive, glob):
+    pytest.importorskip("pyarrow")
+    from captioner.batch.ray_engine import Location, find_images_at
+
+    (photo_dir / ".cache").mkdir()
+    (photo_dir / ".cache" / "e.jpg").write_bytes(make_photo(seed=7))  # inside a hidden folder
+    (photo_dir / "trip" / "f.jpg").write_text("an image's name, not its bytes")
+    local = find_images(photo_dir, recursive=recursive, glob=glob)
+    store = find_images_at(Location(photo_dir.as_uri()), recursive=recursive, glob=glob)  # file://, via pyarrow
+    assert store.images == local.images and store.skipped == local.skipped
+    assert (".cache", "hidden") in local.skipped
+
+
 def test_find_images_survives_symlink_loops_fifos_and_broken_links(photo_dir: Path):
     (photo_dir / "trip" / "back").symlink_to(photo_dir, target_is_directory=True)  # a loop
     (photo_dir / "trip" / "self").symlink_to(photo_dir / "trip" / "self")  # links to itself
