@@ -49,9 +49,12 @@ class Caption:
     attention: torch.Tensor | None = field(default=None, repr=False)
 
     def to_dict(self, *, attention: bool = False) -> dict[str, Any]:
-        """JSON-ready; with `attention`, the (T, H', W') grids as nested lists and their shape."""
-        data = {"text": self.text, "words": self.words, "log_prob": self.log_prob, "score": self.score,
-                "token_log_probs": self.token_log_probs, "finished": self.finished}
+        """JSON-ready; with `attention`, the (T, H', W') grids as nested lists and their shape.
+        Log-probabilities and scores are rounded to 6 places: a batch of other images changes
+        the last float digits, and a resumed caption-folder run must write the same bytes."""
+        data = {"text": self.text, "words": self.words, "log_prob": round(self.log_prob, 6),
+                "score": round(self.score, 6), "token_log_probs": [round(v, 6) for v in self.token_log_probs],
+                "finished": self.finished}
         if attention and self.attention is not None:
             grid = self.attention.float()  # (T, H', W')
             data["attention"] = [[[round(v, 4) for v in row] for row in word] for word in grid.tolist()]
@@ -115,7 +118,7 @@ class CaptionResult:
         """The one JSON shape of a result, for `captioner caption --json`, the HTTP API and
         caption-folder records: `{"caption", "score", "sequences": [Caption.to_dict()],
         "required", "excluded"}`."""
-        return {"caption": self.text, "score": self.score,
+        return {"caption": self.text, "score": round(self.score, 6),
                 "sequences": [s.to_dict(attention=attention) for s in self.sequences], **self.requirements()}
 
 
