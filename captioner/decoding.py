@@ -6,10 +6,10 @@ processors), each of which bans words per row in one mask. A hypothesis is ranke
 written once. Beam search is a loop over the named steps of one `BeamState`: select candidates,
 finish the ones that end, advance the others, drop the images that are done.
 
-Shapes: B images, K beams (or samples) per image, N = B*K rows, V vocabulary, T generated
-tokens, P regions, H hypotheses kept per image (the pool), Q candidates per image and state in
-one step, S constraint states per image (2^C for C required words), W words that meet some
-required word (per image, padded).
+Shapes: B images, K beams (or samples) per image, R rows per image (K, or more with required
+words), N = B*R rows, V vocabulary, T generated tokens, P regions, H hypotheses kept per image
+(the pool), Q candidates per image in one step, C required words per image, W words that meet
+some required word (per image, padded).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+import torch.nn.functional as nnf
 
 from .decode_config import MAX_CONSTRAINTS, DecodeConfig
 from .decoder import Decoder, DecoderState
@@ -63,7 +64,7 @@ def generate(
     image (self-critical training replays those rows' dropout masks). `constraints[b]`: image b's
     required words, each a sequence of word ids of which one must appear (a word's forms);
     `excluded[b]`: word ids image b's captions must not say. Both need search (constrained beam
-    search, with one beam per state when num_beams is 1)."""
+    search, with C + 1 beams for C required words when num_beams is smaller)."""
     guide = None
     if constraints is not None or excluded is not None:
         for given in (constraints, excluded):
@@ -320,91 +321,116 @@ class _Pool:
 
 @dataclass
 class _Candidates:
-    """One step's candidates of each image and state, (B, S, Q) each: their cumulative log-prob,
-    the row (within the image) they extend, their word and its log-prob."""
+    """One step's candidates of each image, (B, Q) each: their cumulative log-prob, the row
+    (within the image) they extend, their word and its log-prob, and the constraint bits they
+    have met."""
 
     logp: torch.Tensor
     origin: torch.Tensor
     word: torch.Tensor
     word_logp: torch.Tensor
+    met: torch.Tensor
 
 
 class BeamState:
-    """The live beams of the images still searching, with their histories. Each image keeps R
-    rows: K beams in each of its S constraint states (state-major; S = 1 without constraints).
-    Images whose search is done leave, so an image's result never depends on the others."""
+    """The live beams of the images still searching, with their histories: R rows per image.
+    Images whose search is done leave, so an image's result never depends on the others.
+
+    Without required words R = K and each step keeps the best K candidates (plain beam search).
+    With C required words an image keeps max(K, C + 1) rows, divided among the banks of beams
+    that met 0, 1, ..., C of them (dynamic beam allocation, Post and Vilar 2018): each bank is
+    guaranteed an equal share of the rows (the remainder to the banks with fewest met, whose
+    beams carry the fluent prefixes), rows a bank cannot fill go to the best other candidates."""
 
     def __init__(self, images: int, config: DecodeConfig, bos: int, guide: "_Constraints | None",
                  regions: int | None, device):
         self.config, self.device = config, device
-        self.k = k = config.num_beams
-        self.s = s = 1 if guide is None else guide.states
-        self.r = r = s * k
+        self.k = config.num_beams
+        self.goal = torch.zeros(images, dtype=torch.long, device=device)  # (B,) bits of all required words
+        self.required = None
+        rows = torch.full((images,), self.k, dtype=torch.long, device=device)  # (B,) rows each image uses
+        if guide is not None and bool((guide.goal > 0).any()):
+            self.goal = guide.goal.to(device)
+            self.required = guide.required_words(device)
+            rows = torch.clamp(_popcount(self.goal) + 1, min=self.k)
+        self.r = r = int(rows.max())
+        self.quota = _bank_quotas(rows, _popcount(self.goal) + 1) if self.required is not None else None
         self.active = torch.arange(images, device=device)  # (B,) each image's index in the batch as given
-        self.logp = torch.full((images, s, k), NEG_INF, device=device)  # (B, S, K) cumulative
-        self.logp[:, 0, 0] = 0.0  # every image starts with one beam, in state 0 (nothing met yet)
+        self.logp = torch.full((images, r), NEG_INF, device=device)  # (B, R) cumulative
+        self.logp[:, 0] = 0.0  # every image starts with one beam
+        self.met = torch.zeros(images, r, dtype=torch.long, device=device)  # (B, R) constraint bits met
         self.tokens = torch.full((images * r,), bos, dtype=torch.long, device=device)  # (N,) next input
         self.history = torch.empty(images, r, 0, dtype=torch.long, device=device)  # (B, R, t)
         self.history_logps = torch.empty(images, r, 0, device=device)  # (B, R, t)
         self.history_alpha = None if regions is None else torch.empty(images, r, 0, regions, device=device)
-        self.row_state = torch.arange(s, device=device).repeat_interleave(k)  # (R,)
-        self.guide = guide
-        self.goal = torch.zeros(images, dtype=torch.long, device=device)  # (B,) the state of all met
-        self.required = None
-        if guide is not None:
-            self.goal = guide.goal.to(device)
-            self.required = guide.required_words(device)
 
     @property
     def images(self) -> int:
         return self.active.shape[0]
 
     def rows(self) -> Rows:
-        return Rows(image=self.active.repeat_interleave(self.r), met=self.row_state.repeat(self.images),
+        return Rows(image=self.active.repeat_interleave(self.r), met=self.met.view(-1),
                     goal=self.goal.repeat_interleave(self.r))
 
     def select(self, logp: torch.Tensor) -> _Candidates:
-        """logp (N, V) of the next word -> the best 2K candidates moving into each state."""
+        """logp (N, V) of the next word -> this step's candidates: the best 2K of the R*V
+        without required words; with them, the best 2K of each row besides its required words
+        (so each bank has its own candidates), and every row's required words."""
         b, r, k = self.images, self.r, self.k
         vocab = logp.shape[1]
         cumulative = self.logp.view(b, r, 1) + logp.view(b, r, vocab)  # (B, R, V)
-        if self.s == 1:
-            top_logp, top_index = cumulative.view(b, 1, r * vocab).topk(2 * k, dim=2)  # (B, 1, 2K)
+        if self.required is None:
+            top_logp, top_index = cumulative.view(b, r * vocab).topk(2 * k, dim=1)  # (B, 2K)
+            origin = torch.div(top_index, vocab, rounding_mode="floor")
+            word = top_index % vocab
+            met = self.met.gather(1, origin)
         else:
-            top_logp, top_index = _state_top(cumulative, self.row_state, self.s, self.required, 2 * k)
-        origin = torch.div(top_index, vocab, rounding_mode="floor")
-        word = top_index % vocab
-        first_row = torch.arange(b, device=self.device)[:, None, None] * r
+            required = self.required
+            plain_logp, plain_word = cumulative.masked_fill(required.mask[:, None], NEG_INF).topk(2 * k, dim=2)
+            w = required.ids.shape[1]
+            said_logp = cumulative.gather(2, required.ids[:, None].expand(b, r, w))  # (B, R, W)
+            said_logp = said_logp.masked_fill((required.bits == 0)[:, None], NEG_INF)  # padding
+            top_logp = torch.cat([plain_logp, said_logp], dim=2).view(b, -1)  # (B, Q), Q = R*(2K + W)
+            word = torch.cat([plain_word, required.ids[:, None].expand(b, r, w)], dim=2).view(b, -1)
+            origin = torch.arange(r, device=self.device).repeat_interleave(2 * k + w).expand(b, -1)
+            bits = torch.cat([torch.zeros_like(plain_word), required.bits[:, None].expand(b, r, w)], dim=2)
+            met = self.met.gather(1, origin) | bits.view(b, -1)
+        first_row = torch.arange(b, device=self.device)[:, None] * r
         word_logp = logp[(first_row + origin).view(-1), word.view(-1)].view(word.shape)
-        return _Candidates(top_logp, origin, word, word_logp)
+        return _Candidates(top_logp, origin, word, word_logp, met)
 
     def finish(self, top: _Candidates, alpha, pool: _Pool, eos: int, length: int) -> None:
-        """An <eos> among the goal state's first K candidates enters the pool."""
-        b, k = self.images, self.k
-        if self.s == 1:
-            goal_of = lambda t: t[:, 0]  # noqa: E731
+        """An <eos> among the first K candidates that met every required word enters the pool."""
+        at_goal = top.met == self.goal[:, None]
+        ends = (top.word == eos) & (top.logp > NEG_INF) & at_goal
+        if self.required is not None:  # rank among the candidates at the goal
+            ranked = top.logp.masked_fill(~at_goal, NEG_INF)
+            ends &= (ranked[:, :, None] < ranked[:, None, :]).sum(dim=2) < self.k
         else:
-            at_goal = self.goal.view(b, 1, 1).expand(b, 1, 2 * k)
-            goal_of = lambda t: t.gather(1, at_goal).squeeze(1)  # noqa: E731 (B, S, 2K) -> (B, 2K)
-        ends = goal_of((top.word == eos) & (top.logp > NEG_INF))
-        ends[:, k:] = False
+            ends[:, self.k:] = False  # candidates come ranked
         if bool(ends.any()):
-            first_row = torch.arange(b, device=self.device)[:, None] * self.r
-            tokens, logps, attention = self._extend(first_row + goal_of(top.origin), goal_of(top.word),
-                                                    goal_of(top.word_logp), alpha)
-            ranked = score(goal_of(top.logp), length, self.config.length_penalty).masked_fill(~ends, NEG_INF)
+            first_row = torch.arange(self.images, device=self.device)[:, None] * self.r
+            tokens, logps, attention = self._extend(first_row + top.origin, top.word, top.word_logp, alpha)
+            ranked = score(top.logp, length, self.config.length_penalty).masked_fill(~ends, NEG_INF)
             pool.merge(self.active, ranked, tokens, logps, attention, length=length, finished=True)
 
     def advance(self, top: _Candidates, alpha, eos: int) -> torch.Tensor:
-        """The best K other candidates of each state continue -> the rows (N,) they extend."""
+        """The best other candidates continue (by bank with required words) -> the rows (N,) they
+        extend."""
         b, r = self.images, self.r
-        self.logp, live = top.logp.masked_fill(top.word == eos, NEG_INF).topk(self.k, dim=2)  # (B, S, K)
+        going = top.logp.masked_fill(top.word == eos, NEG_INF)  # (B, Q)
+        if self.required is None:
+            self.logp, live = going.topk(self.k, dim=1)  # (B, K)
+        else:
+            live, dead = _allocate(going, _popcount(top.met), self.quota, r)  # (B, R)
+            self.logp = going.gather(1, live).masked_fill_(dead, NEG_INF)
         first_row = torch.arange(b, device=self.device)[:, None] * r
-        rows = first_row + top.origin.gather(2, live).view(b, r)  # (B, R)
-        words = top.word.gather(2, live).view(b, r)
+        rows = first_row + top.origin.gather(1, live)  # (B, R)
+        words = top.word.gather(1, live)
+        self.met = top.met.gather(1, live)
         self.tokens = words.view(-1)
         self.history, self.history_logps, self.history_alpha = self._extend(
-            rows, words, top.word_logp.gather(2, live).view(b, r), alpha)
+            rows, words, top.word_logp.gather(1, live), alpha)
         return rows.view(-1)
 
     def done(self, pool: _Pool, length: int) -> torch.Tensor:
@@ -413,25 +439,25 @@ class BeamState:
         worst = pool.worst(self.active)
         done = worst > NEG_INF
         if not self.config.early_stopping:
-            best_live = self.logp.view(self.images, -1).max(dim=1).values
+            best_live = self.logp.max(dim=1).values
             done &= (worst >= score(best_live, length, self.config.length_penalty)) | (best_live == NEG_INF)
         return done
 
     def keep(self, stay: torch.Tensor) -> None:
         """Keep only the images `stay` (B',) indexes."""
-        self.active, self.logp, self.goal = self.active[stay], self.logp[stay], self.goal[stay]
+        self.active, self.logp, self.met, self.goal = self.active[stay], self.logp[stay], self.met[stay], self.goal[stay]
         self.tokens = self.tokens.view(-1, self.r)[stay].view(-1)
         self.history, self.history_logps = self.history[stay], self.history_logps[stay]
         self.history_alpha = None if self.history_alpha is None else self.history_alpha[stay]
-        self.required = None if self.required is None else self.required.select(stay)
+        if self.required is not None:
+            self.required, self.quota = self.required.select(stay), self.quota[stay]
 
     def flush(self, pool: _Pool) -> None:
-        """max_new_tokens reached: the live beams at the goal compete unfinished; an image none
-        of whose beams met every constraint keeps its best beams of any state."""
-        b = self.images
-        final = self.logp.view(b, self.r)
-        if self.s > 1:
-            reached = self.row_state[None] == self.goal[:, None]  # (B, R)
+        """max_new_tokens reached: the live beams that met every required word compete
+        unfinished; an image none of whose beams did keeps its best beams."""
+        final = self.logp
+        if self.required is not None:
+            reached = self.met == self.goal[:, None]  # (B, R)
             fallback = ~(reached & (final > NEG_INF)).any(dim=1, keepdim=True)
             final = final.masked_fill(~reached & ~fallback, NEG_INF)
         length = self.config.max_new_tokens
@@ -445,7 +471,7 @@ class BeamState:
         b, q = rows.shape
         flat = rows.reshape(-1)
 
-        def grown(past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:  # past (B, R, t, *X), new (N or B*Q, *X)
+        def grown(past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:  # past (B, R, t, *X), new (B*Q, *X)
             before = past.view(b * self.r, *past.shape[2:])[flat].view(b, q, *past.shape[2:])
             return torch.cat([before, new.reshape(b, q, 1, *past.shape[3:])], dim=2)
 
@@ -455,27 +481,64 @@ class BeamState:
         return tokens, logps, attention
 
 
+def _popcount(bits: torch.Tensor) -> torch.Tensor:
+    """How many of the MAX_CONSTRAINTS low bits are set, elementwise."""
+    return sum((bits >> c) & 1 for c in range(MAX_CONSTRAINTS))
+
+
+def _bank_quotas(rows: torch.Tensor, banks: torch.Tensor) -> torch.Tensor:
+    """rows (B,) each image's row budget, banks (B,) its number of banks (required words + 1)
+    -> (B, MAX_CONSTRAINTS + 1) rows guaranteed to each bank: rows // banks each, the remainder to
+    the lowest banks, 0 for banks an image does not have."""
+    bank = torch.arange(MAX_CONSTRAINTS + 1, device=rows.device)[None]  # (1, C+1)
+    share = torch.div(rows, banks, rounding_mode="floor")[:, None] + (bank < (rows % banks)[:, None]).long()
+    return share.masked_fill(bank >= banks[:, None], 0)
+
+
+def _allocate(logp: torch.Tensor, bank: torch.Tensor, quota: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic beam allocation: logp (B, Q) of the candidates (-inf: none), bank (B, Q) how many
+    required words each met, quota (B, C+1) rows guaranteed per bank -> the chosen candidates
+    (B, R), and (B, R) True for rows past an image's budget (the sum of its quota). Each bank
+    gets its best up to its quota, the remaining rows the best others."""
+    order = logp.argsort(dim=1, descending=True, stable=True)  # (B, Q) best first
+    in_bank = nnf.one_hot(bank.gather(1, order), quota.shape[1])  # (B, Q, C+1)
+    rank = ((in_bank.cumsum(dim=1) - 1) * in_bank).sum(dim=2)  # (B, Q) rank within its bank, in `order`
+    guaranteed = (rank < quota.gather(1, bank.gather(1, order))) & (logp.gather(1, order) > NEG_INF)
+    order = order.gather(1, (~guaranteed).to(torch.uint8).argsort(dim=1, stable=True))  # guaranteed first
+    dead = torch.arange(r, device=logp.device)[None] >= quota.sum(dim=1, keepdim=True)
+    return order[:, :r], dead
+
+
+@dataclass
+class _RequiredWords:
+    """The words that meet some constraint, per image: mask (B, V) True for them; ids and bits
+    (B, W): their word ids and constraint bits, padded with bits 0 (W = the most of any image)."""
+
+    mask: torch.Tensor
+    ids: torch.Tensor
+    bits: torch.Tensor
+
+    def select(self, images: torch.Tensor) -> "_RequiredWords":
+        return _RequiredWords(self.mask[images], self.ids[images], self.bits[images])
+
+
 def _beam_search(decoder: Decoder, state: DecoderState, bos: int, eos: int, rules: list[TokenRule],
                  config: DecodeConfig, guide: "_Constraints | None" = None) -> list[list[Hypothesis]]:
     """Vectorised beam search with a pool of finished hypotheses per image, as in Hugging Face
-    `generate`: each step takes the top 2K of the K*V candidates; an <eos> among the first K
-    enters the pool, the best K others continue. An image is done when its pool is full (and,
-    without `early_stopping`, no live beam can beat the pool's worst). After `max_new_tokens` the
-    live beams join the pool unfinished, so every image gets a caption even when no beam finished.
-
-    Required words (constrained beam search, Anderson et al. 2017): with C constraints each image
-    keeps K beams in each of S = 2^C states, the set of constraints met so far. A candidate moves
-    to the state of its beam plus the constraints its word meets; every state keeps its own best
-    K, and only beams that met every constraint may end. Without constraints S = 1 and this is
-    plain beam search."""
+    `generate`: each step takes the top 2K candidates; an <eos> among the first K enters the
+    pool, the best K others continue (`BeamState` says how required words divide the rows). An
+    image is done when its pool is full (and, without `early_stopping`, no live beam can beat the
+    pool's worst). After `max_new_tokens` the live beams join the pool unfinished, so every image
+    gets a caption even when no beam finished."""
     b = state.image_gates.shape[0]
     device = state.h.device
     regions = state.memory.shape[1] if config.return_attention and decoder.config.attention else None
     beams = BeamState(b, config, bos, guide, regions, device)
     pool = _Pool(b, max(config.num_beams, config.num_return_sequences), config.max_new_tokens, regions, device)
-    if guide is not None:
-        rules = rules + ([ExcludeWords(guide.banned.to(device))] if guide.banned is not None else []) \
-            + ([EndWhenMet(eos)] if beams.s > 1 else [])
+    if guide is not None and guide.banned is not None:
+        rules = rules + [ExcludeWords(guide.banned.to(device))]
+    if beams.required is not None:
+        rules = rules + [EndWhenMet(eos)]
     state = state.repeat(beams.r)
     for step in range(config.max_new_tokens):
         logits, state, alpha = decoder.step(beams.tokens, state)
@@ -495,53 +558,14 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, eos: int, rule
 
 
 @dataclass
-class _RequiredWords:
-    """The words that meet some constraint, per image: mask (B, V) True for them; ids and bits
-    (B, W): their word ids and constraint bits, padded with bits 0 (W = the most of any image)."""
-
-    mask: torch.Tensor
-    ids: torch.Tensor
-    bits: torch.Tensor
-
-    def select(self, images: torch.Tensor) -> "_RequiredWords":
-        return _RequiredWords(self.mask[images], self.ids[images], self.bits[images])
-
-
-def _state_top(candidates: torch.Tensor, row_state: torch.Tensor, s: int, required: _RequiredWords,
-               count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best `count` candidates moving into each of the S = `s` states: candidates (B, R, V)
-    with R = S*K rows, state-major (`row_state` (R,) the state of each row) -> log-probs and flat
-    indices row*V + word, each (B, S, count). A word that meets no constraint keeps its row's
-    state, so a state's other words come from its own K rows (one top-k over (B, S, K*V), no
-    (B, S, R, V) mask); the few required words, from any row whose state plus their bits is that
-    state."""
-    b, r, vocab = candidates.shape
-    k = r // s
-    plain = candidates.view(b, s, k, vocab).masked_fill(required.mask[:, None, None], NEG_INF)
-    plain_logp, plain_index = plain.view(b, s, k * vocab).topk(count, dim=2)
-    plain_index = plain_index + (torch.arange(s, device=candidates.device) * k * vocab)[None, :, None]
-    w = required.ids.shape[1]
-    said = candidates.gather(2, required.ids[:, None].expand(b, r, w))  # (B, R, W)
-    target = row_state[None, :, None] | required.bits[:, None]  # (B, R, W) the state each one moves to
-    states = torch.arange(s, device=candidates.device).view(1, s, 1, 1)
-    outside = (target[:, None] != states) | (required.bits == 0)[:, None, None]  # padding moves nowhere
-    said_logp, said_index = said[:, None].masked_fill(outside, NEG_INF).view(b, s, r * w).topk(min(count, r * w), dim=2)
-    said_word = required.ids.gather(1, (said_index % w).view(b, -1)).view(b, s, -1)
-    said_index = torch.div(said_index, w, rounding_mode="floor") * vocab + said_word  # row*V + word
-    both_logp, pick = torch.cat([plain_logp, said_logp], dim=2).topk(count, dim=2)
-    return both_logp, torch.cat([plain_index, said_index], dim=2).gather(2, pick)
-
-
-@dataclass
 class _Constraints:
     """Required and excluded words of a batch: image b must say, for each of its constraints, one
     of that constraint's word ids, and none of its excluded ids. word_bits (B, V): bit c set where
-    a word meets constraint c; goal (B,): the bits of all of an image's constraints; states = 2^C
-    for the most constrained image; banned (B, V) or None: the excluded words."""
+    a word meets constraint c; goal (B,): the bits of all of an image's constraints; banned (B, V)
+    or None: the excluded words."""
 
     word_bits: torch.Tensor
     goal: torch.Tensor
-    states: int
     banned: torch.Tensor | None = None
 
     @classmethod
@@ -569,7 +593,7 @@ class _Constraints:
                 raise ValueError("a word cannot be both required and excluded")
         if most == 0 and banned is None:
             return None
-        return cls(bits, goal, 1 << most, banned)
+        return cls(bits, goal, banned)
 
     def required_words(self, device) -> _RequiredWords:
         mask = self.word_bits > 0

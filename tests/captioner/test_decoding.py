@@ -1,3 +1,5 @@
+from unittest import mock
+
 import pytest
 import torch
 
@@ -262,3 +264,48 @@ def test_excluded_words_never_appear(decoder):
     assert said[1][0] in both[0][0].tokens and not set(said[0]) & set(both[0][0].tokens)
     with pytest.raises(ValueError, match="both required and excluded"):
         generate(decoder, regions[:1], pooled[:1], DecodeConfig(), constraints=[[(5,)]], excluded=[[5]], **SPECIAL)
+
+
+def test_guided_search_decodes_as_many_rows_as_plain_search(decoder):
+    """Dynamic beam allocation: with fewer required words than beams, every step decodes K rows
+    per image, as plain beam search does (not K per subset of words met)."""
+    regions, pooled = _images(4, seed=16)
+    rows = []
+    step = decoder.step
+
+    def counting(tokens, state):
+        rows.append(tokens.shape[0])
+        return step(tokens, state)
+
+    with mock.patch.object(decoder, "step", counting):
+        generate(decoder, regions, pooled, DecodeConfig(num_beams=3), constraints=[[(5,), (6,)]] * 4, **SPECIAL)
+        guided = rows[:]
+        rows.clear()
+        _run(decoder, regions, pooled, num_beams=3)
+    assert guided[0] == rows[0] == 4 * 3
+    assert max(guided) == 12
+
+
+def test_guided_search_keeps_the_best_caption_that_already_says_the_words(decoder):
+    """Where plain beam search's best caption already says a required word, requiring it
+    returns that caption."""
+    regions, pooled = _images(24, seed=17)
+    plain = _run(decoder, regions, pooled, num_beams=3)
+    constraints = [[(r[0].tokens[len(r[0].tokens) // 2],)] if r[0].tokens else [] for r in plain]
+    guided = generate(decoder, regions, pooled, DecodeConfig(num_beams=3), constraints=constraints, **SPECIAL)
+    assert [g[0].tokens for g in guided] == [p[0].tokens for p in plain]
+
+
+def test_beam_allocation_guarantees_each_bank_its_share():
+    from captioner.decoding import NEG_INF, _allocate, _bank_quotas
+
+    quota = _bank_quotas(torch.tensor([3, 3, 4]), torch.tensor([2, 1, 3]))
+    assert quota.tolist() == [[2, 1, 0, 0], [3, 0, 0, 0], [2, 1, 1, 0]]
+    logp = torch.tensor([[-1.0, -2.0, -3.0, -9.0, NEG_INF],  # bank 1's only candidate is the worst
+                         [-1.0, -2.0, -3.0, -4.0, -0.5],
+                         [-1.0, -2.0, -3.0, -9.0, -8.0]])  # bank 2 is empty: its row goes to the best other
+    bank = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 0, 0], [0, 0, 0, 1, 0]])
+    chosen, dead = _allocate(logp, bank, quota, 4)
+    picked = [sorted(row[~d].tolist()) for row, d in zip(chosen, dead)]
+    assert picked == [[0, 1, 3], [0, 1, 4], [0, 1, 2, 3]]
+    assert dead.sum(dim=1).tolist() == [1, 1, 0]
