@@ -72,14 +72,17 @@ class DecoderState:
     memory: torch.Tensor | None  # (B, P, F) projected regions, attention only
     memory_att: torch.Tensor | None  # (B, P, A) their attention projection
     fast: "_InferenceWeights | None" = None  # decoding-time weights, looked up once per decode
+    record_gates: bool = False  # keep each step's top-layer LSTM gates in `gates` (for inspection)
+    gates: torch.Tensor | None = None  # (N, 4, D) i, f, g, o of the step that made this state
 
     @property
     def group_size(self) -> int:  # K
         return self.h.shape[1] // self.image_gates.shape[0]
 
-    def with_sequences(self, h: torch.Tensor, c: torch.Tensor | None) -> "DecoderState":
+    def with_sequences(self, h: torch.Tensor, c: torch.Tensor | None, gates: torch.Tensor | None = None) -> "DecoderState":
         """The same images with new sequence state (cheaper than dataclasses.replace per step)."""
-        return DecoderState(h, c, self.image_gates, self.memory, self.memory_att, self.fast)
+        return DecoderState(h, c, self.image_gates, self.memory, self.memory_att, self.fast, self.record_gates,
+                            gates if self.record_gates else None)
 
     def repeat(self, k: int) -> "DecoderState":
         """K copies of each image's sequence state, adjacent: rows b*K .. b*K+K-1."""
@@ -89,7 +92,8 @@ class DecoderState:
     def reorder(self, rows: torch.Tensor) -> "DecoderState":
         """Pick sequence rows (N,) (beam reordering); rows must stay within their image."""
         c = None if self.c is None else self.c.index_select(1, rows)
-        return self.with_sequences(self.h.index_select(1, rows), c)
+        gates = None if self.gates is None else self.gates.index_select(0, rows)
+        return self.with_sequences(self.h.index_select(1, rows), c, gates)
 
     def select_images(self, images: torch.Tensor) -> "DecoderState":
         """Keep only the given images (B',) and their sequences."""
@@ -191,10 +195,11 @@ class Decoder(nn.Module):
     # -- the step API used by every decoding method ---------------------------------------------
 
     def init_state(self, regions: torch.Tensor, pooled: torch.Tensor,
-                   concepts: torch.Tensor | None = None) -> DecoderState:
+                   concepts: torch.Tensor | None = None, *, record_gates: bool = False) -> DecoderState:
         """regions (B, P, E), pooled (B, E) -> state with one sequence per image. With concept
         inputs, `concepts` (B, W) overrides the confidences the head computes from `pooled`
-        (captions without photos)."""
+        (captions without photos). `record_gates` (LSTM): every later state carries the top
+        layer's gate activations of the step that made it."""
         c = self.config
         image = self.feature_dropout(self.feature_proj(pooled))  # (B, F)
         if c.concepts:  # outside the feature dropout: the confidences are already a summary
@@ -208,8 +213,10 @@ class Decoder(nn.Module):
         if c.attention:
             memory = self.feature_dropout(self.feature_proj(regions))  # (B, P, F)
             memory_att = self.memory_att(memory)  # (B, P, A)
+        if record_gates and c.cell != "lstm":
+            raise ValueError(f"record_gates needs an LSTM decoder, not {c.cell!r}")
         return DecoderState(h.contiguous(), None if cell is None else cell.contiguous(),
-                            self.image_gates(image), memory, memory_att, self._fast())
+                            self.image_gates(image), memory, memory_att, self._fast(), record_gates)
 
     def step(
         self, tokens: torch.Tensor, state: DecoderState
@@ -353,7 +360,8 @@ class Decoder(nn.Module):
             hs.append(h_new)
             cs.append(c_new)
             layer_input = h_new
-        new_state = state.with_sequences(torch.stack(hs), None if state.c is None else torch.stack(cs))
+        gates = lstm_gates(gates_in, hidden_gates) if state.record_gates else None  # the top layer's
+        new_state = state.with_sequences(torch.stack(hs), None if state.c is None else torch.stack(cs), gates)
         return self.dropout(layer_input), new_state, alpha
 
     def _top_projections(self, h: torch.Tensor, fast: "_InferenceWeights | None", top=None):
@@ -442,6 +450,13 @@ class TrainedAttentionWeights(torch.autograd.Function):
         outer = (4 * score).to(energy.dtype)  # d/dz of 2w . sigmoid(2z)
         memory_dtype, query_dtype = ctx.dtypes
         return (per_region * outer).to(memory_dtype), (weighted * outer).to(query_dtype), grad_score.to(score.dtype)
+
+
+def lstm_gates(gx: torch.Tensor, gh: torch.Tensor) -> torch.Tensor:
+    """The activations `lstm_cell` computes: gx, gh (N, 4D) -> (N, 4, D) input, forget, cell
+    candidate and output gates (i, f, g, o)."""
+    i, f, g, o = (gx + gh).chunk(4, dim=1)
+    return torch.stack([torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)], dim=1)
 
 
 def lstm_cell(gx: torch.Tensor, gh: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

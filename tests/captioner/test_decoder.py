@@ -170,3 +170,18 @@ def test_compiled_elementwise_work_computes_the_eager_loss_and_gradients():
     with torch.no_grad():  # decoding keeps the eager functions: no compilation for its shapes
         state = compiled.eval().init_state(regions, regions.mean(dim=1))
         assert compiled.step(tokens[:, 0][:3], state)[0].shape == (3, 20)
+
+
+def test_recorded_gates_reproduce_the_lstm_step():
+    """record_gates: the top layer's i, f, g, o of each step give that step's c and h back, and
+    a state that does not ask for them carries none."""
+    decoder = Decoder(tiny_decoder_config(20)).eval()
+    regions = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        state = decoder.init_state(regions, regions.mean(dim=1), record_gates=True)
+        _, after, _ = decoder.step(torch.tensor([1, 1]), state)
+        i, f, g, o = after.gates.unbind(1)  # each (N, D)
+        assert torch.allclose(f * state.c[-1] + i * g, after.c[-1], atol=1e-6)
+        assert torch.allclose(o * torch.tanh(after.c[-1]), after.h[-1], atol=1e-6)
+        _, plain, _ = decoder.step(torch.tensor([1, 1]), decoder.init_state(regions, regions.mean(dim=1)))
+        assert plain.gates is None
