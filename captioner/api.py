@@ -38,7 +38,9 @@ DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "default.pt"
 
 @dataclass
 class Caption:
-    """One generated sentence. `attention` is (T, H', W'), one map per word (then <eos>)."""
+    """One generated sentence. `attention` is (T, H', W'), one map per word (then <eos>);
+    `hidden_states` (asked for with output_hidden_states): the LSTM's top-layer state from which
+    each word (then <eos>) was chosen, "h" and "c" (T, D), and on PyTorch "gates" (T, 4, D)."""
 
     text: str
     words: list[str]
@@ -47,6 +49,7 @@ class Caption:
     token_log_probs: list[float]
     finished: bool
     attention: torch.Tensor | None = field(default=None, repr=False)
+    hidden_states: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def to_dict(self, *, attention: bool = False) -> dict[str, Any]:
         """JSON-ready; with `attention`, the (T, H', W') grids as nested lists and their shape.
@@ -59,7 +62,21 @@ class Caption:
             grid = self.attention.float()  # (T, H', W')
             data["attention"] = [[[round(v, 4) for v in row] for row in word] for word in grid.tolist()]
             data["attention_shape"] = list(grid.shape)
+        if self.hidden_states is not None:
+            data["hidden_states"] = _hidden_states_json(self.hidden_states)
         return data
+
+
+GATES = ("i", "f", "g", "o")  # the order of `lstm_gates`' second axis
+
+
+def _hidden_states_json(states: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """{"h", "c": (T, D) lists, "gates": {"i", "f", "g", "o": (T, D) lists}} rounded to 4 places."""
+    rounded = lambda t: [[round(v, 4) for v in row] for row in t.float().tolist()]  # noqa: E731
+    data: dict[str, Any] = {name: rounded(states[name]) for name in ("h", "c") if name in states}
+    if "gates" in states:
+        data["gates"] = {gate: rounded(states["gates"][:, i]) for i, gate in enumerate(GATES)}
+    return data
 
 
 @dataclass
@@ -303,7 +320,7 @@ class Captioner:
         requested = self.requested_words(config)
         required = [list(requested) for _ in range(pooled.shape[0])]
         excluded: list[list[Requirement]] = [[] for _ in required]
-        if config.tags and self.tagger is not None and not config.do_sample:
+        if config.guided_by_tags and self.tagger is not None:
             tags, absent = self.tagger.guide(pooled, vocabulary=v)
             for words, image_tags, banned, image_absent in zip(required, tags, excluded, absent):
                 taken = {form for r in words for form in r.forms}
@@ -359,7 +376,7 @@ class Captioner:
         if hypothesis.attention is not None:
             attention = hypothesis.attention.view(-1, *self.encoder.grid_size)  # (T, H', W')
         return Caption(" ".join(words), words, hypothesis.log_prob, hypothesis.score,
-                       hypothesis.token_log_probs, hypothesis.finished, attention)
+                       hypothesis.token_log_probs, hypothesis.finished, attention, hypothesis.hidden_states)
 
     def describe(self) -> dict[str, Any]:
         """What `captioner info` and the service's /v1/model report."""

@@ -16,7 +16,7 @@ from typing import Any, get_type_hints
 
 from .vocab import tokenize
 
-MAX_CONSTRAINTS = 3  # required words per image: the search keeps 2^C states of K beams
+MAX_CONSTRAINTS = 3  # required words per image (force_words and tags together)
 
 
 def _option(default: Any, help: str, *, minimum: float | None = None, maximum: float | None = None,
@@ -46,7 +46,13 @@ class DecodeConfig:
     force_words: tuple[str, ...] = _option(
         (), f"words every caption must say, comma-separated, at most {MAX_CONSTRAINTS} (any form of each: cat "
             "or cats); the result's `required` says which words were required and why")
-    tags: bool = _option(True, "also require the model's confident visual tags (models that carry a tagger)")
+    tags: bool | None = _option(
+        None, "also require the model's confident visual tags and exclude the words it is sure are absent (models "
+              "that carry a tagger); default: on with search, off with do_sample, which cannot guarantee words "
+              "(tags=true with do_sample is refused, as force_words is)")
+    output_hidden_states: bool = _option(
+        False, "include the LSTM's top-layer state for each word: hidden h and memory cell c (T, D), and on "
+               "PyTorch the gates i, f, g, o (T, 4, D)")
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -58,6 +64,8 @@ class DecodeConfig:
             raise ValueError("min_new_tokens must not exceed max_new_tokens")
         if self.force_words and self.do_sample:
             raise ValueError("force_words needs search: it does not combine with do_sample=True")
+        if self.tags and self.do_sample:
+            raise ValueError("tags need search: they do not combine with do_sample=True (leave tags unset)")
         if self.do_sample:
             if self.num_beams != 1:
                 raise ValueError("sampling draws independent sequences: use num_beams=1 with do_sample=True")
@@ -71,6 +79,11 @@ class DecodeConfig:
         if unknown:
             raise ValueError(f"unknown decoding option(s): {', '.join(unknown)}")
         return cls(**kwargs)
+
+    @property
+    def guided_by_tags(self) -> bool:
+        """Whether the model's tags guide this decoding: `tags`, or by default whether it searches."""
+        return (not self.do_sample) if self.tags is None else self.tags
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -160,6 +160,10 @@ class Decoder(nn.Module):
         self._inference: _InferenceWeights | None = None
         self._lstm_cell = lstm_cell  # compile_elementwise() swaps in a compiled version
 
+    @property
+    def can_record_gates(self) -> bool:
+        return self.config.cell == "lstm"
+
     def compile_elementwise(self) -> None:
         """Training on CPUs: the LSTM cell's gate arithmetic, forward and backward, fused by
         torch.compile into one loop each instead of one pass over memory per operation. The

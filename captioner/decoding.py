@@ -29,7 +29,9 @@ NEG_INF = float("-inf")
 @dataclass
 class Hypothesis:
     """One generated sequence. `tokens` excludes <eos>; `token_log_probs` has one entry per token
-    plus one for <eos> when `finished`; `attention` is (len(token_log_probs), P) or None."""
+    plus one for <eos> when `finished`, T' of them. Asked for: `attention` (T', P), and
+    `hidden_states`, the top layer's state after each step: "h" and "c" (T', D), and where the
+    decoder records them (PyTorch), "gates" (T', 4, D): i, f, g, o."""
 
     tokens: list[int]
     token_log_probs: list[float]
@@ -37,6 +39,25 @@ class Hypothesis:
     score: float  # see `score`
     finished: bool
     attention: torch.Tensor | None = field(default=None, repr=False)
+    hidden_states: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+
+TRACES = ("attention", "h", "c", "gates")  # what a step may record per row, in Hypothesis' terms
+
+
+def _trace(config: DecodeConfig, state: DecoderState, alpha: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """What this step records of each row, as asked: attention (N, P), h and c (N, D) of the top
+    layer, gates (N, 4, D)."""
+    trace = {}
+    if config.return_attention and alpha is not None:
+        trace["attention"] = alpha
+    if config.output_hidden_states:
+        trace["h"] = state.h[-1]
+        if state.c is not None:
+            trace["c"] = state.c[-1]
+        if state.gates is not None:
+            trace["gates"] = state.gates
+    return trace
 
 
 def score(log_prob, length: int, length_penalty: float):
@@ -75,7 +96,9 @@ def generate(
             raise ValueError("required words need search: they do not combine with do_sample=True")
     rules = token_rules(config, eos_id, banned_ids)
     with torch.inference_mode():  # less per-op overhead than no_grad: decoding is many small ops
-        state = decoder.init_state(regions, pooled)
+        record_gates = config.output_hidden_states and getattr(decoder, "can_record_gates", False)
+        state = decoder.init_state(regions, pooled, record_gates=True) if record_gates else \
+            decoder.init_state(regions, pooled)
         if config.num_beams > 1 or guide is not None:
             results = _beam_search(decoder, state, bos_id, eos_id, rules, config, guide)
         else:
@@ -85,6 +108,8 @@ def generate(
             hypotheses.sort(key=lambda h: h.score, reverse=True)
         for h in hypotheses:  # hand out ordinary tensors, which callers may modify in place
             h.attention = None if h.attention is None else h.attention.clone()
+            if h.hidden_states is not None:
+                h.hidden_states = {name: t.clone() for name, t in h.hidden_states.items()}
     return results
 
 
@@ -189,14 +214,17 @@ def log_probs(logits: torch.Tensor, rules: Sequence[TokenRule], history: torch.T
     return logits.float().log_softmax(dim=-1).masked_fill_(ban, NEG_INF)
 
 
-def _hypothesis(tokens: torch.Tensor, logps: torch.Tensor, attention, length: int, finished: bool,
-                penalty: float) -> Hypothesis:
-    """Row of generated ids (length of them valid, the last being <eos> when finished)."""
+def _hypothesis(tokens: torch.Tensor, logps: torch.Tensor, traces: dict[str, torch.Tensor], length: int,
+                finished: bool, penalty: float) -> Hypothesis:
+    """Row of generated ids (length of them valid, the last being <eos> when finished), their
+    log-probs and traces (T, *X) each."""
     token_logps = logps[:length].tolist()
     log_prob = float(sum(token_logps))
     words = tokens[: length - 1 if finished else length].tolist()
-    return Hypothesis(words, token_logps, log_prob, score(log_prob, length, penalty), finished,
-                      None if attention is None else attention[:length].clone())
+    kept = {name: t[:length].clone() for name, t in traces.items()}
+    attention = kept.pop("attention", None)
+    return Hypothesis(words, token_logps, log_prob, score(log_prob, length, penalty), finished, attention,
+                      kept or None)
 
 
 # -- greedy and sampling -----------------------------------------------------------------------
@@ -214,24 +242,24 @@ def _sample(decoder: Decoder, state: DecoderState, bos: int, eos: int, rules: li
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     length = torch.zeros(n, dtype=torch.long, device=device)
     history = torch.empty(n, 0, dtype=torch.long, device=device)
-    step_logps, alphas = [], []
+    step_logps, traces = [], {}
     for _ in range(config.max_new_tokens):
         logits, state, alpha = decoder.step(tokens, state)
         logp = log_probs(logits, rules, history, rows)  # (N, V)
         tokens = _draw(logp, config, generator) if config.do_sample else logp.argmax(dim=-1)
         tokens = tokens.masked_fill(finished, eos)  # finished rows idle on <eos>
         step_logps.append(logp.gather(1, tokens[:, None]).squeeze(1).masked_fill(finished, 0.0))
-        if config.return_attention and alpha is not None:
-            alphas.append(alpha)
+        for name, value in _trace(config, state, alpha).items():
+            traces.setdefault(name, []).append(value)
         length += (~finished).long()
         history = torch.cat([history, tokens[:, None]], dim=1)
         finished |= tokens == eos
         if bool(finished.all()):
             break
     token_logps = torch.stack(step_logps, dim=1).cpu()  # (N, T)
-    attention = torch.stack(alphas, dim=1).cpu() if alphas else None  # (N, T, P)
+    stacked = {name: torch.stack(values, dim=1).cpu() for name, values in traces.items()}  # (N, T, *X) each
     history, length, finished = history.cpu(), length.tolist(), finished.tolist()
-    return [[_hypothesis(history[row], token_logps[row], None if attention is None else attention[row],
+    return [[_hypothesis(history[row], token_logps[row], {name: t[row] for name, t in stacked.items()},
                          length[row], finished[row], config.length_penalty)
              for row in range(image * k, image * k + k)]
             for image in range(b)]
@@ -272,21 +300,22 @@ def _categorical(weights: torch.Tensor, generator) -> torch.Tensor:
 class _Pool:
     """The best finished (or, at the end, truncated) hypotheses of every image, H = slots."""
 
-    def __init__(self, images: int, slots: int, max_len: int, regions: int | None, device):
+    def __init__(self, images: int, slots: int, max_len: int, device):
         self.score = torch.full((images, slots), NEG_INF, device=device)
         self.tokens = torch.full((images, slots, max_len), -1, dtype=torch.long, device=device)
         self.logps = torch.zeros(images, slots, max_len, device=device)
         self.length = torch.zeros(images, slots, dtype=torch.long, device=device)
         self.finished = torch.zeros(images, slots, dtype=torch.bool, device=device)
-        self.alpha = None if regions is None else torch.zeros(images, slots, max_len, regions, device=device)
+        self.traces: dict[str, torch.Tensor] = {}  # (B, H, T, *X) each, made at the first merge
 
     def worst(self, images: torch.Tensor) -> torch.Tensor:
         """(B,) the score an image's pool would drop next (-inf while it has a free slot)."""
         return self.score[images, -1]
 
-    def merge(self, images, score, tokens, logps, alpha, length: int, finished: bool) -> None:
+    def merge(self, images, score, tokens, logps, traces: dict[str, torch.Tensor], length: int,
+              finished: bool) -> None:
         """Offer Q candidates for each of the given images: score (B, Q), tokens and logps
-        (B, Q, t), alpha (B, Q, t, P); keep the best H per image."""
+        (B, Q, t), traces (B, Q, t, *X); keep the best H per image."""
         b, slots, max_len = images.shape[0], self.score.shape[1], self.tokens.shape[2]
         merged, keep = torch.cat([self.score[images], score], dim=1).topk(slots, dim=1)  # (B, H)
 
@@ -304,15 +333,17 @@ class _Pool:
         self.logps[images] = pick(self.logps[images], logps)
         self.length[images] = pick(self.length[images], torch.full((b, q), length, device=score.device))
         self.finished[images] = pick(self.finished[images], torch.full((b, q), finished, device=score.device))
-        if self.alpha is not None:
-            self.alpha[images] = pick(self.alpha[images], alpha)
+        for name, new in traces.items():
+            if name not in self.traces:
+                self.traces[name] = new.new_zeros(*self.score.shape, max_len, *new.shape[3:])
+            self.traces[name][images] = pick(self.traces[name][images], new)
 
     def results(self, count: int, penalty: float) -> list[list[Hypothesis]]:
         score, tokens, logps = self.score.cpu(), self.tokens.cpu(), self.logps.cpu()
         length, finished = self.length.tolist(), self.finished.tolist()
-        alpha = None if self.alpha is None else self.alpha.cpu()
+        traces = {name: t.cpu() for name, t in self.traces.items()}
         return [
-            [_hypothesis(tokens[i, s], logps[i, s], None if alpha is None else alpha[i, s],
+            [_hypothesis(tokens[i, s], logps[i, s], {name: t[i, s] for name, t in traces.items()},
                          length[i][s], finished[i][s], penalty)
              for s in range(count) if score[i, s] > NEG_INF]
             for i in range(score.shape[0])
@@ -342,8 +373,7 @@ class BeamState:
     guaranteed an equal share of the rows (the remainder to the banks with fewest met, whose
     beams carry the fluent prefixes), rows a bank cannot fill go to the best other candidates."""
 
-    def __init__(self, images: int, config: DecodeConfig, bos: int, guide: "_Constraints | None",
-                 regions: int | None, device):
+    def __init__(self, images: int, config: DecodeConfig, bos: int, guide: "_Constraints | None", device):
         self.config, self.device = config, device
         self.k = config.num_beams
         self.goal = torch.zeros(images, dtype=torch.long, device=device)  # (B,) bits of all required words
@@ -362,7 +392,7 @@ class BeamState:
         self.tokens = torch.full((images * r,), bos, dtype=torch.long, device=device)  # (N,) next input
         self.history = torch.empty(images, r, 0, dtype=torch.long, device=device)  # (B, R, t)
         self.history_logps = torch.empty(images, r, 0, device=device)  # (B, R, t)
-        self.history_alpha = None if regions is None else torch.empty(images, r, 0, regions, device=device)
+        self.traces: dict[str, torch.Tensor] = {}  # (B, R, t, *X) each, as `_trace` records
 
     @property
     def images(self) -> int:
@@ -399,7 +429,7 @@ class BeamState:
         word_logp = logp[(first_row + origin).view(-1), word.view(-1)].view(word.shape)
         return _Candidates(top_logp, origin, word, word_logp, met)
 
-    def finish(self, top: _Candidates, alpha, pool: _Pool, eos: int, length: int) -> None:
+    def finish(self, top: _Candidates, trace: dict[str, torch.Tensor], pool: _Pool, eos: int, length: int) -> None:
         """An <eos> among the first K candidates that met every required word enters the pool."""
         at_goal = top.met == self.goal[:, None]
         ends = (top.word == eos) & (top.logp > NEG_INF) & at_goal
@@ -410,11 +440,11 @@ class BeamState:
             ends[:, self.k:] = False  # candidates come ranked
         if bool(ends.any()):
             first_row = torch.arange(self.images, device=self.device)[:, None] * self.r
-            tokens, logps, attention = self._extend(first_row + top.origin, top.word, top.word_logp, alpha)
+            tokens, logps, traces = self._extend(first_row + top.origin, top.word, top.word_logp, trace)
             ranked = score(top.logp, length, self.config.length_penalty).masked_fill(~ends, NEG_INF)
-            pool.merge(self.active, ranked, tokens, logps, attention, length=length, finished=True)
+            pool.merge(self.active, ranked, tokens, logps, traces, length=length, finished=True)
 
-    def advance(self, top: _Candidates, alpha, eos: int) -> torch.Tensor:
+    def advance(self, top: _Candidates, trace: dict[str, torch.Tensor], eos: int) -> torch.Tensor:
         """The best other candidates continue (by bank with required words) -> the rows (N,) they
         extend."""
         b, r = self.images, self.r
@@ -429,8 +459,8 @@ class BeamState:
         words = top.word.gather(1, live)
         self.met = top.met.gather(1, live)
         self.tokens = words.view(-1)
-        self.history, self.history_logps, self.history_alpha = self._extend(
-            rows, words, top.word_logp.gather(1, live), alpha)
+        self.history, self.history_logps, self.traces = self._extend(
+            rows, words, top.word_logp.gather(1, live), trace)
         return rows.view(-1)
 
     def done(self, pool: _Pool, length: int) -> torch.Tensor:
@@ -448,7 +478,7 @@ class BeamState:
         self.active, self.logp, self.met, self.goal = self.active[stay], self.logp[stay], self.met[stay], self.goal[stay]
         self.tokens = self.tokens.view(-1, self.r)[stay].view(-1)
         self.history, self.history_logps = self.history[stay], self.history_logps[stay]
-        self.history_alpha = None if self.history_alpha is None else self.history_alpha[stay]
+        self.traces = {name: t[stay] for name, t in self.traces.items()}
         if self.required is not None:
             self.required, self.quota = self.required.select(stay), self.quota[stay]
 
@@ -462,12 +492,13 @@ class BeamState:
             final = final.masked_fill(~reached & ~fallback, NEG_INF)
         length = self.config.max_new_tokens
         pool.merge(self.active, score(final, length, self.config.length_penalty), self.history,
-                   self.history_logps, self.history_alpha, length=length, finished=False)
+                   self.history_logps, self.traces, length=length, finished=False)
 
-    def _extend(self, rows: torch.Tensor, words: torch.Tensor, word_logps: torch.Tensor, alpha):
+    def _extend(self, rows: torch.Tensor, words: torch.Tensor, word_logps: torch.Tensor,
+                trace: dict[str, torch.Tensor]):
         """Histories of candidates: rows (B, Q) of the flat (N, ...) beams, each with its new word
-        and log-prob (B, Q) and the step's attention (N, P) -> tokens, logps (B, Q, t+1) and
-        attention (B, Q, t+1, P) or None."""
+        and log-prob (B, Q) and the step's trace (N, *X) each -> tokens, logps (B, Q, t+1) and
+        traces (B, Q, t+1, *X)."""
         b, q = rows.shape
         flat = rows.reshape(-1)
 
@@ -477,8 +508,13 @@ class BeamState:
 
         tokens = grown(self.history, words)
         logps = grown(self.history_logps, word_logps)
-        attention = None if self.history_alpha is None else grown(self.history_alpha, alpha[flat])
-        return tokens, logps, attention
+        traces = {}
+        for name, new in trace.items():
+            past = self.traces.get(name)
+            if past is None:  # the first step
+                past = new.new_empty(self.images, self.r, 0, *new.shape[1:])
+            traces[name] = grown(past, new[flat])
+        return tokens, logps, traces
 
 
 def _popcount(bits: torch.Tensor) -> torch.Tensor:
@@ -532,9 +568,8 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, eos: int, rule
     gets a caption even when no beam finished."""
     b = state.image_gates.shape[0]
     device = state.h.device
-    regions = state.memory.shape[1] if config.return_attention and decoder.config.attention else None
-    beams = BeamState(b, config, bos, guide, regions, device)
-    pool = _Pool(b, max(config.num_beams, config.num_return_sequences), config.max_new_tokens, regions, device)
+    beams = BeamState(b, config, bos, guide, device)
+    pool = _Pool(b, max(config.num_beams, config.num_return_sequences), config.max_new_tokens, device)
     if guide is not None and guide.banned is not None:
         rules = rules + [ExcludeWords(guide.banned.to(device))]
     if beams.required is not None:
@@ -542,10 +577,11 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, eos: int, rule
     state = state.repeat(beams.r)
     for step in range(config.max_new_tokens):
         logits, state, alpha = decoder.step(beams.tokens, state)
+        trace = _trace(config, state, alpha)
         logp = log_probs(logits, rules, beams.history.view(beams.images * beams.r, -1), beams.rows())  # (N, V)
         top = beams.select(logp)
-        beams.finish(top, alpha, pool, eos, length=step + 1)
-        state = state.reorder(beams.advance(top, alpha, eos))
+        beams.finish(top, trace, pool, eos, length=step + 1)
+        state = state.reorder(beams.advance(top, trace, eos))
         done = beams.done(pool, length=step + 1)
         if bool(done.any()):
             stay = (~done).nonzero().squeeze(1)

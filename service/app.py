@@ -256,6 +256,12 @@ def _caption(state: ServiceState, images: list[bytes], pairs: list[tuple[str, st
         decode = parse_options(pairs, slot.model)
         if attention:
             decode = dataclasses.replace(decode, return_attention=True)
+        if decode.output_hidden_states:
+            words = len(images) * decode.num_return_sequences * (decode.max_new_tokens + 1)
+            if words > config.max_hidden_state_words:
+                raise Problem(422, f"output_hidden_states returns thousands of numbers per word: at most "
+                                   f"{config.max_hidden_state_words} words per request (images x num_return_sequences "
+                                   f"x (max_new_tokens + 1)), this asks for {words}")
         preprocess_started = time.monotonic()
         pixels = _preprocess(slot.handler, images)
         preprocessed_at = time.monotonic()

@@ -39,6 +39,7 @@ class ServiceConfig:
     max_body_bytes: int = 10 * 1024 * 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_images_per_request: int = 16
+    max_hidden_state_words: int = 256  # output_hidden_states: images x sequences x (max_new_tokens + 1)
 
     # security
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
@@ -69,7 +70,8 @@ class ServiceConfig:
         return config
 
     def validate(self) -> None:
-        positive = ("max_batch_size", "max_queue", "max_body_bytes", "max_pixels", "max_images_per_request")
+        positive = ("max_batch_size", "max_queue", "max_body_bytes", "max_pixels", "max_images_per_request",
+                    "max_hidden_state_words")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1")

@@ -194,8 +194,21 @@ def build_openapi(config: ServiceConfig, version: str) -> dict[str, Any]:
                                       "items": {"type": "array", "items": {"type": "array",
                                                                             "items": {"type": "number"}}}},
                         "attention_shape": {"type": "array", "items": {"type": "integer"}},
+                        "hidden_states": {
+                            "type": "object",
+                            "description": "with output_hidden_states: the LSTM's top-layer state from which each "
+                                           "word (then <eos>) was chosen; h and c (T, D), and on PyTorch the gates "
+                                           "i, f, g, o, each (T, D)",
+                            "properties": {
+                                "h": {"$ref": "#/components/schemas/Matrix"},
+                                "c": {"$ref": "#/components/schemas/Matrix"},
+                                "gates": {"type": "object", "properties": {
+                                    g: {"$ref": "#/components/schemas/Matrix"} for g in ("i", "f", "g", "o")}},
+                            },
+                        },
                     },
                 },
+                "Matrix": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
                 "ImageResult": {
                     "type": "object",
                     "required": ["index", "caption", "score", "sequences"],

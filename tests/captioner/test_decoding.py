@@ -309,3 +309,26 @@ def test_beam_allocation_guarantees_each_bank_its_share():
     picked = [sorted(row[~d].tolist()) for row, d in zip(chosen, dead)]
     assert picked == [[0, 1, 3], [0, 1, 4], [0, 1, 2, 3]]
     assert dead.sum(dim=1).tolist() == [1, 1, 0]
+
+
+@pytest.mark.parametrize("options", [dict(num_beams=3, num_return_sequences=2), dict(num_beams=1),
+                                     dict(num_beams=1, do_sample=True, seed=0, num_return_sequences=2)])
+def test_hidden_states_are_the_states_that_chose_each_word(decoder, options):
+    """output_hidden_states: for each returned sequence, the top layer's h, c and gates at every
+    word (then <eos>), equal to a teacher-forced rerun of that sequence; absent when not asked."""
+    regions, pooled = _images(3, seed=18)
+    results = _run(decoder, regions, pooled, output_hidden_states=True, **options)
+    for image, hyps in enumerate(results):
+        for h in hyps:
+            steps = len(h.token_log_probs)
+            assert set(h.hidden_states) == {"h", "c", "gates"}
+            assert h.hidden_states["h"].shape == h.hidden_states["c"].shape == (steps, decoder.config.hidden_dim)
+            assert h.hidden_states["gates"].shape == (steps, 4, decoder.config.hidden_dim)
+            with torch.inference_mode():
+                state = decoder.init_state(regions[image:image + 1], pooled[image:image + 1])
+                inputs = [SPECIAL["bos_id"]] + h.tokens
+                for t in range(steps):
+                    _, state, _ = decoder.step(torch.tensor([inputs[t]]), state)
+                    assert torch.allclose(h.hidden_states["h"][t], state.h[-1, 0], atol=1e-5)
+                    assert torch.allclose(h.hidden_states["c"][t], state.c[-1, 0], atol=1e-5)
+    assert all(h.hidden_states is None for r in _run(decoder, regions, pooled, **options) for h in r)

@@ -96,15 +96,25 @@ def test_graphs_compute_what_pytorch_computes(exported, pair, pixels):
     dict(num_beams=3, num_return_sequences=3, return_attention=True),
     dict(do_sample=True, num_beams=1, num_return_sequences=2, seed=7, top_k=5),
     dict(num_beams=2, force_words=["dog", "ball"]),
+    dict(num_beams=3, num_return_sequences=2, output_hidden_states=True),
 ])
 def test_onnx_runtime_decodes_like_pytorch(pair, pixels, options):
-    """Greedy, beam search (n-best, attention), sampling and required words: one decoding module."""
+    """Greedy, beam search (n-best, attention, hidden states), sampling and required words: one
+    decoding module. Hidden states: h and c on both runtimes, the gates on PyTorch only."""
     config = DecodeConfig(**options)
     for ours, theirs in zip(*(m.caption_pixels(pixels, config) for m in pair)):
         assert [s.text for s in theirs.sequences] == [s.text for s in ours.sequences]
         assert [s.score for s in theirs.sequences] == pytest.approx([s.score for s in ours.sequences], abs=1e-3)
         if config.return_attention:
             assert theirs.attention.shape == ours.attention.shape == (len(ours.sequences[0].token_log_probs), 7, 7)
+        for mine, other in zip(ours.sequences, theirs.sequences):
+            if not config.output_hidden_states:
+                assert mine.hidden_states is None and other.hidden_states is None
+                continue
+            assert set(mine.hidden_states) == {"h", "c", "gates"} and set(other.hidden_states) == {"h", "c"}
+            for name in ("h", "c"):
+                assert other.hidden_states[name].shape == (len(mine.token_log_probs), pair[0].decoder.config.hidden_dim)
+                assert torch.allclose(other.hidden_states[name], mine.hidden_states[name], atol=1e-4)
         assert [r.to_dict() for r in theirs.required] == [r.to_dict() for r in ours.required]
 
 

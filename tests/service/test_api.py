@@ -74,6 +74,27 @@ def test_attention_grids_are_distributions(client, app):
     assert torch.allclose(grid.sum(dim=(1, 2)), torch.ones(grid.shape[0]), atol=2e-3)
 
 
+def test_hidden_states_are_opt_in_and_bounded(client, app):
+    """output_hidden_states=true: h, c and the four gates per word (then <eos>) of the returned
+    sequence, D numbers each; absent by default; a request that would return too many is a 422."""
+    plain = client.post("/v1/captions?num_beams=1", data=make_photo(), content_type="image/jpeg").get_json()
+    assert "hidden_states" not in plain["images"][0]["sequences"][0]
+    response = client.post("/v1/captions?num_beams=1&output_hidden_states=true", data=make_photo(),
+                           content_type="image/jpeg")
+    seq = response.get_json()["images"][0]["sequences"][0]
+    steps = len(seq["words"]) + int(seq["finished"])
+    hidden_dim = app.extensions["captioner"].models.get().model.decoder.config.hidden_dim
+    states = seq["hidden_states"]
+    for matrix in (states["h"], states["c"], *states["gates"].values()):
+        assert torch.tensor(matrix).shape == (steps, hidden_dim)
+    assert set(states["gates"]) == {"i", "f", "g", "o"}
+    gates = torch.tensor(states["gates"]["f"])
+    assert bool(((gates >= 0) & (gates <= 1)).all())  # a sigmoid gate
+    too_many = client.post("/v1/captions?num_beams=4&num_return_sequences=4&max_new_tokens=100"
+                           "&output_hidden_states=true", data=make_photo(), content_type="image/jpeg")
+    assert too_many.status_code == 422 and "output_hidden_states" in too_many.get_json()["detail"]
+
+
 def test_sampling_with_seed_is_reproducible(client):
     url = "/v1/captions?do_sample=true&num_beams=1&seed=7&num_return_sequences=2&temperature=1.5"
     first = client.post(url, data=make_photo(), content_type="image/jpeg").get_json()
