@@ -1,4 +1,4 @@
-"""`captioner train` and `captioner evaluate`."""
+"""`captioner train`, `evaluate`, `export` and `cells`."""
 
 from __future__ import annotations
 
@@ -34,6 +34,30 @@ def register(commands) -> None:
     evaluate.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                           help="bootstrap draws for the 95%% intervals (0: none)")
     evaluate.add_argument("--json", action="store_true")
+    cells = commands.add_parser(
+        "cells", help="find the decoder's LSTM units that track something nameable (position, nouns, ...)",
+        description="captioner cells [CHECKPOINT] --data DIR --split dev --out DIR: reads the split's reference "
+                    "captions teacher-forced, scores every unit's h and c against properties of the words and of "
+                    "the attention, with a shuffled baseline; writes cells.json, cells.md and pictures "
+                    "(docs/under-the-hood.md)")
+    cells.add_argument("path", nargs="?", metavar="CHECKPOINT", help="default: the bundled model")
+    cells.add_argument("--data", required=True, help="annotation file or data folder")
+    cells.add_argument("--format", default="flickr", choices=["flickr", "coco", "karpathy", "jsonl"])
+    cells.add_argument("--images", help="image folder, when not the usual one")
+    cells.add_argument("--split", default="dev")
+    cells.add_argument("--out", required=True, help="folder for cells.json, cells.md and units/*.png")
+    cells.add_argument("--cache-dir", default="cache/features")
+    cells.add_argument("--captions-per-image", type=int, default=5, metavar="N")
+    cells.add_argument("--max-captions", type=int, default=None, metavar="N", help="read at most N captions")
+    cells.add_argument("--gates", action="store_true", help="score the i, f, g, o gates too")
+    cells.add_argument("--top", type=int, default=10, metavar="N", help="units in the report, with pictures")
+    cells.add_argument("--units-file", metavar="PATH",
+                       help="also write the top 20 h and c units here, small (the bundled model's: "
+                            "captioner/weights/default_cells.json, offered by the web page)")
+    cells.add_argument("--seed", type=int, default=0, help="for the shuffled baselines")
+    cells.add_argument("--device", default="cpu")
+    cells.set_defaults(func=_cells)
+
     export = commands.add_parser(
         "export", help="a checkpoint for shipping (fp16, no training state), or ONNX graphs (--format onnx)",
         description="captioner export RUN/best.pt OUT.pt | captioner export CHECKPOINT OUT.onnx --format onnx "
@@ -101,6 +125,39 @@ def _evaluate(args: argparse.Namespace) -> int:
                                   results_path=args.results, meteor=not args.no_meteor, instances=args.instances,
                                   resamples=args.bootstrap)
     print(json.dumps(metrics) if args.json else format_table(metrics))
+    return 0
+
+
+def _cells(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from captioner.api import Captioner
+    from captioner.files import write_atomically
+
+    from .cells import find_cells, shipped_units
+    from .data import DataSpec
+
+    logging.basicConfig(level=logging.WARNING)
+    model = (Captioner.from_checkpoint(args.path, device=args.device, precision="fp32") if args.path
+             else Captioner.default(device=args.device, precision="fp32"))
+    if model.inference.runtime != "pytorch":
+        raise ValueError(f"{args.path}: cells reads the PyTorch decoder's state; give the .pt checkpoint")
+    for name in ("captions_per_image", "max_captions", "top"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    spec = DataSpec(format=args.format, path=args.data, images=args.images)
+    report = find_cells(model, spec, args.split, args.out, cache_dir=args.cache_dir,
+                        captions_per_image=args.captions_per_image, max_captions=args.max_captions,
+                        gates=args.gates, top=args.top, seed=args.seed)
+    if args.units_file:
+        write_atomically(args.units_file, json.dumps(shipped_units(report), indent=1) + "\n")
+    base = report["baseline"]
+    print(f"{report['captions']} captions, {report['words']} words; shuffled baseline max {base['shuffled_max']:.3f}, "
+          f"p99 {base['shuffled_p99']:.3f}")
+    for unit in report["units"][:args.top]:
+        print(f"{unit['rank']:>3}  {unit['name']:<48} {unit['score']:.3f}  ({unit['over_shuffled_max']:.1f}x shuffled max)")
+    print(f"report: {Path(args.out) / 'cells.md'}")
     return 0
 
 
