@@ -2,12 +2,11 @@
 
     captioner caption-folder photos/ -o captions.jsonl --recursive --html gallery.html
 
-Two engines run this command: the local one (`local.py`), and `--engine ray` (`ray_engine.py`,
-on a Ray cluster). Both list with `listing.py`, build records with `caption_record` /
-`error_record` and write them with `encode_records` and `coco_results` (`records.py`): one record
-format for every engine; they check their arguments and end alike (`job.py`). Nothing is ever
-written into DIR: OUT and the gallery must lie outside it. Ray is imported only when
-`--engine ray` runs.
+One skeleton runs this command (`job.run`) with one of two engines: the local one (`local.py`),
+or `--engine ray` (`ray_engine.py`, on a Ray cluster). Both list with `listing.py`, build records
+with `caption_record` / `error_record` and write them with `encode_records` and `coco_results`
+(`records.py`): one record format for every engine. Nothing is ever written into DIR: OUT and the
+gallery must lie outside it. Ray is imported only when `--engine ray` runs.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from ..arguments import add_decode_arguments, add_model_arguments
-from . import local, ray_engine
+from . import job, local, ray_engine
 from .records import FORMATS
 
 
@@ -52,6 +51,5 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.engine == "ray":
-        return ray_engine.run(args)
-    return local.run(args)
+    engine = ray_engine.RayEngine() if args.engine == "ray" else local.LocalEngine()
+    return job.run(args, engine)

@@ -1,5 +1,11 @@
-"""What both engines do alike around their work: check the arguments before any of it, count what
-happened (`Summary`), and end with the summary and the exit status (`report`, `output_failed`).
+"""caption-folder's one command skeleton, `run(args, engine)`, and what it counts and says.
+
+`run` makes the steps every engine shares, in this order: check the arguments, let the engine
+check its own and the paths (`Engine.check`), open OUT to resume it (`open`), list DIR (`find`),
+leave out what OUT already holds, caption the rest (`caption`), end OUT (`finish`), write the
+gallery, and end with the summary and the exit status. An engine (`local.LocalEngine`,
+`ray_engine.RayEngine`) supplies only what differs: where the files are, how OUT is kept while
+the work runs, and what runs the model.
 
 Exit status: 0 when at least one image has a caption in OUT, 1 when nothing could be captioned
 (no image found, or every one failed), 2 when OUT cannot be written or the arguments are wrong,
@@ -12,9 +18,10 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..arguments import decode_options
+from .listing import Discovery
 from .records import OutputError
 
 
@@ -41,8 +48,73 @@ class Summary:
         return "\n".join(["failed:", *shown, line] if shown else [line])
 
 
+class Engine(Protocol):
+    """What differs between engines. `run` calls each step once, in the order below (`caption`
+    only when something is left to do); `check` sets the attributes."""
+
+    source: str  # DIR, as messages name it
+    output: str  # OUT, as messages name it
+    writing: str  # what `caption` writes into as it goes, named when that fails
+    image_root: Path  # the local folder whose photos the gallery links
+
+    def check(self, args: argparse.Namespace, options: dict[str, Any]) -> None:
+        """Check the engine's own arguments and the paths, and read what the work needs; nothing
+        is written yet. A mistake raises ValueError, FileNotFoundError or RuntimeError."""
+
+    def open(self) -> set[str]:
+        """Open OUT to resume it (with --overwrite: to start afresh); the paths it already holds.
+        Raises OSError or OutputError when OUT cannot be used."""
+
+    def find(self) -> Discovery:
+        """DIR's images, sorted, and what was skipped."""
+
+    def caption(self, todo: list[str], summary: Summary) -> None:
+        """Caption `todo` into OUT, keeping every finished part for a rerun, and count in
+        `summary` (its elapsed time too)."""
+
+    def finish(self, *, complete: bool, keep: list[dict[str, Any]] | None) -> bool:
+        """End OUT; `complete` when nothing was left undone, else keep what a rerun resumes from.
+        Adds OUT's records to `keep`, when given; returns whether one of them has a caption."""
+
+    def kept(self, summary: Summary) -> str:
+        """What an interrupted run has kept, for the message that says how to finish it."""
+
+
+def run(args: argparse.Namespace, engine: Engine) -> int:
+    engine.check(args, check_arguments(args))
+    try:
+        done = engine.open()
+    except (OSError, OutputError) as error:
+        return output_failed(error, engine.output)
+    found = engine.find()
+    todo = [p for p in found.images if p not in done]
+    summary = Summary(skipped=len(found.skipped), already_done=len(found.images) - len(todo))
+    interrupted = False
+    try:
+        if todo:
+            engine.caption(todo, summary)
+    except KeyboardInterrupt:
+        interrupted = True
+    except OSError as error:
+        engine.finish(complete=False, keep=None)
+        return output_failed(error, engine.writing)
+    gallery = Path(args.html) if args.html and not interrupted else None
+    records: list[dict[str, Any]] | None = [] if gallery is not None else None
+    try:
+        captioned_any = engine.finish(complete=not interrupted, keep=records)
+        if gallery is not None:
+            from .gallery import write_gallery
+
+            write_gallery(records, engine.image_root, gallery, title=f"Captions of {engine.image_root.name}")
+    except (OSError, OutputError) as error:
+        return output_failed(error)
+    return report(args, summary, found_any=bool(found.images), captioned_any=captioned_any,
+                  interrupted=interrupted, output=engine.output, source=engine.source,
+                  written=engine.kept(summary))
+
+
 def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """The checks both engines make before any work; returns the decoding options."""
+    """The checks every engine needs before any work; returns the decoding options."""
     from ..decoding import DecodeConfig
 
     if args.batch_size < 1 or args.workers < 0:
@@ -53,13 +125,11 @@ def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(args: argparse.Namespace, summary: Summary, *, found_any: bool, captioned_any: bool,
-           interrupted: bool, output: str, source: str, written: str | None = None) -> int:
-    """The summary on stderr and the exit status, alike for both engines. `written` says what an
-    interrupted run kept (default: every image it captioned, in OUT)."""
+           interrupted: bool, output: str, source: str, written: str) -> int:
+    """The summary on stderr and the exit status; `written` says what an interrupted run kept."""
     if not args.quiet:
         print(summary.describe(output), file=sys.stderr)
     if interrupted:
-        written = written or f"{summary.captioned + summary.failed} images written to {output}"
         print(f"interrupted: {written}; run the same command again to finish", file=sys.stderr)
         return 130
     if not found_any:
@@ -74,7 +144,7 @@ def report(args: argparse.Namespace, summary: Summary, *, found_any: bool, capti
 
 def output_failed(error: Exception, target: object = "the output") -> int:
     """Say why the output could not be written (an `OutputError` says it all, an OSError names the
-    file) -> exit status 2, for both engines."""
+    file) -> exit status 2."""
     detail = str(error) if isinstance(error, OutputError) else f"cannot write {target}: {error}"
     print(f"captioner caption-folder: {detail}", file=sys.stderr)
     return 2

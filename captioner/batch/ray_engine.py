@@ -31,7 +31,8 @@ How it runs:
   the file (for coco, with its OUT.records.jsonl journal) the local engine writes. OUT.shards/ is
   kept: a later run resumes from it, captions photos added to SOURCE since, and merges again.
 
-Exit status: as the local engine's.
+The steps around this work (checks, resume, summary, exit status) are `job.run`'s, as for the
+local engine.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..files import write_atomically
-from .job import Summary, check_arguments, output_failed, report
+from .job import Summary
 from .listing import Discovery, find_images, hidden, path_inside, sniff_image
 from .records import (CSV_HEADER, JOURNAL_SUFFIX, OutputError, caption_record, coco_results, encode_jsonl,
                       encode_records, error_reason, error_record, output_format, parse_records)
@@ -455,85 +456,150 @@ def object_store_budget(actors: int, batch_size: int, size: int) -> int:
     return max(32 << 20, 8 * actors * batch_size * 3 * size * size)
 
 
-def run(args: argparse.Namespace) -> int:
-    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
-    if address == "local" and "ray" not in sys.modules:
-        # A Ray started for this run serves this machine alone: its processes then address each
-        # other on the loopback interface (Ray's single-machine mode), not on the network.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray = _import_ray()
-    options = check_arguments(args)
-    if args.shard_size < 1:
-        raise ValueError("--shard-size must be at least 1")
-    if args.actors is not None and args.actors < 1:
-        raise ValueError("--actors must be at least 1")
-    if args.num_gpus_per_actor < 0 or args.num_cpus_per_actor < 0:
-        raise ValueError("--num-cpus-per-actor and --num-gpus-per-actor cannot be negative")
-    source, out = Location(args.dir), Location(args.output)
-    fmt = output_format(args.format, args.output)
-    gallery = Path(args.html) if args.html else None
-    if gallery is not None and not source.local:
-        raise ValueError("--html links the photos from a local page: it needs a local SOURCE folder")
-    for name, place in (("OUT", out), ("the gallery", Location(args.html) if gallery else None)):
-        if place is not None and inside(place, source):
-            raise ValueError(f"{name} ({place}) is inside {source}: nothing is written into the input folder")
-    if not source.is_dir():
-        raise FileNotFoundError(f"{source} is not a folder")
+class RayEngine:
+    """caption-folder's steps on a Ray cluster, for `job.run`: DIR and OUT are local paths or URIs;
+    while the work runs OUT is kept as committed shards, and it is rendered from them only once
+    nothing is left undone."""
 
-    checkpoint = Location(args.checkpoint) if args.checkpoint else None
-    if checkpoint is None:
-        from ..api import DEFAULT_CHECKPOINT
+    source: str
+    output: str
+    writing: str
+    image_root: Path
 
-        checkpoint = Location(str(DEFAULT_CHECKPOINT))
-    checkpoint_bytes = checkpoint.read_bytes()
-    suffix = os.path.splitext(checkpoint.name)[1]
-    preprocessing = checkpoint_preprocessing(checkpoint_bytes, suffix, options, precision=args.precision)
+    def check(self, args: argparse.Namespace, options: dict[str, Any]) -> None:
+        address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+        if address == "local" and "ray" not in sys.modules:
+            # A Ray started for this run serves this machine alone: its processes then address each
+            # other on the loopback interface (Ray's single-machine mode), not on the network.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        self.ray = _import_ray()
+        if args.shard_size < 1:
+            raise ValueError("--shard-size must be at least 1")
+        if args.actors is not None and args.actors < 1:
+            raise ValueError("--actors must be at least 1")
+        if args.num_gpus_per_actor < 0 or args.num_cpus_per_actor < 0:
+            raise ValueError("--num-cpus-per-actor and --num-gpus-per-actor cannot be negative")
+        src, out = Location(args.dir), Location(args.output)
+        if args.html and not src.local:
+            raise ValueError("--html links the photos from a local page: it needs a local SOURCE folder")
+        for name, place in (("OUT", out), ("the gallery", Location(args.html) if args.html else None)):
+            if place is not None and inside(place, src):
+                raise ValueError(f"{name} ({place}) is inside {src}: nothing is written into the input folder")
+        if not src.is_dir():
+            raise FileNotFoundError(f"{src} is not a folder")
 
-    shards = Shards(out.with_suffix(SHARDS_SUFFIX))
-    try:
-        if args.overwrite:
+        checkpoint = Location(args.checkpoint) if args.checkpoint else None
+        if checkpoint is None:
+            from ..api import DEFAULT_CHECKPOINT
+
+            checkpoint = Location(str(DEFAULT_CHECKPOINT))
+        self.checkpoint_bytes = checkpoint.read_bytes()
+        self.suffix = os.path.splitext(checkpoint.name)[1]
+        self.preprocessing = checkpoint_preprocessing(self.checkpoint_bytes, self.suffix, options,
+                                                      precision=args.precision)
+        self.args, self.options, self.src, self.out = args, options, src, out
+        self.fmt = output_format(args.format, args.output)
+        self.shards = Shards(out.with_suffix(SHARDS_SUFFIX))
+        self.source, self.output, self.writing = str(src), str(out), str(self.shards.folder)
+        self.image_root = Path(src.path)
+
+    def open(self) -> set[str]:
+        out = self.out
+        if self.args.overwrite:
             out.remove()
             out.with_suffix(JOURNAL_SUFFIX).remove()
-        elif out.exists() and not shards.folder.exists():
-            raise OutputError(f"{out} exists without the shards folder {shards.folder.name.rsplit('/', 1)[-1]} "
+        elif out.exists() and not self.shards.folder.exists():
+            raise OutputError(f"{out} exists without the shards folder {self.shards.folder.name.rsplit('/', 1)[-1]} "
                               "the ray engine resumes from; choose another output or pass --overwrite")
-        done = shards.open(overwrite=args.overwrite)
-    except (OSError, OutputError) as error:
-        return output_failed(error, out)
+        return self.shards.open(overwrite=self.args.overwrite)
 
-    found = find_images_at(source, recursive=args.recursive, glob=args.glob)
-    todo = [p for p in found.images if p not in done]
-    summary = Summary(skipped=len(found.skipped), already_done=len(found.images) - len(todo))
-    interrupted = False
-    if todo:
+    def find(self) -> Discovery:
+        return find_images_at(self.src, recursive=self.args.recursive, glob=self.args.glob)
+
+    def caption(self, todo: list[str], summary: Summary) -> None:
+        from ray.data import ActorPoolStrategy, DataContext, ExecutionResources
+
+        ray, args, source, shards, preprocessing = self.ray, self.args, self.src, self.shards, self.preprocessing
+        connected, started_here = _connect(ray, args)
         try:
-            _caption_on_ray(ray, args, options, source, todo, shards, summary, checkpoint_bytes, suffix,
-                            preprocessing)
-        except KeyboardInterrupt:
-            interrupted = True
-        except OSError as error:
-            return output_failed(error, shards.folder)
-    records: list[dict[str, Any]] | None = [] if gallery is not None else None
-    captioned_any = False
-    if not interrupted:
-        try:
-            def watched() -> Iterator[dict[str, Any]]:
-                nonlocal captioned_any
-                for record in shards.merged():
-                    captioned_any = captioned_any or "caption" in record
-                    yield record
+            cluster = ray.cluster_resources()
+            gpus, cpus = args.num_gpus_per_actor, args.num_cpus_per_actor
+            actors = args.actors or (max(1, int(cluster.get("GPU", 0) // gpus)) if gpus > 0
+                                     else max(1, int(cluster.get("CPU", 1) // (cpus + 1))))
+            threads = args.threads_per_actor or (max(1, (os.cpu_count() or 1) // actors) if started_here
+                                                 else max(1, math.ceil(cpus)))
+            context = DataContext.get_current()
+            context.enable_progress_bars = not args.quiet
+            context.print_on_execution_start = not args.quiet
+            budget = object_store_budget(actors, args.batch_size, preprocessing.size)
+            context.execution_options.resource_limits = ExecutionResources(object_store_memory=budget)
+            if args.quiet:
+                logging.getLogger("ray.data").setLevel(logging.ERROR)
 
-            render(fmt, out, watched(), records)
-            if gallery is not None:
-                from .gallery import write_gallery
+            # Ray gives each actor its GPUs as CUDA_VISIBLE_DEVICES
+            device = "cuda" if gpus > 0 and args.device == "cpu" else args.device
+            source_name = source.path if source.local else source.name
+            blocks = min(math.ceil(len(todo) / args.batch_size), 10_000)
+            dataset = (
+                ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(todo)], override_num_blocks=blocks)
+                .map_batches(decode_images, batch_size=args.batch_size, batch_format="numpy", num_cpus=1,
+                             memory=DECODE_TASK_MEMORY,
+                             fn_kwargs={"source": source_name, "preprocessing": preprocessing.to_dict(),
+                                        "size": preprocessing.size})
+                .map_batches(CaptionActor, batch_size=args.batch_size, batch_format="numpy",
+                             compute=ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=gpus or None,
+                             fn_constructor_kwargs={"checkpoint": [ray.put(self.checkpoint_bytes)],
+                                                    "suffix": self.suffix, "device": device,
+                                                    "precision": args.precision, "decode": self.options,
+                                                    "threads": threads})
+            )
+            run, size = shards.next_run, args.shard_size
+            pending: dict[int, dict[int, dict[str, Any]]] = {}  # shard -> index -> record
+            finished: set[int] = set()
+            first, wall = None, time.time()
+            try:
+                for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                    first = min(first or math.inf, float(batch["started"].min()))
+                    for index, text in zip(batch["index"].tolist(), batch["record"]):
+                        shard = index // size
+                        if shard in finished or index in pending.get(shard, ()):
+                            continue  # a batch run twice (an actor restarted): keep one record
+                        records = pending.setdefault(shard, {})
+                        record = records[index] = json.loads(text)
+                        if "caption" in record:
+                            summary.captioned += 1
+                        else:
+                            summary.failed += 1
+                            summary.failures.append((record["path"], record["error"]))
+                        if len(records) == min(size, len(todo) - shard * size):
+                            shards.commit(run, shard, [records[i] for i in sorted(records)])
+                            del pending[shard]
+                            finished.add(shard)
+            finally:
+                summary.elapsed = time.time() - (first if first is not None else wall)
+        except ray.exceptions.RayError as error:
+            raise RuntimeError(f"the Ray job failed: {error}\n(the committed shards are kept: run the same command "
+                               "again to resume)") from None
+        finally:
+            if connected:
+                ray.shutdown()
 
-                write_gallery(records, Path(source.path), gallery, title=f"Captions of {Path(source.path).name}")
-        except (OSError, OutputError) as error:
-            return output_failed(error)
-    kept = len(shards.committed) - shards.found
-    return report(args, summary, found_any=bool(found.images), captioned_any=captioned_any,
-                  interrupted=interrupted, output=str(out), source=str(source),
-                  written=f"{kept} shards of this run committed to {shards.folder}")
+    def finish(self, *, complete: bool, keep: list[dict[str, Any]] | None) -> bool:
+        if not complete:
+            return False  # the committed shards are what a rerun resumes from; OUT waits for all
+        captioned_any = False
+
+        def watched() -> Iterator[dict[str, Any]]:
+            nonlocal captioned_any
+            for record in self.shards.merged():
+                captioned_any = captioned_any or "caption" in record
+                yield record
+
+        render(self.fmt, self.out, watched(), keep)
+        return captioned_any
+
+    def kept(self, summary: Summary) -> str:
+        return f"{len(self.shards.committed) - self.shards.found} shards of this run committed to {self.shards.folder}"
 
 
 def _connect(ray, args: argparse.Namespace) -> tuple[bool, bool]:
@@ -547,72 +613,3 @@ def _connect(ray, args: argparse.Namespace) -> tuple[bool, bool]:
         settings.update(num_cpus=os.cpu_count(), include_dashboard=False)
     ray.init(**settings)
     return True, address == "local"
-
-
-def _caption_on_ray(ray, args: argparse.Namespace, options: dict[str, Any], source: Location, todo: list[str],
-                    shards: Shards, summary: Summary, checkpoint_bytes: bytes, suffix: str, preprocessing) -> None:
-    from ray.data import ActorPoolStrategy, DataContext, ExecutionResources
-
-    connected, started_here = _connect(ray, args)
-    try:
-        cluster = ray.cluster_resources()
-        gpus, cpus = args.num_gpus_per_actor, args.num_cpus_per_actor
-        actors = args.actors or (max(1, int(cluster.get("GPU", 0) // gpus)) if gpus > 0
-                                 else max(1, int(cluster.get("CPU", 1) // (cpus + 1))))
-        threads = args.threads_per_actor or (max(1, (os.cpu_count() or 1) // actors) if started_here
-                                             else max(1, math.ceil(cpus)))
-        context = DataContext.get_current()
-        context.enable_progress_bars = not args.quiet
-        context.print_on_execution_start = not args.quiet
-        budget = object_store_budget(actors, args.batch_size, preprocessing.size)
-        context.execution_options.resource_limits = ExecutionResources(object_store_memory=budget)
-        if args.quiet:
-            logging.getLogger("ray.data").setLevel(logging.ERROR)
-
-        # Ray gives each actor its GPUs as CUDA_VISIBLE_DEVICES
-        device = "cuda" if gpus > 0 and args.device == "cpu" else args.device
-        source_name = source.path if source.local else source.name
-        blocks = min(math.ceil(len(todo) / args.batch_size), 10_000)
-        dataset = (
-            ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(todo)], override_num_blocks=blocks)
-            .map_batches(decode_images, batch_size=args.batch_size, batch_format="numpy", num_cpus=1,
-                         memory=DECODE_TASK_MEMORY,
-                         fn_kwargs={"source": source_name, "preprocessing": preprocessing.to_dict(),
-                                    "size": preprocessing.size})
-            .map_batches(CaptionActor, batch_size=args.batch_size, batch_format="numpy",
-                         compute=ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=gpus or None,
-                         fn_constructor_kwargs={"checkpoint": [ray.put(checkpoint_bytes)], "suffix": suffix,
-                                                "device": device, "precision": args.precision,
-                                                "decode": options, "threads": threads})
-        )
-        run, size = shards.next_run, args.shard_size
-        pending: dict[int, dict[int, dict[str, Any]]] = {}  # shard -> index -> record
-        finished: set[int] = set()
-        first, wall = None, time.time()
-        try:
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                first = min(first or math.inf, float(batch["started"].min()))
-                for index, text in zip(batch["index"].tolist(), batch["record"]):
-                    shard = index // size
-                    if shard in finished or index in pending.get(shard, ()):
-                        continue  # a batch run twice (an actor restarted): keep one record
-                    records = pending.setdefault(shard, {})
-                    record = records[index] = json.loads(text)
-                    if "caption" in record:
-                        summary.captioned += 1
-                    else:
-                        summary.failed += 1
-                        summary.failures.append((record["path"], record["error"]))
-                    if len(records) == min(size, len(todo) - shard * size):
-                        shards.commit(run, shard, [records[i] for i in sorted(records)])
-                        del pending[shard]
-                        finished.add(shard)
-        finally:
-            summary.elapsed = time.time() - (first if first is not None else wall)
-    except ray.exceptions.RayError as error:
-        raise RuntimeError(f"the Ray job failed: {error}\n(the committed shards are kept: run the same command "
-                           "again to resume)") from None
-    finally:
-        if connected:
-            ray.shutdown()
-
