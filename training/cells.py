@@ -276,7 +276,7 @@ def find_cells(model: Captioner, spec, split: str, out: str | os.PathLike, *,
     captions = reference_captions(samples, captions_per_image, max_captions)
     recording = record(model, captions, cache.regions, gates=gates)
     report = rank_units(score_units(recording, seed))
-    report.update(split=split, data=str(spec.path), captions=len(captions), words=len(recording.caption_of),
+    report.update(split=split, data=spec.label, data_path=str(spec.path), captions=len(captions), words=len(recording.caption_of),
                   images=len({path for path, _ in captions}))
     write_report(report, recording, Path(out), top=top, examples=examples)
     return report
@@ -297,5 +297,7 @@ def shipped_units(report: dict, count: int = 20) -> dict:
         if unit["kind"] in ("h", "c"):
             chosen.setdefault((unit["kind"], unit["index"]), unit)
     units = sorted(list(chosen.values())[:count], key=lambda u: -u["score"])
+    rounded = lambda v: round(v, 4) if isinstance(v, float) else v  # noqa: E731
     return {"alignment": report["alignment"], "split": report.get("split"), "data": report.get("data"),
-            "baseline": report["baseline"], "units": [{k: u[k] for k in keys} for u in units]}
+            "baseline": {k: rounded(v) for k, v in report["baseline"].items()},
+            "units": [{k: rounded(u[k]) for k in keys} for u in units]}

@@ -20,7 +20,8 @@ def write_report(report: dict, recording, out: Path, *, top: int = 10, examples:
     (out / "units").mkdir(exist_ok=True)
     chosen = example_captions(recording.words, examples)
     drawn = {}
-    for unit in [*report["units"][:top], *report["by_group"].get("context", [])[:top]]:
+    best_per_property = [prop["top"][0] for prop in report["by_property"].values()]
+    for unit in [*report["units"][:top], *report["by_group"].get("context", [])[:top], *best_per_property]:
         key = unit["kind"], unit["index"]
         if key not in drawn:
             values = recording.activations[unit["kind"]][:, unit["index"]]  # (W,)
@@ -94,13 +95,14 @@ def markdown(report: dict, top: int) -> str:
     context = report["by_group"].get("context", [])[:top]
     if context:
         lines += ["", "## Top units on properties that need memory of the caption", "",
-                  "Position, words left, inside a noun phrase, subject already named: not a property of the "
+                  "Position, words left, in a noun phrase, subject already named: not a property of the "
                   "word just read.", "", *_table(context)]
     lines += ["", "## Best unit per property", "",
               "| property | best unit | score | shuffled max | length-matched max |", "| --- | --- | --- | --- | --- |"]
     for prop in report["by_property"].values():
         best = prop["top"][0]
-        lines.append(f"| {prop['label']} | {best['name'].split(':')[0]} | {best['score']:.3f} | "
+        unit = f"[{best['name'].split(':')[0]}]({best['picture']})" if "picture" in best else best["name"].split(":")[0]
+        lines.append(f"| {prop['label']} | {unit} | {best['score']:.3f} | "
                      f"{prop['shuffled_max']:.3f} | {prop['length_matched_max']:.3f} |")
     lines += ["", "## The top units over a few captions", "",
               "Each word's background is the unit's value after reading it (blue: the unit's 1st percentile "

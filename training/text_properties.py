@@ -79,7 +79,7 @@ TEXT_PROPERTIES = (
     Property("verb", "verb", True),
     Property("preposition", "preposition", True),
     Property("determiner", "article/determiner", True),
-    Property("noun_phrase", "inside a noun phrase", True, "context"),
+    Property("noun_phrase", "in a noun phrase", True, "context"),
     Property("plural", "plural noun", True),
     Property("subject_named", "subject already named", True, "context"),
 )

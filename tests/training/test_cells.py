@@ -128,3 +128,15 @@ def test_cells_command_writes_json_markdown_and_pictures(tiny_checkpoint, flickr
     shipped = json.loads(units_file.read_text())
     assert 0 < len(shipped["units"]) <= 20 and {u["kind"] for u in shipped["units"]} <= {"h", "c"}
     assert shipped["baseline"] == report["baseline"]
+
+
+def test_the_bundled_models_units_ship_with_the_package():
+    from importlib.resources import files
+
+    shipped = json.loads(files("captioner").joinpath("weights/default_cells.json").read_text())
+    base = shipped["baseline"]["shuffled_max"]
+    assert 10 <= len(shipped["units"]) <= 20
+    for unit in shipped["units"]:
+        assert unit["name"] == f"unit {unit['index']} ({unit['kind']}): {unit['label']}"
+        assert unit["kind"] in ("h", "c") and unit["score"] > base
+    assert len({(u["kind"], u["index"]) for u in shipped["units"]}) == len(shipped["units"])
