@@ -36,6 +36,7 @@ from . import access
 from .batcher import BatcherClosed, DeadlineExceeded, MicroBatcher, QueueFull
 from .config import ServiceConfig
 from .handler import CaptionHandler, attention_png
+from .cells import model_units
 from .metrics import Metrics
 from .models import ModelRegistry, ModelSlot, ReloadFailed, UnknownModel
 from .openapi import build_openapi
@@ -109,8 +110,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         warm.set()
         log.info("model %s loaded: %s in %.1f s, %s inference (%s)", name, handler.model_id,
                  time.monotonic() - started, model.inference.precision, model.inference.reason)
-        return ModelSlot(name, path, model, handler, batcher)
+        # The ranked units are read with the model, so a reload picks up a new units file too.
+        configured = settings.cells if name == default_name else None
+        units, missing = model_units(path, configured, hidden_dim=model.decoder.config.hidden_dim)
+        if configured and units is None:
+            log.warning("model %s: no ranked units for the web page: %s", name, missing)
+        return ModelSlot(name, path, model, handler, batcher, units=units, units_missing=missing)
 
+    default_name = settings.model_specs()[0][0]
     limit = parse_rate_limit(settings.rate_limit)
     buckets = None
     if limit is not None:
@@ -425,6 +432,15 @@ def _register_routes(app: Flask, state: ServiceState) -> None:
     def models() -> Response:
         return jsonify({"default": state.models.default,
                         "models": [slot.summary() for slot in state.models.slots()]})
+
+    @app.get("/v1/models/<name>/cells")
+    def cells(name: str) -> Response:
+        if name not in state.models.names:  # a name, never a path: the file was found at load time
+            raise Problem(404, f"unknown model {name!r}; this service has: {', '.join(state.models.names)}")
+        slot = state.models.get(name)
+        if slot.units is None:
+            raise Problem(404, f"model {name!r} has no ranked units: {slot.units_missing}")
+        return _answered_by(jsonify({"model_name": slot.name, **slot.units}), slot)
 
     @app.post("/v1/models/<name>/reload")
     def reload(name: str) -> Response:

@@ -30,6 +30,10 @@ def register(commands) -> None:
     serve.add_argument("--model", action="append", default=None, metavar="NAME=PATH",
                        help="serve this checkpoint as NAME (repeat for several; the first is the default; "
                             "requests pick one with model=NAME)")
+    serve.add_argument("--cells", default=None, metavar="PATH",
+                       help="the default model's ranked units for the web page's under-the-hood view "
+                            "(captioner cells --units-file; default: <checkpoint stem>.cells.json or "
+                            "cells.json beside the checkpoint)")
     serve.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     serve.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "int8"),
                        help="the encoder's inference path (default: auto, the fastest this CPU runs natively "
@@ -49,7 +53,7 @@ def register(commands) -> None:
 def _serve(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     settings = {"HOST": args.host, "PORT": args.port, "WORKERS": args.workers, "THREADS": args.threads,
-                "CHECKPOINT": args.checkpoint, "DEVICE": args.device, "PRECISION": args.precision,
+                "CHECKPOINT": args.checkpoint, "CELLS": args.cells, "DEVICE": args.device, "PRECISION": args.precision,
                 "MAX_BATCH_SIZE": args.max_batch_size, "MAX_WAIT_MS": args.max_wait_ms,
                 "MODELS": ",".join(args.model) if args.model else None,
                 "RATE_LIMIT": args.rate_limit, "DRAIN_S": args.drain_s}

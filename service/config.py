@@ -27,6 +27,7 @@ class ServiceConfig:
     precision: str = "auto"  # auto, fp32, bf16 or int8: the encoder's path (captioner/runtime/precision.py)
     torch_threads: int = 0  # 0: cores / gunicorn workers
     warmup: bool = True  # caption one image before /readyz says ready
+    cells: str | None = None  # the default model's ranked units (captioner cells --units-file); None: beside its checkpoint
 
     # micro-batching
     max_batch_size: int = 16  # images per encoder+decoder batch; 1 turns batching off

@@ -49,6 +49,8 @@ class ModelSlot:
     loaded_at: float = field(default_factory=time.time)  # Unix time
     reloads: int = 0
     last_reload_error: str | None = None
+    units: dict[str, Any] | None = None  # the ranked units of GET /v1/models/NAME/cells (service/cells.py)
+    units_missing: str = ""  # why there are none
 
     @property
     def sha256(self) -> str | None:
@@ -75,14 +77,15 @@ class ModelSlot:
 
     def card(self) -> dict[str, Any]:
         """GET /v1/model: what the model is, how it was trained and measured, how it was reloaded."""
-        return {**self._described, "reloads": self.reloads, "last_reload_error": self.last_reload_error}
+        return {**self._described, "reloads": self.reloads, "last_reload_error": self.last_reload_error,
+                "cells": self.units is not None}
 
     def summary(self) -> dict[str, Any]:
         """One entry of GET /v1/models."""
         card = self.card()
         return {key: card[key] for key in ("name", "id", "checkpoint", "checkpoint_sha256", "backbone",
                                            "vocabulary_size", "metrics", "loaded_at", "reloads",
-                                           "last_reload_error")}
+                                           "last_reload_error", "cells")}
 
 
 Loader = Callable[[str, "str | None"], ModelSlot]

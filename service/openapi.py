@@ -139,6 +139,24 @@ def build_openapi(config: ServiceConfig, version: str) -> dict[str, Any]:
                                                          "models": {"type": "array", "items": {"type": "object"}}}}}}},
                               "401": errors["401"], "429": errors["429"]},
             }},
+            "/v1/models/{name}/cells": {"get": {
+                "operationId": "modelCells",
+                "summary": "The model's ranked LSTM units (captioner cells), for colouring a caption by one",
+                "description": "What `captioner cells` found each unit tracks, best first. A unit's value at "
+                               "word t is the state after reading word t: entry t + 1 of a caption's "
+                               "`hidden_states` (output_hidden_states=true). The bundled model ships its "
+                               "units; another checkpoint has them in `<stem>.cells.json` or `cells.json` beside "
+                               "it, or in CAPTIONER_CELLS. `GET /v1/models` says which models have them (`cells`).",
+                "parameters": [{"name": "name", "in": "path", "required": True,
+                                "schema": {"type": "string", "maxLength": 64}}, REQUEST_ID],
+                "security": security,
+                "responses": {"200": {"description": "the ranked units", "headers": answered_by,
+                                      "content": {"application/json": {
+                                          "schema": {"$ref": "#/components/schemas/Units"}}}},
+                              "401": errors["401"],
+                              "404": _problem("no model of that name, or the model has no ranked units"),
+                              "429": errors["429"]},
+            }},
             "/v1/models/{name}/reload": {"post": {
                 "operationId": "reloadModel",
                 "summary": "Load the model's checkpoint file again (after it was replaced)",
@@ -206,6 +224,30 @@ def build_openapi(config: ServiceConfig, version: str) -> dict[str, Any]:
                                     g: {"$ref": "#/components/schemas/Matrix"} for g in ("i", "f", "g", "o")}},
                             },
                         },
+                    },
+                },
+                "Units": {
+                    "type": "object",
+                    "required": ["model_name", "units"],
+                    "properties": {
+                        "model_name": {"type": "string"},
+                        "alignment": {"type": ["string", "null"]},
+                        "data": {"type": ["string", "null"], "description": "the caption set they were ranked on"},
+                        "split": {"type": ["string", "null"]},
+                        "baseline": {"type": ["object", "null"],
+                                     "description": "scores of units shuffled across words (shuffled_max, ...)"},
+                        "units": {"type": "array", "items": {
+                            "type": "object",
+                            "required": ["name", "kind", "index"],
+                            "properties": {
+                                "name": {"type": "string", "examples": ["unit 68 (c): subject already named"]},
+                                "kind": {"enum": ["h", "c"], "description": "hidden state or memory cell"},
+                                "index": {"type": "integer", "minimum": 0},
+                                "property": {"type": "string"}, "label": {"type": "string"},
+                                "group": {"type": "string"}, "direction": {"type": "string"},
+                                "score": {"type": "number", "description": "|Spearman rho| or |2 AUC - 1|"},
+                                "over_shuffled_max": {"type": "number"},
+                            }}},
                     },
                 },
                 "Matrix": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},

@@ -23,6 +23,7 @@ schemathesis.openapi.media_type("image/*", IMAGES)
 pytestmark = pytest.mark.integration  # schemathesis fuzzing
 
 OPERATIONS = ["POST /v1/captions", "POST /v1/captions/attention.png", "GET /v1/model", "GET /v1/models",
+              "GET /v1/models/{name}/cells",
               "POST /v1/models/{name}/reload", "GET /healthz", "GET /readyz", "GET /metrics"]
 
 
