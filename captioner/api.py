@@ -163,6 +163,8 @@ class Captioner:
         self.decoder = decoder.to(self.device).eval()
         self.inference = choose_path(precision, device=self.device, runtime="pytorch",
                                      backbone=encoder.config.backbone, int8_unavailable=self._int8_unavailable)
+        # The decoder's products follow the path: its quality is measured with them (evaluate_paths).
+        self.decoder.products = self.inference.precision if self.device.type == "cpu" else "fp32"
         if self.inference.precision == "int8":
             self._encode = onnx_export.int8_encoder(self, self._int8_calibration())
         else:

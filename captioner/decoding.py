@@ -94,7 +94,7 @@ def generate(
         guide = _Constraints.build(constraints or [[]] * regions.shape[0], excluded, decoder.config.vocab_size)
         if guide is not None and config.do_sample:
             raise ValueError("required words need search: they do not combine with do_sample=True")
-    rules = token_rules(config, eos_id, banned_ids)
+    rules = token_rules(config, eos_id, banned_ids, decoder.config.vocab_size)
     with torch.inference_mode():  # less per-op overhead than no_grad: decoding is many small ops
         record_gates = config.output_hidden_states and getattr(decoder, "can_record_gates", False)
         state = decoder.init_state(regions, pooled, record_gates=True) if record_gates else \
@@ -138,8 +138,11 @@ class TokenRule:
 class BanTokens(TokenRule):
     ids: tuple[int, ...]  # special tokens: <pad>, <bos>, <unk>
 
+    def __post_init__(self) -> None:
+        self.index = torch.tensor(self.ids, dtype=torch.long)
+
     def __call__(self, ban, history, rows):
-        ban[:, list(self.ids)] = True
+        ban.index_fill_(1, self.index.to(ban.device), True)
 
 
 @dataclass
@@ -195,14 +198,17 @@ class EndWhenMet(TokenRule):
         ban[:, self.eos] |= rows.met != rows.goal
 
 
-def token_rules(config: DecodeConfig, eos: int, banned_ids: tuple[int, ...]) -> list[TokenRule]:
+def token_rules(config: DecodeConfig, eos: int, banned_ids: tuple[int, ...], vocab_size: int) -> list[TokenRule]:
     """The rules every decoding method applies; constrained search adds its own after them."""
     rules: list[TokenRule] = [BanTokens(tuple(banned_ids))] if banned_ids else []
     if config.min_new_tokens:
         rules.append(MinLength(eos, config.min_new_tokens))
     if config.no_repeat_ngram_size:
         rules.append(NoRepeatNgram(config.no_repeat_ngram_size))
-    rules.append(EndWhenStuck(eos))
+    # Each step bans at most one word per n-gram said, and <eos> early: only a vocabulary about
+    # as small as a caption is long can run out of words.
+    if vocab_size - len(banned_ids) <= config.max_new_tokens + 2:
+        rules.append(EndWhenStuck(eos))
     return rules
 
 
@@ -393,14 +399,23 @@ class BeamState:
         self.history = torch.empty(images, r, 0, dtype=torch.long, device=device)  # (B, R, t)
         self.history_logps = torch.empty(images, r, 0, device=device)  # (B, R, t)
         self.traces: dict[str, torch.Tensor] = {}  # (B, R, t, *X) each, as `_trace` records
+        if self.required is not None:  # the row (within its image) each candidate of `select` extends
+            self.origin = torch.arange(r, device=device).repeat_interleave(2 * self.k + self.required.ids.shape[1])
+        self._index()
+
+    def _index(self) -> None:
+        """What depends only on which images are active: each image's first row (B, 1), and each
+        row's image and goal for the token rules."""
+        self.first_row = torch.arange(self.images, device=self.device)[:, None] * self.r
+        self.row_image = self.active.repeat_interleave(self.r)  # (N,)
+        self.row_goal = self.goal.repeat_interleave(self.r)  # (N,)
 
     @property
     def images(self) -> int:
         return self.active.shape[0]
 
     def rows(self) -> Rows:
-        return Rows(image=self.active.repeat_interleave(self.r), met=self.met.view(-1),
-                    goal=self.goal.repeat_interleave(self.r))
+        return Rows(image=self.row_image, met=self.met.view(-1), goal=self.row_goal)
 
     def select(self, logp: torch.Tensor) -> _Candidates:
         """logp (N, V) of the next word -> this step's candidates: the best 2K of the R*V
@@ -422,11 +437,10 @@ class BeamState:
             said_logp = said_logp.masked_fill((required.bits == 0)[:, None], NEG_INF)  # padding
             top_logp = torch.cat([plain_logp, said_logp], dim=2).view(b, -1)  # (B, Q), Q = R*(2K + W)
             word = torch.cat([plain_word, required.ids[:, None].expand(b, r, w)], dim=2).view(b, -1)
-            origin = torch.arange(r, device=self.device).repeat_interleave(2 * k + w).expand(b, -1)
+            origin = self.origin.expand(b, -1)
             bits = torch.cat([torch.zeros_like(plain_word), required.bits[:, None].expand(b, r, w)], dim=2)
             met = self.met.gather(1, origin) | bits.view(b, -1)
-        first_row = torch.arange(b, device=self.device)[:, None] * r
-        word_logp = logp[(first_row + origin).view(-1), word.view(-1)].view(word.shape)
+        word_logp = logp[(self.first_row + origin).view(-1), word.view(-1)].view(word.shape)
         return _Candidates(top_logp, origin, word, word_logp, met)
 
     def finish(self, top: _Candidates, trace: dict[str, torch.Tensor], pool: _Pool, eos: int, length: int) -> None:
@@ -439,8 +453,7 @@ class BeamState:
         else:
             ends[:, self.k:] = False  # candidates come ranked
         if bool(ends.any()):
-            first_row = torch.arange(self.images, device=self.device)[:, None] * self.r
-            tokens, logps, traces = self._extend(first_row + top.origin, top.word, top.word_logp, trace)
+            tokens, logps, traces = self._extend(self.first_row + top.origin, top.word, top.word_logp, trace)
             ranked = score(top.logp, length, self.config.length_penalty).masked_fill(~ends, NEG_INF)
             pool.merge(self.active, ranked, tokens, logps, traces, length=length, finished=True)
 
@@ -454,8 +467,7 @@ class BeamState:
         else:
             live, dead = _allocate(going, _popcount(top.met), self.quota, r)  # (B, R)
             self.logp = going.gather(1, live).masked_fill_(dead, NEG_INF)
-        first_row = torch.arange(b, device=self.device)[:, None] * r
-        rows = first_row + top.origin.gather(1, live)  # (B, R)
+        rows = self.first_row + top.origin.gather(1, live)  # (B, R)
         words = top.word.gather(1, live)
         self.met = top.met.gather(1, live)
         self.tokens = words.view(-1)
@@ -481,6 +493,7 @@ class BeamState:
         self.traces = {name: t[stay] for name, t in self.traces.items()}
         if self.required is not None:
             self.required, self.quota = self.required.select(stay), self.quota[stay]
+        self._index()
 
     def flush(self, pool: _Pool) -> None:
         """max_new_tokens reached: the live beams that met every required word compete

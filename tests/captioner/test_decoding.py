@@ -36,7 +36,7 @@ def test_beam_size_one_equals_greedy(decoder):
     from captioner.decoding import _beam_search, token_rules
 
     config = DecodeConfig(num_beams=1)
-    rules = token_rules(config, SPECIAL["eos_id"], SPECIAL["banned_ids"])
+    rules = token_rules(config, SPECIAL["eos_id"], SPECIAL["banned_ids"], V)
     with torch.no_grad():
         beamed = _beam_search(decoder, decoder.init_state(regions, pooled), SPECIAL["bos_id"], SPECIAL["eos_id"],
                               rules, config)
