@@ -10,6 +10,7 @@
   let current = null;    // the best sequence of the last response
   let previewUrl = null; // object URL of the image on show
   let latest = 0;        // number of the last request sent: older answers are dropped
+  const hood = window.underTheHood({ authorization, fields: options });  // hood.js
 
   // Choosing a file: click or Enter/Space on the drop zone opens the file picker.
   drop.addEventListener("click", () => file.click());
@@ -80,6 +81,7 @@
       model.appendChild(option);
     });
     if (listed.some((m) => m.name === chosen)) model.value = chosen;
+    hood.models(listed);
     modelField.hidden = listed.length < 2;
   }
   apikey.addEventListener("change", loadModels);  // the list may need the key
@@ -106,6 +108,7 @@
     errorBox.textContent = ""; words.textContent = ""; nbest.textContent = "";
     current = null;
     clearHeat();
+    hood.reset();
     status.textContent = "Captioning…";
     drop.classList.add("small");
     if (previewUrl) URL.revokeObjectURL(previewUrl);
@@ -131,6 +134,7 @@
     }
     status.textContent = body.timings_ms ? "Done in " + Math.round(body.timings_ms.total) + " ms" : "Done";
     show(body.images[0]);
+    hood.captioned(image, body.model_name);
   }
 
   function show(result) {
