@@ -71,7 +71,7 @@ class DecoderState:
     c: torch.Tensor | None  # (L, N, D), LSTM only
     image_gates: torch.Tensor  # (B, G): the pooled vector's constant share of layer 0's gates
     memory: torch.Tensor | None  # (B, P, F) projected regions, attention only
-    memory_att: torch.Tensor | None  # (B, P, A) their attention projection
+    memory_att: torch.Tensor | None  # (B, P, A) their attention projection (doubled in inference, see `_attend`)
     fast: "_InferenceWeights | None" = None  # decoding-time weights, looked up once per decode
     record_gates: bool = False  # keep each step's top-layer LSTM gates in `gates` (for inspection)
     gates: torch.Tensor | None = None  # (N, 4, D) i, f, g, o of the step that made this state
@@ -201,15 +201,18 @@ class Decoder(nn.Module):
     # -- the step API used by every decoding method ---------------------------------------------
 
     def init_state(self, regions: torch.Tensor, pooled: torch.Tensor,
-                   concepts: torch.Tensor | None = None, *, record_gates: bool = False) -> DecoderState:
+                   concepts: torch.Tensor | None = None, *, record_gates: bool = False,
+                   packed: bool = True) -> DecoderState:
         """regions (B, P, E), pooled (B, E) -> state with one sequence per image. With concept
         inputs, `concepts` (B, W) overrides the confidences the head computes from `pooled`
         (captions without photos). `record_gates` (LSTM): every later state carries the top
-        layer's gate activations of the step that made it."""
+        layer's gate activations of the step that made it. In inference (eval, no gradients) the
+        state carries the packed decoding weights and `step` uses them; `packed=False` gives the
+        modules' own computation, which training and the ONNX export trace."""
         c = self.config
         if record_gates and c.cell != "lstm":
             raise ValueError(f"record_gates needs an LSTM decoder, not {c.cell!r}")
-        fast = self._fast()
+        fast = self._fast() if packed else None
         if fast is not None:
             return self._init_fast(regions, pooled, concepts, fast, record_gates)
         image = self.feature_dropout(self.feature_proj(pooled))  # (B, F)
@@ -300,7 +303,7 @@ class Decoder(nn.Module):
         by the model's own previous prediction. Returns logits (N, T, V) and attention weights
         (N, T, P) or None. `fused=False` computes exactly the same step by step, module by module
         (the reference the fused path is tested against). `concepts` (B, W): as in `init_state`."""
-        state = self.init_state(regions, pooled, concepts)
+        state = self.init_state(regions, pooled, concepts, packed=False)
         k = tokens.shape[0] // pooled.shape[0]
         if k > 1:
             state = state.repeat(k)
@@ -396,7 +399,11 @@ class Decoder(nn.Module):
             cs.append(c_new)
             layer_input = h_new
         gates = lstm_gates(gates_in, hidden_gates) if state.record_gates else None  # the top layer's
-        new_state = state.with_sequences(torch.stack(hs), None if state.c is None else torch.stack(cs), gates)
+        if c.num_layers == 1:  # a view, not a copy
+            hs, cs = hs[0][None], None if state.c is None else cs[0][None]
+        else:
+            hs, cs = torch.stack(hs), None if state.c is None else torch.stack(cs)
+        new_state = state.with_sequences(hs, cs, gates)
         return self.dropout(layer_input), new_state, alpha
 
     def _top_projections(self, h: torch.Tensor, fast: "_InferenceWeights | None", top=None):
@@ -425,7 +432,10 @@ class Decoder(nn.Module):
         """query (N, A), gate input (N, F) -> gated context (N, F), weights (N, P)."""
         b, k = state.memory.shape[0], state.group_size
         weights = TrainedAttentionWeights.apply if torch.is_grad_enabled() else attention_weights
-        alpha = weights(state.memory_att, query.view(b, k, -1), self.att_score.weight[0])  # (B, K, P)
+        if state.fast is not None:  # inference keeps the memory, query and score doubled
+            alpha = doubled_attention_weights(state.memory_att, query.view(b, k, -1), state.fast.score)
+        else:
+            alpha = weights(state.memory_att, query.view(b, k, -1), self.att_score.weight[0])  # (B, K, P)
         context = torch.bmm(alpha, state.memory).view(b * k, -1)  # (N, F)
         return torch.sigmoid(gate) * context, alpha.view(b * k, -1)
 
@@ -451,8 +461,14 @@ def attention_weights(memory_att: torch.Tensor, query: torch.Tensor, score: torc
     the same constant to every region's score, which the softmax cancels, so this computes
     softmax(2w . sigmoid(2m + 2q)): the same function, and on CPUs the (B, K, P, A) sigmoid pass,
     most of attention's cost, is several times cheaper than tanh's."""
-    energy = torch.sigmoid((memory_att * 2)[:, None] + (query * 2)[:, :, None])  # (B, K, P, A)
-    return torch.matmul(energy, score * 2).softmax(dim=-1)  # (B, K, P)
+    return doubled_attention_weights(memory_att * 2, query * 2, score * 2)
+
+
+def doubled_attention_weights(memory_att: torch.Tensor, query: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """`attention_weights` of inputs already doubled (exactly: a power of two), as inference
+    keeps them, one pass over (B, P, A) fewer per word."""
+    energy = torch.sigmoid(memory_att[:, None] + query[:, :, None])  # (B, K, P, A)
+    return torch.matmul(energy, score).softmax(dim=-1)  # (B, K, P)
 
 
 class TrainedAttentionWeights(torch.autograd.Function):
@@ -562,7 +578,8 @@ class _InferenceWeights:
     output: _Projection  # E or D -> V
     feature_proj: _Projection  # E -> F, once per image (and region)
     init: _Projection  # F -> L*D [+ L*D] [+ G]: init_h, init_c and the image's gates in one product
-    memory_att: _Projection | None  # F -> A
+    memory_att: _Projection | None  # F -> A, doubled
+    score: torch.Tensor | None  # (A,) the attention score weight, doubled
 
     @classmethod
     @torch.no_grad()
@@ -570,8 +587,8 @@ class _InferenceWeights:
         c, products = decoder.config, decoder.products
         top = decoder.hidden_gates[-1]
         weights, biases = [top.weight], [top.bias]
-        if c.attention:
-            weights += [decoder.hidden_att.weight, decoder.context_gate.weight]
+        if c.attention:  # the query doubled: see `doubled_attention_weights`
+            weights += [decoder.hidden_att.weight * 2, decoder.context_gate.weight]
             biases += [torch.zeros(c.attention_dim, device=top.bias.device), decoder.context_gate.bias]
         if c.tie_embeddings:
             output_proj = _Projection(decoder.output_proj.weight, None, products)
@@ -588,5 +605,7 @@ class _InferenceWeights:
             output=output,
             feature_proj=_Projection(decoder.feature_proj.weight, decoder.feature_proj.bias, products),
             init=_Projection(torch.cat([m.weight for m in starts]), torch.cat([m.bias for m in starts]), products),
-            memory_att=_Projection(decoder.memory_att.weight, decoder.memory_att.bias, products) if c.attention else None,
+            memory_att=_Projection(decoder.memory_att.weight * 2, decoder.memory_att.bias * 2, products)
+            if c.attention else None,
+            score=decoder.att_score.weight[0] * 2 if c.attention else None,
         )

@@ -428,7 +428,7 @@ class BeamState:
             top_logp, top_index = cumulative.view(b, r * vocab).topk(2 * k, dim=1)  # (B, 2K)
             origin = torch.div(top_index, vocab, rounding_mode="floor")
             word = top_index % vocab
-            met = self.met.gather(1, origin)
+            met = self.met[:, :1].expand_as(word)  # nothing to meet: all zero
         else:
             required = self.required
             plain_logp, plain_word = cumulative.masked_fill(required.mask[:, None], NEG_INF).topk(2 * k, dim=2)
@@ -443,19 +443,26 @@ class BeamState:
         word_logp = logp[(self.first_row + origin).view(-1), word.view(-1)].view(word.shape)
         return _Candidates(top_logp, origin, word, word_logp, met)
 
-    def finish(self, top: _Candidates, trace: dict[str, torch.Tensor], pool: _Pool, eos: int, length: int) -> None:
-        """An <eos> among the first K candidates that met every required word enters the pool."""
-        at_goal = top.met == self.goal[:, None]
-        ends = (top.word == eos) & (top.logp > NEG_INF) & at_goal
-        if self.required is not None:  # rank among the candidates at the goal
+    def finish(self, top: _Candidates, trace: dict[str, torch.Tensor], pool: _Pool, eos: int, length: int) -> bool:
+        """An <eos> among the first K candidates that met every required word enters the pool.
+        -> whether any did."""
+        if self.required is None:  # candidates come ranked, and every one is at the goal
+            top = _Candidates(*(t[:, :self.k] for t in (top.logp, top.origin, top.word, top.word_logp, top.met)))
+            ends = top.word == eos
+            if not bool(ends.any()):  # most steps: one check
+                return False
+            ends &= top.logp > NEG_INF
+        else:  # rank among the candidates at the goal
+            at_goal = top.met == self.goal[:, None]
+            ends = (top.word == eos) & (top.logp > NEG_INF) & at_goal
             ranked = top.logp.masked_fill(~at_goal, NEG_INF)
             ends &= (ranked[:, :, None] < ranked[:, None, :]).sum(dim=2) < self.k
-        else:
-            ends[:, self.k:] = False  # candidates come ranked
-        if bool(ends.any()):
-            tokens, logps, traces = self._extend(self.first_row + top.origin, top.word, top.word_logp, trace)
-            ranked = score(top.logp, length, self.config.length_penalty).masked_fill(~ends, NEG_INF)
-            pool.merge(self.active, ranked, tokens, logps, traces, length=length, finished=True)
+        if not bool(ends.any()):
+            return False
+        tokens, logps, traces = self._extend(self.first_row + top.origin, top.word, top.word_logp, trace)
+        ranked = score(top.logp, length, self.config.length_penalty).masked_fill(~ends, NEG_INF)
+        pool.merge(self.active, ranked, tokens, logps, traces, length=length, finished=True)
+        return True
 
     def advance(self, top: _Candidates, trace: dict[str, torch.Tensor], eos: int) -> torch.Tensor:
         """The best other candidates continue (by bank with required words) -> the rows (N,) they
@@ -469,7 +476,8 @@ class BeamState:
             self.logp = going.gather(1, live).masked_fill_(dead, NEG_INF)
         rows = self.first_row + top.origin.gather(1, live)  # (B, R)
         words = top.word.gather(1, live)
-        self.met = top.met.gather(1, live)
+        if self.required is not None:  # else nothing is ever met
+            self.met = top.met.gather(1, live)
         self.tokens = words.view(-1)
         self.history, self.history_logps, self.traces = self._extend(
             rows, words, top.word_logp.gather(1, live), trace)
@@ -593,8 +601,10 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, eos: int, rule
         trace = _trace(config, state, alpha)
         logp = log_probs(logits, rules, beams.history.view(beams.images * beams.r, -1), beams.rows())  # (N, V)
         top = beams.select(logp)
-        beams.finish(top, trace, pool, eos, length=step + 1)
+        ended = beams.finish(top, trace, pool, eos, length=step + 1)
         state = state.reorder(beams.advance(top, trace, eos))
+        if config.early_stopping and not ended:  # only a new end can fill a pool
+            continue
         done = beams.done(pool, length=step + 1)
         if bool(done.any()):
             stay = (~done).nonzero().squeeze(1)

@@ -71,7 +71,7 @@ class _InitGraph(nn.Module):
         self.names = state_names(decoder.config)
 
     def forward(self, regions: torch.Tensor, pooled: torch.Tensor):
-        return tuple(state_tensors(self.decoder.init_state(regions, pooled), self.names))
+        return tuple(state_tensors(self.decoder.init_state(regions, pooled, packed=False), self.names))
 
 
 class _StepGraph(nn.Module):
@@ -151,7 +151,7 @@ def export(model, target: str | os.PathLike, *, calibration: dict | None = None,
         _export(_InitGraph(decoder), (regions, pooled), files["decoder_init"], ["regions", "pooled"], names,
                 {"regions": {0: "batch"}, "pooled": {0: "batch"}}, optimize=False)
         with torch.no_grad():
-            state = decoder.init_state(regions, pooled).repeat(3)  # N = B*K = 6 sequences
+            state = decoder.init_state(regions, pooled, packed=False).repeat(3)  # N = B*K = 6 sequences
         tokens = torch.tensor([1, 5, 6, 7, 8, 9], dtype=torch.long)
         sequence_axes = {"tokens": {0: "sequences"}, "h": {1: "sequences"}, "c": {1: "sequences"},
                          "image_gates": {0: "batch"}, "memory": {0: "batch"}, "memory_att": {0: "batch"}}
