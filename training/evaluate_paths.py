@@ -3,13 +3,16 @@
 the references and against fp32 eager PyTorch, the reference path.
 
     python -m training.evaluate_paths --data ../shared/data/flickr8k --split dev \
-        [--checkpoint CKPT] [--onnx OUT.onnx] [--paths fp32,bf16,int8,onnx,onnx_int8] [--json OUT.json]
+        [--checkpoint CKPT] [--onnx OUT.onnx] [--paths fp32,bf16,int8,onnx,onnx_int8] [--json OUT.json] \
+        [--against EARLIER.json]
 
 Per path: CIDEr-D with its 95% bootstrap interval over photos, the change against fp32 with a
 paired interval (the same draws of photos for both), and the share of photos whose top caption is
 word for word fp32's. Paths: `fp32`, `bf16`, `int8` load the .pt checkpoint with that precision;
 `onnx` and `onnx_int8` load an ONNX export (`--onnx`, else one exported into a temporary folder)
-with fp32 or int8. JPEGs are decoded once and shared by all paths.
+with fp32 or int8. JPEGs are decoded once and shared by all paths. `--against` an earlier run's
+`--json` (another version of the code, say) also gives each path's change against its own earlier
+captions, with a paired interval: does a change to decoding keep each path's quality?
 """
 
 from __future__ import annotations
@@ -52,25 +55,39 @@ def caption_all(model: Captioner, pixels: torch.Tensor, decode: DecodeConfig, ba
 
 
 def compare(ids: list[str], texts: dict[str, list[str]], references: dict[str, list[str]], *,
-            resamples: int = 1000, seed: int = 0) -> dict[str, dict]:
-    """Per path: CIDEr-D, interval, change against fp32 (paired interval), identical share."""
+            resamples: int = 1000, seed: int = 0, earlier: dict[str, dict[str, str]] | None = None) -> dict[str, dict]:
+    """Per path: CIDEr-D, interval, change against fp32 (paired interval), identical share; with
+    `earlier` (path -> image id -> caption), the same against the path's earlier captions."""
+    draws = np.random.default_rng(seed).integers(0, len(ids), size=(resamples, len(ids)))  # (R, N)
     per_image = {}
     report: dict[str, dict] = {}
     for name, captions in texts.items():
-        scores, cider = caption_scores(dict(zip(ids, captions)), references, meteor=False)
-        per_image[name] = np.asarray([cider[i] for i in ids])
+        scores, per_image[name] = _per_image(ids, captions, references)
         report[name] = {"CIDEr-D": scores["CIDEr-D"], "BLEU-4": scores["BLEU-4"]}
-    draws = np.random.default_rng(seed).integers(0, len(ids), size=(resamples, len(ids)))  # (R, N)
-    reference = per_image.get("fp32")
     for name, entry in report.items():
         entry["interval"] = [float(v) for v in np.percentile(per_image[name][draws].mean(axis=1), [2.5, 97.5])]
-        if reference is not None:
-            delta = per_image[name] - reference
-            entry["delta_vs_fp32"] = float(delta.mean())
-            entry["delta_interval"] = [float(v) for v in np.percentile(delta[draws].mean(axis=1), [2.5, 97.5])]
-            same = [a == b for a, b in zip(texts[name], texts["fp32"])]
-            entry["identical_to_fp32"] = sum(same) / len(same)
+        if "fp32" in per_image:
+            entry.update(_change(per_image[name], per_image["fp32"], texts[name], texts["fp32"], draws, "fp32"))
+        if earlier is not None and name in earlier:
+            before = [earlier[name][i] for i in ids]
+            entry.update(_change(per_image[name], _per_image(ids, before, references)[1], texts[name], before, draws,
+                                 "earlier"))
     return report
+
+
+def _per_image(ids: list[str], captions: list[str], references: dict[str, list[str]]) -> tuple[dict, np.ndarray]:
+    scores, cider = caption_scores(dict(zip(ids, captions)), references, meteor=False)
+    return scores, np.asarray([cider[i] for i in ids])
+
+
+def _change(ours: np.ndarray, theirs: np.ndarray, our_texts: list[str], their_texts: list[str], draws: np.ndarray,
+            name: str) -> dict:
+    """The mean per-photo change in CIDEr-D, its paired 95% interval, and the identical share."""
+    delta = ours - theirs
+    return {f"delta_vs_{name}": float(delta.mean()),
+            f"delta_interval_vs_{name}" if name != "fp32" else "delta_interval":
+                [float(v) for v in np.percentile(delta[draws].mean(axis=1), [2.5, 97.5])],
+            f"identical_to_{name}": sum(a == b for a, b in zip(our_texts, their_texts)) / len(our_texts)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--json", type=Path, default=None, help="write the report (and every caption) here")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="an earlier run's --json: also compare each path with its earlier captions")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     paths = [p for p in args.paths.split(",") if p]
@@ -114,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             texts[name], seconds[name] = caption_all(model, pixels, decode)
             chosen[name] = model.inference.to_dict()
             log.info("%s: %.1f s (%.1f images/s)", name, seconds[name], len(pixels) / seconds[name])
-    report = compare(ids, texts, references, resamples=args.bootstrap)
+    earlier = json.loads(args.against.read_text())["captions"] if args.against else None
+    if earlier is not None and any(set(earlier[n]) != set(ids) for n in paths if n in earlier):
+        raise SystemExit(f"{args.against}: not the same photos as this run")
+    report = compare(ids, texts, references, resamples=args.bootstrap, earlier=earlier)
     print(f"{args.split}: {len(ids)} photos, beam {args.num_beams}, tags on; checkpoint {args.checkpoint}")
     print(f"{'path':10}{'CIDEr-D':>9}{'95% interval':>18}{'vs fp32':>9}{'paired interval':>20}{'identical':>11}{'images/s':>10}")
     for name, entry in report.items():
@@ -123,6 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:10}{entry['CIDEr-D']:>9.4f}{f'[{low:.4f}, {high:.4f}]':>18}{entry['delta_vs_fp32']:>+9.4f}"
               f"{f'[{delta_low:+.4f}, {delta_high:+.4f}]':>20}{entry['identical_to_fp32']:>11.1%}"
               f"{len(ids) / seconds[name]:>10.1f}")
+    if earlier is not None:
+        print(f"\nagainst {args.against}:")
+        print(f"{'path':10}{'vs earlier':>11}{'paired interval':>20}{'identical':>11}")
+        for name, entry in report.items():
+            if "delta_vs_earlier" in entry:
+                low, high = entry["delta_interval_vs_earlier"]
+                print(f"{name:10}{entry['delta_vs_earlier']:>+11.4f}{f'[{low:+.4f}, {high:+.4f}]':>20}"
+                      f"{entry['identical_to_earlier']:>11.1%}")
     for name, entry in report.items():
         entry["images_per_s"] = len(ids) / seconds[name]
         entry["inference"] = chosen[name]
