@@ -210,3 +210,24 @@ def test_hood_stays_hidden_for_a_model_without_units(page, hood_url, photo):
     assert not page.is_visible("#hood")
     assert not any(url.endswith("/cells") for url in asked)
     assert len(sent) == 1 and field(sent[0], "output_hidden_states") is None
+
+
+def test_hood_without_gates_shows_the_values_only(page, hood_url, photo, expected, units):
+    """ONNX Runtime records h and c but no gates: the gate columns go, the colours stay."""
+    sequence = expected.to_dict()
+    del sequence["hidden_states"]["gates"]
+
+    def without_gates(route) -> None:  # the panel's request answered as ONNX Runtime would
+        if field(route.request.post_data_buffer or b"", "output_hidden_states") != "true":
+            route.continue_()
+            return
+        route.fulfill(json={"model_name": "default", "images": [{"index": 0, "sequences": [sequence]}]})
+
+    page.route("**/v1/captions", without_gates)
+    page.goto(hood_url + "/")
+    page.set_input_files("#file", str(photo))
+    page.wait_for_selector("#hood", state="visible", timeout=30_000)
+    open_with_keyboard(page)
+    page.wait_for_selector("#cell-words span", timeout=30_000)
+    assert_values(shown_values(page, "#cell-words span"), reading_aligned(expected, "c", units[0]["index"]))
+    assert not page.is_visible("#gates th.gate") and page.is_visible("#gates tbody td")
