@@ -21,12 +21,13 @@ head says "pizza" or "toilet" are described, which its paired photos never show 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as nnf
 from torch import nn
+
+from .products import Projection
 
 CELLS = {"lstm": 4, "gru": 3, "rnn": 1}  # gate width in units of D
 
@@ -159,7 +160,7 @@ class Decoder(nn.Module):
             self.register_buffer("concept_words", torch.zeros(c.concept_classes, c.concepts))  # (C, W) 0/1
             self.register_buffer("concept_platt", torch.tensor([1.0, 0.0, 0.0]))  # a, b, 1 for a log input
         self._inference: _InferenceWeights | None = None
-        self.products = "fp32"  # decoding's matrix products (PRODUCTS): the inference path sets it
+        self.products = "fp32"  # the precision of decoding's products (`products.PRODUCTS`): the path sets it
         self._lstm_cell = lstm_cell  # compile_elementwise() swaps in a compiled version
 
     @property
@@ -517,54 +518,6 @@ def lstm_cell(gx: torch.Tensor, gh: torch.Tensor, c: torch.Tensor) -> tuple[torc
     return torch.sigmoid(o) * torch.tanh(c), c
 
 
-PRODUCTS = ("fp32", "bf16", "int8")  # the precision of decoding's matrix products (`Decoder.products`)
-
-
-class _Projection:
-    """y = x W^T + b for decoding, in the precision `products` names:
-
-    - fp32: weights whose values are all exactly representable in fp16 (every checkpoint exported
-      or bundled in fp16) are packed for fbgemm's fp16-weight product, which reads half the bytes
-      and computes in fp32: the same result up to summation order, and for the few rows of
-      small-batch decoding about twice as fast as the fp32 product;
-    - int8: fbgemm's dynamic int8 product (weights per output channel, each input row batch
-      quantised on the fly), 2-3x faster again on VNNI CPUs;
-    - bf16: the product in bf16 (oneDNN), accumulated in fp32.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, products: str = "fp32"):
-        """weight (out, in), bias (out,) or None."""
-        weight, bias = weight.detach().float(), None if bias is None else bias.detach().float()
-        self.packed = self.int8 = None
-        self.weight, self.bias = weight.t().contiguous(), bias  # (in, out): faster for few rows
-        if products == "int8" and _fbgemm(weight):
-            scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
-            with warnings.catch_warnings():  # quantized tensors are deprecated for new code, not removed
-                warnings.simplefilter("ignore")
-                quantized = torch.quantize_per_channel(weight, scale.double(), torch.zeros_like(scale, dtype=torch.long),
-                                                       0, torch.qint8)
-                self.int8 = torch.ops.quantized.linear_prepack(quantized, bias)
-        elif products == "bf16" and weight.device.type == "cpu":
-            self.weight = self.weight.bfloat16()
-        elif _fbgemm(weight) and torch.equal(weight, weight.half().float()):
-            self.packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8 is not None:
-            return torch.ops.quantized.linear_dynamic(x, self.int8)
-        if self.packed is not None:
-            return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
-        if self.weight.dtype == torch.bfloat16:
-            y = torch.mm(x.to(torch.bfloat16), self.weight).float()
-            return y if self.bias is None else y.add_(self.bias)
-        return torch.mm(x, self.weight) if self.bias is None else torch.addmm(self.bias, x, self.weight)
-
-
-def _fbgemm(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
-            and hasattr(torch.ops.quantized, "linear_prepack_fp16"))
-
-
 @dataclass
 class _InferenceWeights:
     """Decoding-time copies: the top layer's three projections of h fused into one, the
@@ -572,13 +525,13 @@ class _InferenceWeights:
 
     key: tuple
     word_table: torch.Tensor  # (V, G): embedding followed by layer 0's word gates
-    top: _Projection  # D -> G [+ A + F]
-    context_gates: _Projection | None  # F -> G
-    output_proj: _Projection | None  # D -> E
-    output: _Projection  # E or D -> V
-    feature_proj: _Projection  # E -> F, once per image (and region)
-    init: _Projection  # F -> L*D [+ L*D] [+ G]: init_h, init_c and the image's gates in one product
-    memory_att: _Projection | None  # F -> A, doubled
+    top: Projection  # D -> G [+ A + F]
+    context_gates: Projection | None  # F -> G
+    output_proj: Projection | None  # D -> E
+    output: Projection  # E or D -> V
+    feature_proj: Projection  # E -> F, once per image (and region)
+    init: Projection  # F -> L*D [+ L*D] [+ G]: init_h, init_c and the image's gates in one product
+    memory_att: Projection | None  # F -> A, doubled
     score: torch.Tensor | None  # (A,) the attention score weight, doubled
 
     @classmethod
@@ -591,21 +544,21 @@ class _InferenceWeights:
             weights += [decoder.hidden_att.weight * 2, decoder.context_gate.weight]
             biases += [torch.zeros(c.attention_dim, device=top.bias.device), decoder.context_gate.bias]
         if c.tie_embeddings:
-            output_proj = _Projection(decoder.output_proj.weight, None, products)
-            output = _Projection(decoder.embedding.weight, decoder.output_bias, products)
+            output_proj = Projection(decoder.output_proj.weight, None, products)
+            output = Projection(decoder.embedding.weight, decoder.output_bias, products)
         else:
-            output_proj, output = None, _Projection(decoder.output.weight, decoder.output.bias, products)
+            output_proj, output = None, Projection(decoder.output.weight, decoder.output.bias, products)
         starts = [decoder.init_h] + ([decoder.init_c] if decoder.init_c is not None else []) + [decoder.image_gates]
         return cls(
             key=key,
             word_table=decoder.word_table(),
-            top=_Projection(torch.cat(weights), torch.cat(biases), products),
-            context_gates=_Projection(decoder.context_gates.weight, None, products) if c.attention else None,
+            top=Projection(torch.cat(weights), torch.cat(biases), products),
+            context_gates=Projection(decoder.context_gates.weight, None, products) if c.attention else None,
             output_proj=output_proj,
             output=output,
-            feature_proj=_Projection(decoder.feature_proj.weight, decoder.feature_proj.bias, products),
-            init=_Projection(torch.cat([m.weight for m in starts]), torch.cat([m.bias for m in starts]), products),
-            memory_att=_Projection(decoder.memory_att.weight * 2, decoder.memory_att.bias * 2, products)
+            feature_proj=Projection(decoder.feature_proj.weight, decoder.feature_proj.bias, products),
+            init=Projection(torch.cat([m.weight for m in starts]), torch.cat([m.bias for m in starts]), products),
+            memory_att=Projection(decoder.memory_att.weight * 2, decoder.memory_att.bias * 2, products)
             if c.attention else None,
             score=decoder.att_score.weight[0] * 2 if c.attention else None,
         )

@@ -420,27 +420,34 @@ class BeamState:
     def select(self, logp: torch.Tensor) -> _Candidates:
         """logp (N, V) of the next word -> this step's candidates: the best 2K of the R*V
         without required words; with them, the best 2K of each row besides its required words
-        (so each bank has its own candidates), and every row's required words."""
+        (so each bank has its own candidates), and every row's required words. The best of all
+        lie among each row's best, so rows are ranked first: one top-k pass over (N, V), and the
+        beams' log-probs are added to the few candidates only."""
         b, r, k = self.images, self.r, self.k
-        vocab = logp.shape[1]
-        cumulative = self.logp.view(b, r, 1) + logp.view(b, r, vocab)  # (B, R, V)
+        rows = logp.view(b, r, -1)  # (B, R, V)
+        beam = self.logp.view(b, r, 1)
         if self.required is None:
-            top_logp, top_index = cumulative.view(b, r * vocab).topk(2 * k, dim=1)  # (B, 2K)
-            origin = torch.div(top_index, vocab, rounding_mode="floor")
-            word = top_index % vocab
+            best_logp, best_word = rows.topk(2 * k, dim=2)  # (B, R, 2K)
+            top_logp, pick = (beam + best_logp).view(b, -1).topk(2 * k, dim=1)  # (B, 2K)
+            origin = torch.div(pick, 2 * k, rounding_mode="floor")
+            word = best_word.view(b, -1).gather(1, pick)
+            word_logp = best_logp.view(b, -1).gather(1, pick)
             met = self.met[:, :1].expand_as(word)  # nothing to meet: all zero
         else:
             required = self.required
-            plain_logp, plain_word = cumulative.masked_fill(required.mask[:, None], NEG_INF).topk(2 * k, dim=2)
             w = required.ids.shape[1]
-            said_logp = cumulative.gather(2, required.ids[:, None].expand(b, r, w))  # (B, R, W)
+            best_logp, best_word = rows.topk(min(2 * k + w, rows.shape[2]), dim=2)  # (B, R, 2K + W)
+            said = required.mask.gather(1, best_word.view(b, -1)).view(best_word.shape)
+            plain_logp, keep = best_logp.masked_fill(said, NEG_INF).topk(2 * k, dim=2)  # (B, R, 2K): none required
+            plain_word = best_word.gather(2, keep)
+            said_logp = rows.gather(2, required.ids[:, None].expand(b, r, w))  # (B, R, W)
             said_logp = said_logp.masked_fill((required.bits == 0)[:, None], NEG_INF)  # padding
-            top_logp = torch.cat([plain_logp, said_logp], dim=2).view(b, -1)  # (B, Q), Q = R*(2K + W)
+            word_logp = torch.cat([plain_logp, said_logp], dim=2).view(b, -1)  # (B, Q), Q = R*(2K + W)
+            top_logp = (beam + word_logp.view(b, r, -1)).view(b, -1)
             word = torch.cat([plain_word, required.ids[:, None].expand(b, r, w)], dim=2).view(b, -1)
             origin = self.origin.expand(b, -1)
             bits = torch.cat([torch.zeros_like(plain_word), required.bits[:, None].expand(b, r, w)], dim=2)
             met = self.met.gather(1, origin) | bits.view(b, -1)
-        word_logp = logp[(self.first_row + origin).view(-1), word.view(-1)].view(word.shape)
         return _Candidates(top_logp, origin, word, word_logp, met)
 
     def finish(self, top: _Candidates, trace: dict[str, torch.Tensor], pool: _Pool, eos: int, length: int) -> bool:
@@ -452,11 +459,13 @@ class BeamState:
             if not bool(ends.any()):  # most steps: one check
                 return False
             ends &= top.logp > NEG_INF
-        else:  # rank among the candidates at the goal
+        else:  # among the K best of the candidates at the goal
             at_goal = top.met == self.goal[:, None]
-            ends = (top.word == eos) & (top.logp > NEG_INF) & at_goal
+            ends = (top.word == eos) & at_goal
+            if not bool(ends.any()):
+                return False
             ranked = top.logp.masked_fill(~at_goal, NEG_INF)
-            ends &= (ranked[:, :, None] < ranked[:, None, :]).sum(dim=2) < self.k
+            ends &= (top.logp > NEG_INF) & (top.logp >= ranked.topk(self.k, dim=1).values[:, -1:])
         if not bool(ends.any()):
             return False
         tokens, logps, traces = self._extend(self.first_row + top.origin, top.word, top.word_logp, trace)

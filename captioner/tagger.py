@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from .products import Projection
+
 FORMAT_VERSION = 1
 WORDS_FILE = Path(__file__).parent / "data" / "imagenet_words.json"
 _CLASSES_PER_TAG = 3  # Tag.classes: at most this many ImageNet classes behind a word
@@ -180,7 +182,18 @@ class Tagger:
         """(B, E) -> (B, C): the classifier the encoder was trained with."""
         if pooled.dim() != 2 or pooled.shape[1] != self.weight.shape[1]:
             raise ValueError(f"pooled features (B, {self.weight.shape[1]}) expected, got {tuple(pooled.shape)}")
-        return torch.addmm(self.bias, pooled.to(self.weight), self.weight.t())  # (B, C)
+        if torch.is_grad_enabled():  # fitting or calibrating: the plain product
+            return torch.addmm(self.bias, pooled.to(self.weight), self.weight.t())  # (B, C)
+        return self._head()(pooled.to(self.weight))  # (B, C)
+
+    def _head(self) -> Projection:
+        """The head's product for inference (fp16-packed weights where they are fp16's, as
+        stored: the same scores up to summation order, from half the bytes), rebuilt if the
+        weights move."""
+        key = (self.weight.data_ptr(), self.bias.data_ptr())
+        if getattr(self, "_packed", (None,))[0] != key:
+            self._packed = key, Projection(self.weight, self.bias)
+        return self._packed[1]
 
     def raw_scores(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(word scores (B, W): summed class probabilities, class probabilities (B, C))."""

@@ -1,0 +1,100 @@
+"""Where a caption's time goes: the encoder, the decoder's per-image start (`init_state`), its
+word steps (`Decoder.step`), and beam search's own work (token rules, candidate selection, ending
+hypotheses, advancing beams, checking for done images), per image at batch 1 and 16.
+
+    python benchmarks/profile_decoding.py [--precision auto] [--images DIR] [--count 32] [--no-tags]
+
+Each phase is timed by wrapping the function that does it (wall clock, so the phases add up to
+the whole less the result building and the tagger's guidance, reported as "other"); best of
+`--repeats` passes over the same photos. Photos: as bench_inference.py. The last line is one JSON
+object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_inference import load_photos  # noqa: E402
+
+import captioner.decoding as decoding  # noqa: E402
+from captioner.api import DEFAULT_CHECKPOINT, Captioner  # noqa: E402
+from captioner.decoding import DecodeConfig  # noqa: E402
+from captioner.runtime import cpu  # noqa: E402
+
+PHASES = {  # phase -> (object, attribute) whose calls it times
+    "rules": (decoding, "log_probs"), "select": (decoding.BeamState, "select"),
+    "finish": (decoding.BeamState, "finish"), "advance": (decoding.BeamState, "advance"),
+    "done": (decoding.BeamState, "done"),
+}
+
+
+def timed(owner, name: str, totals: dict, key: str) -> None:
+    function = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            totals[key] = totals.get(key, 0.0) + time.perf_counter() - started
+
+    setattr(owner, name, wrapper)
+
+
+def main() -> None:
+    cpu.keep_freed_memory()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--images", type=Path, default=None)
+    parser.add_argument("--count", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-tags", action="store_true")
+    args = parser.parse_args()
+    model = Captioner.from_checkpoint(args.checkpoint, precision=args.precision)
+    pixels = load_photos(args.images, args.count, model)
+    config = DecodeConfig(num_beams=3, tags=not args.no_tags)
+    totals: dict[str, float] = {}
+    timed(model, "encode", totals, "encoder")
+    timed(model.decoder, "init_state", totals, "init")
+    timed(model.decoder, "step", totals, "step")
+    for key, (owner, name) in PHASES.items():
+        timed(owner, name, totals, key)
+    figures: dict = {"precision": model.inference.precision, "runtime": model.inference.runtime,
+                     "cpu": cpu.capabilities()["name"], "tags": not args.no_tags}
+    print(f"{model.inference.precision} on {model.inference.runtime}; beam 3, tags {'off' if args.no_tags else 'on'}; "
+          f"{len(pixels)} photos; ms per image")
+    columns = ["encoder", "init", "step", *PHASES, "other"]
+    print(f"{'batch':>6}{'total':>8}" + "".join(f"{c:>9}" for c in columns) + f"{'decoding':>10}")
+    for batch in (1, 16):
+        runs = []
+        for repeat in range(args.repeats + 1):
+            totals.clear()
+            started = time.perf_counter()
+            for start in range(0, len(pixels), batch):
+                model.caption_pixels(pixels[start:start + batch], config)
+            if repeat:  # the first pass warms up
+                runs.append({"total": (time.perf_counter() - started) * 1000 / len(pixels),
+                             **{k: v * 1000 / len(pixels) for k, v in totals.items()}})
+        best = min(runs, key=lambda r: r["total"])
+        run = {c: best.get(c, 0.0) for c in columns[:-1]}
+        run["other"] = best["total"] - sum(run.values())
+        share = 1 - run["encoder"] / best["total"]
+        print(f"{batch:>6}{best['total']:>8.2f}" + "".join(f"{run[c]:>9.2f}" for c in columns) + f"{share:>10.0%}")
+        figures[f"b{batch}"] = {"total_ms": round(best["total"], 3), **{f"{c}_ms": round(run[c], 3) for c in columns},
+                                "decoder_share": round(share, 3)}
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Matrix products for inference in the precision an inference path runs: `Projection` is
+y = x W^T + b with its weights prepared once (packed fp16, int8 or bf16). The decoder's word
+steps and the tagger's head use it; training never does."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+PRODUCTS = ("fp32", "bf16", "int8")  # the precision of decoding's matrix products (`Decoder.products`)
+
+
+class Projection:
+    """y = x W^T + b for decoding, in the precision `products` names:
+
+    - fp32: weights whose values are all exactly representable in fp16 (every checkpoint exported
+      or bundled in fp16) are packed for fbgemm's fp16-weight product, which reads half the bytes
+      and computes in fp32: the same result up to summation order, and for the few rows of
+      small-batch decoding about twice as fast as the fp32 product;
+    - int8: fbgemm's dynamic int8 product (weights per output channel, each input row batch
+      quantised on the fly), 2-3x faster again on VNNI CPUs;
+    - bf16: the product in bf16 (oneDNN), accumulated in fp32.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, products: str = "fp32"):
+        """weight (out, in), bias (out,) or None."""
+        weight, bias = weight.detach().float(), None if bias is None else bias.detach().float()
+        self.packed = self.int8 = None
+        self.weight, self.bias = weight.t().contiguous(), bias  # (in, out): faster for few rows
+        if products == "int8" and fbgemm_available(weight):
+            scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+            with warnings.catch_warnings():  # quantized tensors are deprecated for new code, not removed
+                warnings.simplefilter("ignore")
+                quantized = torch.quantize_per_channel(weight, scale.double(), torch.zeros_like(scale, dtype=torch.long),
+                                                       0, torch.qint8)
+                self.int8 = torch.ops.quantized.linear_prepack(quantized, bias)
+        elif products == "bf16" and weight.device.type == "cpu":
+            self.weight = self.weight.bfloat16()
+        elif fbgemm_available(weight) and torch.equal(weight, weight.half().float()):
+            self.packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None:
+            return torch.ops.quantized.linear_dynamic(x, self.int8)
+        if self.packed is not None:
+            return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+        if self.weight.dtype == torch.bfloat16:
+            y = torch.mm(x.to(torch.bfloat16), self.weight).float()
+            return y if self.bias is None else y.add_(self.bias)
+        return torch.mm(x, self.weight) if self.bias is None else torch.addmm(self.bias, x, self.weight)
+
+
+def fbgemm_available(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
+            and hasattr(torch.ops.quantized, "linear_prepack_fp16"))
