@@ -8,18 +8,23 @@ Times `Captioner.encode` (the encoder alone) and `Captioner.caption_pixels` (enc
 beam-3 decoding with the library defaults, which for a model with a tagger include its guidance,
 and beam 3 without tags) on the same preprocessed photos, at batch 1 and batch 16, interleaved and
 repeated, and reports medians in milliseconds per image and the ratios end-to-end / encoder, all
-on fp32 eager PyTorch. Then the inference paths (`captioner/runtime/precision.py`), each end to end with
-beam 3 (tags on) at batch 1 and 16: fp32 eager, bf16 (the encoder under autocast), int8 (the .pt
-checkpoint's encoder quantised, on ONNX Runtime), onnx (an ONNX export: encoder and the decoder's
-step on ONNX Runtime; `--onnx`, else exported into a temporary folder first) and onnx_int8 (that
-export with its int8 encoder), in images/s and as ratios to fp32 eager, with the CPU's
-capabilities and the path `auto` picks. JPEG decoding is excluded throughout (see bench_folder.py
-for that). The last line is one JSON object with the figures.
+on fp32 eager PyTorch. Then the inference paths (`captioner/runtime/precision.py`): fp32 eager,
+bf16 (the encoder under autocast), int8 (the .pt checkpoint's encoder quantised, on ONNX Runtime),
+onnx (an ONNX export: encoder and the decoder's step on ONNX Runtime; `--onnx`, else exported into
+a temporary folder first) and onnx_int8 (that export with its int8 encoder): for each, the
+encoder alone and beam 3 with and without tags at batch 1 and 16, the ratios to the same path's
+encoder and the decoder's share of a caption's time, end-to-end images/s as ratios to fp32 eager,
+and the share of photos whose top caption equals fp32's; with the CPU's capabilities and the path
+`auto` picks, whose figures are repeated as `auto_*`. Photos: `--images`, else the Flickr8k
+photos in ../shared/data when present (real photos: the "same top caption" share means little on
+the three bundled examples), else examples/. JPEG decoding is excluded throughout (see
+bench_folder.py for that). The last line is one JSON object with the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -39,9 +44,15 @@ from captioner.runtime import cpu  # noqa: E402
 PATHS = ("fp32", "bf16", "int8", "onnx", "onnx_int8")
 
 
+FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k" / "images"
+
+
 def load_photos(folder: Path | None, count: int, model: Captioner) -> torch.Tensor:
-    """(count, 3, S, S) uint8: real photos when a folder is given, else the bundled examples."""
-    paths = sorted(folder.glob("*.jpg"))[:count] if folder else sorted((ROOT / "examples").glob("*.jpg"))
+    """(count, 3, S, S) uint8: the folder's first `count` photos (cycled if fewer)."""
+    if folder is None:
+        folder = FLICKR8K if FLICKR8K.is_dir() else ROOT / "examples"
+    print(f"photos: {folder}")
+    paths = sorted(folder.glob("*.jpg"))[:count]
     if not paths:
         raise SystemExit(f"no .jpg photos in {folder}")
     pixels = [model.load_pixels(p) for p in paths]
@@ -62,7 +73,8 @@ def main() -> None:
     cpu.keep_freed_memory()  # the library here under the allocator settings the CLI and the service use
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
-    parser.add_argument("--images", type=Path, default=None, help="folder of .jpg photos (default: examples/)")
+    parser.add_argument("--images", type=Path, default=None,
+                        help="folder of .jpg photos (default: ../shared/data/flickr8k/images if present, else examples/)")
     parser.add_argument("--count", type=int, default=32, help="images per timed pass")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
@@ -143,43 +155,65 @@ def load_paths(args, reference: Captioner, folder: Path) -> tuple[dict[str, Capt
     return models, skipped
 
 
+CASES = ("encoder", "beam3", "beam3_no_tags")
+
+
 def time_paths(args, reference: Captioner, pixels: torch.Tensor, config: DecodeConfig, folder: Path) -> dict:
-    """Every path end to end (beam 3 with tags) at batch 1 and 16, interleaved and repeated."""
+    """Every path: the encoder alone and beam 3 with and without tags, at batch 1 and 16,
+    interleaved and repeated."""
     models, skipped = load_paths(args, reference, folder)
+    plain = dataclasses.replace(config, tags=False)
+    cases = {(name, case): fn for name, model in models.items() for case, fn in (
+        ("encoder", lambda x, m=model: m.encode(x)),
+        ("beam3", lambda x, m=model: m.caption_pixels(x, config)),
+        ("beam3_no_tags", lambda x, m=model: m.caption_pixels(x, plain)))}
     for batch in (1, 16):  # warm-up
-        for model in models.values():
-            time_per_image(lambda x, m=model: m.caption_pixels(x, config), pixels[:batch], batch)
-    samples = {(n, b): [] for n in models for b in (1, 16)}
+        for function in cases.values():
+            time_per_image(function, pixels[:batch], batch)
+    samples = {(key, b): [] for key in cases for b in (1, 16)}
     for _ in range(args.repeats):
         for batch in (1, 16):
-            for name, model in models.items():
-                samples[(name, batch)].append(time_per_image(lambda x, m=model: m.caption_pixels(x, config),
-                                                             pixels, batch))
-    per_s = {key: 1000 / statistics.median(values) for key, values in samples.items()}  # images/s
+            for key, function in cases.items():
+                samples[(key, batch)].append(time_per_image(function, pixels, batch))
+    ms = {key: statistics.median(values) for key, values in samples.items()}
     reference_top = [r.text for r in reference.caption_pixels(pixels, config)]
     capabilities = cpu.capabilities()
     auto = Captioner.from_checkpoint(args.checkpoint, device=args.device).inference
+    auto_name = {"onnxruntime": "int8" if auto.precision == "int8" else "onnx"}.get(auto.runtime, auto.precision)
     print(f"\nCPU: {capabilities['name']}; PyTorch {capabilities['torch_capability']}; "
           f"{', '.join(capabilities['flags']) or 'no AVX2/AVX-512/AMX flags'}; threads {torch.get_num_threads()}")
-    print(f"auto picks {auto.precision} on {auto.runtime}: {auto.reason}")
-    print(f"{'path (beam 3)':15}{'images/s b1':>13}{'images/s b16':>14}{'x fp32 b1':>11}{'x fp32 b16':>12}"
-          f"{'same top caption':>18}")
+    print(f"auto picks {auto.precision} on {auto.runtime} (path {auto_name}): {auto.reason}")
+    print("ms per image; x enc: over the same path's encoder; decoder: its share of a guided caption's time")
+    print(f"{'path':11}{'b':>3}{'encoder':>9}{'beam3':>8}{'x enc':>7}{'no tags':>9}{'x enc':>7}{'decoder':>9}"
+          f"{'x fp32':>8}{'same top caption':>18}")
     figures: dict = {"cpu": capabilities, "auto_path": auto.precision, "auto_runtime": auto.runtime}
     for name, model in models.items():
         same = sum(a == r.text for a, r in zip(reference_top, model.caption_pixels(pixels, config))) / len(pixels)
-        ratio1, ratio16 = per_s[(name, 1)] / per_s[("fp32", 1)], per_s[(name, 16)] / per_s[("fp32", 16)]
-        print(f"{name:15}{per_s[(name, 1)]:>13.1f}{per_s[(name, 16)]:>14.1f}{ratio1:>11.2f}{ratio16:>12.2f}"
-              f"{same:>18.0%}")
-        figures.update({f"{name}_images_per_s_b1": round(per_s[(name, 1)], 2),
-                        f"{name}_images_per_s_b16": round(per_s[(name, 16)], 2),
-                        f"{name}_over_fp32_b1": round(ratio1, 3), f"{name}_over_fp32_b16": round(ratio16, 3),
-                        f"{name}_same_top_caption": round(same, 3)})
+        figures[f"{name}_same_top_caption"] = round(same, 3)
+        for batch in (1, 16):
+            encoder, guided, unguided = (ms[((name, case), batch)] for case in CASES)
+            speedup = ms[(("fp32", "beam3"), batch)] / guided
+            share = (guided - encoder) / guided
+            print(f"{name:11}{batch:>3}{encoder:>9.2f}{guided:>8.2f}{guided / encoder:>7.2f}{unguided:>9.2f}"
+                  f"{unguided / encoder:>7.2f}{share:>9.0%}{speedup:>8.2f}{same:>18.0%}")
+            b = f"b{batch}"
+            figures.update({f"{name}_images_per_s_{b}": round(1000 / guided, 2),
+                            f"{name}_over_fp32_{b}": round(speedup, 3),
+                            f"{name}_encoder_ms_{b}": round(encoder, 2),
+                            f"{name}_beam3_{b}_over_encoder": round(guided / encoder, 3),
+                            f"{name}_beam3_no_tags_{b}_over_encoder": round(unguided / encoder, 3),
+                            f"{name}_decoder_share_{b}": round(share, 3)})
     for name, why in skipped.items():
         print(f"{name:15}skipped: {why}")
-    fastest = max(models, key=lambda n: per_s[(n, 16)])
+    if auto_name in models:
+        for b in ("b1", "b16"):
+            figures[f"auto_beam3_{b}_over_encoder"] = figures[f"{auto_name}_beam3_{b}_over_encoder"]
+            figures[f"auto_beam3_no_tags_{b}_over_encoder"] = figures[f"{auto_name}_beam3_no_tags_{b}_over_encoder"]
+            figures[f"auto_decoder_share_{b}"] = figures[f"{auto_name}_decoder_share_{b}"]
+    fastest = max(models, key=lambda n: figures[f"{n}_images_per_s_b16"])
     figures.update({"fastest_path": fastest,
-                    "fastest_over_fp32_b16": round(per_s[(fastest, 16)] / per_s[("fp32", 16)], 3),
-                    "fastest_over_fp32_b1": round(per_s[(fastest, 1)] / per_s[("fp32", 1)], 3),
+                    "fastest_over_fp32_b16": figures[f"{fastest}_over_fp32_b16"],
+                    "fastest_over_fp32_b1": figures[f"{fastest}_over_fp32_b1"],
                     "skipped_paths": skipped})
     return figures
 
