@@ -2,7 +2,7 @@
 word steps (`Decoder.step`), and beam search's own work (token rules, candidate selection, ending
 hypotheses, advancing beams, checking for done images), per image at batch 1 and 16.
 
-    python benchmarks/profile_decoding.py [--precision auto] [--images DIR] [--count 32] [--no-tags]
+    python benchmarks/profile_decoding.py [--precision auto] [--images DIR] [--count 32] [--no-tags] [--batches 1,16]
 
 Each phase is timed by wrapping the function that does it (wall clock, so the phases add up to
 the whole less the result building and the tagger's guidance, reported as "other"); best of
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-tags", action="store_true")
+    parser.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
     args = parser.parse_args()
     model = Captioner.from_checkpoint(args.checkpoint, precision=args.precision)
     pixels = load_photos(args.images, args.count, model)
@@ -76,7 +77,7 @@ def main() -> None:
           f"{len(pixels)} photos; ms per image")
     columns = ["encoder", "init", "step", *PHASES, "other"]
     print(f"{'batch':>6}{'total':>8}" + "".join(f"{c:>9}" for c in columns) + f"{'decoding':>10}")
-    for batch in (1, 16):
+    for batch in (int(b) for b in args.batches.split(",")):
         runs = []
         for repeat in range(args.repeats + 1):
             totals.clear()
