@@ -96,8 +96,8 @@ window.underTheHood = function ({ authorization, fields }) {
     const values = states.words.map((_, t) => (hidden[chosen.kind][t + 1] || [])[chosen.index]);
     const gates = hidden.gates || null;
     const scale = Math.max(1, ...values.filter((v) => v !== undefined).map(Math.abs));
-    about.textContent = [chosen.direction, chosen.score != null ? "score " + chosen.score : "",
-      chosen.over_shuffled_max != null ? chosen.over_shuffled_max + "x the shuffled baseline" : ""]
+    about.textContent = [chosen.direction, chosen.score != null ? "score " + Number(chosen.score).toFixed(2) : "",
+      chosen.over_shuffled_max != null ? Number(chosen.over_shuffled_max).toFixed(1) + "x the best shuffled unit" : ""]
       .filter(Boolean).join("; ");
     cellWords.textContent = ""; rows.textContent = "";
     table.classList.toggle("no-gates", !gates);
