@@ -171,6 +171,20 @@ def test_a_record_is_the_cli_json_line_of_the_same_image(photo_dir, tiny_checkpo
     assert line["required"] == record["required"] and line["required"][0]["word"] == "cat"
 
 
+def test_cli_json_carries_hidden_states_only_when_asked(photo_dir, tiny_checkpoint, capsys):
+    """caption --json --output-hidden-states: h, c and the four gates per word (then <eos>), (T, D)."""
+    options = [*FAST, "--checkpoint", tiny_checkpoint]
+    assert main(["caption", str(photo_dir / "b.jpg"), "--json", *options]) == 0
+    assert "hidden_states" not in json.loads(capsys.readouterr().out)["sequences"][0]
+    assert main(["caption", str(photo_dir / "b.jpg"), "--json", "--output-hidden-states", *options]) == 0
+    sequence = json.loads(capsys.readouterr().out)["sequences"][0]
+    steps = len(sequence["words"]) + int(sequence["finished"])
+    states = sequence["hidden_states"]
+    assert set(states) == {"h", "c", "gates"} and set(states["gates"]) == {"i", "f", "g", "o"}
+    for matrix in (states["h"], states["c"], *states["gates"].values()):
+        assert len(matrix) == steps and len({len(row) for row in matrix}) == 1
+
+
 def test_unreadable_files_become_error_records_and_the_run_goes_on(tmp_path, tiny_checkpoint, capsys):
     folder = tmp_path / "mixed"
     folder.mkdir()
