@@ -28,9 +28,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     temporary = Path(name)
     try:
         try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(descriptor, 0o666 & ~umask)
+            os.fchmod(descriptor, 0o666 & ~_umask())
         finally:
             os.close(descriptor)
         yield temporary
@@ -41,6 +39,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def _umask() -> int:
+    """The process's umask, read where Linux shows it: setting it to read it back (the only
+    portable way) would briefly change it for every thread of the process."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o077)  # elsewhere: the safe value while it is read
+    os.umask(umask)
+    return umask
 
 
 def write_atomically(path: str | os.PathLike, data: bytes | str | Iterable[bytes]) -> None:

@@ -38,10 +38,12 @@ def test_atomic_path_is_a_fresh_file_beside_the_target_and_cleaned_up_on_interru
     assert not target.exists() and os.listdir(tmp_path) == []
 
 
-def test_the_written_file_has_the_umask_permissions_not_0600(tmp_path):
-    previous = os.umask(0o022)
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_the_written_file_has_the_umask_permissions_not_0600(tmp_path, umask, mode):
+    previous = os.umask(umask)
     try:
         write_atomically(tmp_path / "shared.pt", b"x")
+        assert os.umask(umask) == umask  # reading it left it as it was
     finally:
         os.umask(previous)
-    assert stat.S_IMODE((tmp_path / "shared.pt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "shared.pt").stat().st_mode) == mode
