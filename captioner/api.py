@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 
 from .checkpoint import CheckpointError, checkpoint_payload, file_sha256, load_checkpoint, write_checkpoint
-from .decoder import Decoder, DecoderConfig
+from .decoder import GATES, Decoder, DecoderConfig
 from .decoding import MAX_CONSTRAINTS, DecodeConfig, Hypothesis, generate
 from .encoder import Encoder, EncoderConfig
 from .images import DEFAULT_MAX_PIXELS, ImageSource
@@ -65,9 +65,6 @@ class Caption:
         if self.hidden_states is not None:
             data["hidden_states"] = _hidden_states_json(self.hidden_states)
         return data
-
-
-GATES = ("i", "f", "g", "o")  # the order of `lstm_gates`' second axis
 
 
 def _hidden_states_json(states: dict[str, torch.Tensor]) -> dict[str, Any]:

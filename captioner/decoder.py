@@ -216,46 +216,46 @@ class Decoder(nn.Module):
         fast = self._fast() if packed else None
         if fast is not None:
             return self._init_fast(regions, pooled, concepts, fast, record_gates)
-        image = self.feature_dropout(self.feature_proj(pooled))  # (B, F)
-        if c.concepts:  # outside the feature dropout: the confidences are already a summary
-            confidences = self.concept_probs(pooled) if concepts is None else concepts
-            image = image + self.concept_proj(confidences.to(image.dtype))
-        h = torch.tanh(self.init_h(image)).view(-1, c.num_layers, c.hidden_dim).transpose(0, 1)  # (L, B, D)
-        cell = None
-        if self.init_c is not None:
-            cell = torch.tanh(self.init_c(image)).view(-1, c.num_layers, c.hidden_dim).transpose(0, 1)
+        image = self._with_concepts(self.feature_dropout(self.feature_proj(pooled)), pooled, concepts)  # (B, F)
+        h = self._layers(self.init_h(image))
+        cell = None if self.init_c is None else self._layers(self.init_c(image))
         memory = memory_att = None
         if c.attention:
             memory = self.feature_dropout(self.feature_proj(regions))  # (B, P, F)
             memory_att = self.memory_att(memory)  # (B, P, A)
-        return DecoderState(h.contiguous(), None if cell is None else cell.contiguous(),
-                            self.image_gates(image), memory, memory_att, None, record_gates)
+        return DecoderState(h, cell, self.image_gates(image), memory, memory_att, None, record_gates)
 
     def _init_fast(self, regions, pooled, concepts, fast: "_InferenceWeights", record_gates: bool) -> DecoderState:
         """`init_state` in inference: the pooled vector and the regions through one projection,
         init_h, init_c and the image's gates through another."""
         c = self.config
         b, p, e = regions.shape
-        projected = fast.feature_proj(torch.cat([pooled[:, None], regions], dim=1).reshape(-1, e).float())
-        projected = projected.view(b, p + 1, -1)  # (B, 1 + P, F)
-        image, memory = projected[:, 0], projected[:, 1:].contiguous()
-        if c.concepts:
-            confidences = self.concept_probs(pooled) if concepts is None else concepts
-            image = image + self.concept_proj(confidences.to(image.dtype))
+        inputs = torch.cat([pooled[:, None], regions], dim=1) if c.attention else pooled[:, None]  # (B, 1 [+ P], E)
+        projected = fast.feature_proj(inputs.reshape(-1, e).float()).view(b, inputs.shape[1], -1)  # (B, 1 [+ P], F)
+        image = self._with_concepts(projected[:, 0], pooled, concepts)
         layers = c.num_layers * c.hidden_dim
         starts = fast.init(image)  # (B, L*D [+ L*D] + G)
-        h = torch.tanh(starts[:, :layers]).view(b, c.num_layers, c.hidden_dim).transpose(0, 1).contiguous()
-        cell = None
-        if self.init_c is not None:
-            cell = torch.tanh(starts[:, layers:2 * layers]).view(b, c.num_layers, c.hidden_dim).transpose(0, 1)
-            cell = cell.contiguous()
-        image_gates = starts[:, (2 if cell is not None else 1) * layers:]  # (B, G)
-        memory_att = None
+        h = self._layers(starts[:, :layers])
+        cell = None if self.init_c is None else self._layers(starts[:, layers:2 * layers])
+        image_gates = starts[:, (1 if cell is None else 2) * layers:]  # (B, G)
+        memory = memory_att = None
         if c.attention:
-            memory_att = fast.memory_att(memory.reshape(b * p, -1)).view(b, p, -1)  # (B, P, A)
-        else:
-            memory = None
+            memory = projected[:, 1:].contiguous()  # (B, P, F)
+            memory_att = fast.memory_att(memory.view(b * p, -1)).view(b, p, -1)  # (B, P, A), doubled
         return DecoderState(h, cell, image_gates, memory, memory_att, fast, record_gates)
+
+    def _with_concepts(self, image: torch.Tensor, pooled: torch.Tensor, concepts: torch.Tensor | None) -> torch.Tensor:
+        """image (B, F) plus, with concept inputs, the projected confidences: outside the feature
+        dropout, since the confidences are already a summary."""
+        if not self.config.concepts:
+            return image
+        confidences = self.concept_probs(pooled) if concepts is None else concepts
+        return image + self.concept_proj(confidences.to(image.dtype))
+
+    def _layers(self, projected: torch.Tensor) -> torch.Tensor:
+        """(B, L*D) -> the initial (L, B, D) state: tanh, one D-slice per layer."""
+        c = self.config
+        return torch.tanh(projected).view(-1, c.num_layers, c.hidden_dim).transpose(0, 1).contiguous()
 
     def step(
         self, tokens: torch.Tensor, state: DecoderState
@@ -502,6 +502,9 @@ class TrainedAttentionWeights(torch.autograd.Function):
         outer = (4 * score).to(energy.dtype)  # d/dz of 2w . sigmoid(2z)
         memory_dtype, query_dtype = ctx.dtypes
         return (per_region * outer).to(memory_dtype), (weighted * outer).to(query_dtype), grad_score.to(score.dtype)
+
+
+GATES = ("i", "f", "g", "o")  # the order of `lstm_gates`' second axis
 
 
 def lstm_gates(gx: torch.Tensor, gh: torch.Tensor) -> torch.Tensor:

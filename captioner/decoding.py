@@ -42,9 +42,6 @@ class Hypothesis:
     hidden_states: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
-TRACES = ("attention", "h", "c", "gates")  # what a step may record per row, in Hypothesis' terms
-
-
 def _trace(config: DecodeConfig, state: DecoderState, alpha: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """What this step records of each row, as asked: attention (N, P), h and c (N, D) of the top
     layer, gates (N, 4, D)."""
@@ -96,9 +93,8 @@ def generate(
             raise ValueError("required words need search: they do not combine with do_sample=True")
     rules = token_rules(config, eos_id, banned_ids, decoder.config.vocab_size)
     with torch.inference_mode():  # less per-op overhead than no_grad: decoding is many small ops
-        record_gates = config.output_hidden_states and getattr(decoder, "can_record_gates", False)
-        state = decoder.init_state(regions, pooled, record_gates=True) if record_gates else \
-            decoder.init_state(regions, pooled)
+        state = decoder.init_state(regions, pooled,
+                                   record_gates=config.output_hidden_states and decoder.can_record_gates)
         if config.num_beams > 1 or guide is not None:
             results = _beam_search(decoder, state, bos_id, eos_id, rules, config, guide)
         else:

@@ -29,8 +29,8 @@ class Projection:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, products: str = "fp32"):
         """weight (out, in), bias (out,) or None."""
         weight, bias = weight.detach().float(), None if bias is None else bias.detach().float()
-        self.packed = self.int8 = self.bf16 = None
-        self.weight, self.bias = weight.t().contiguous(), bias  # (in, out): faster for few rows
+        self.packed = self.int8 = self.bf16 = self.weight = None
+        self.bias = bias
         if products == "int8" and fbgemm_available(weight):
             scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
             with warnings.catch_warnings():  # quantized tensors are deprecated for new code, not removed
@@ -40,9 +40,11 @@ class Projection:
                 self.int8 = torch.ops.quantized.linear_prepack(quantized, bias)
         else:
             if products == "bf16" and weight.device.type == "cpu":
-                self.bf16 = self.weight.bfloat16()
+                self.bf16 = weight.t().contiguous().bfloat16()  # (in, out)
             if fbgemm_available(weight) and torch.equal(weight, weight.half().float()):
                 self.packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
+            elif self.bf16 is None:
+                self.weight = weight.t().contiguous()  # (in, out): faster for few rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8 is not None:

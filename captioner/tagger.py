@@ -94,6 +94,7 @@ class Tagger:
         calibration = _platt(calibration)
         self.activation = activation
         self.weight = weight.detach().float()  # (C, E)
+        self._packed: Projection | None = None  # the head for inference, made at its first use
         self.bias = bias.detach().float()  # (C,)
         self.class_names = list(class_names)
         self.class_ids = list(class_ids) if class_ids is not None else None
@@ -163,6 +164,7 @@ class Tagger:
     def to(self, device: str | torch.device) -> "Tagger":
         self.weight, self.bias = self.weight.to(device), self.bias.to(device)
         self._classes, self._columns = self._classes.to(device), self._columns.to(device)
+        self._packed = None
         return self
 
     def describe(self) -> dict[str, Any]:
@@ -190,10 +192,9 @@ class Tagger:
         """The head's product for inference (fp16-packed weights where they are fp16's, as
         stored: the same scores up to summation order, from half the bytes), rebuilt if the
         weights move."""
-        key = (self.weight.data_ptr(), self.bias.data_ptr())
-        if getattr(self, "_packed", (None,))[0] != key:
-            self._packed = key, Projection(self.weight, self.bias)
-        return self._packed[1]
+        if self._packed is None:
+            self._packed = Projection(self.weight, self.bias)
+        return self._packed
 
     def raw_scores(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(word scores (B, W): summed class probabilities, class probabilities (B, C))."""

@@ -84,6 +84,7 @@ def _change(ours: np.ndarray, theirs: np.ndarray, our_texts: list[str], their_te
             name: str) -> dict:
     """The mean per-photo change in CIDEr-D, its paired 95% interval, and the identical share."""
     delta = ours - theirs
+    # Against fp32 the interval keeps the key earlier reports used, "delta_interval".
     return {f"delta_vs_{name}": float(delta.mean()),
             f"delta_interval_vs_{name}" if name != "fp32" else "delta_interval":
                 [float(v) for v in np.percentile(delta[draws].mean(axis=1), [2.5, 97.5])],

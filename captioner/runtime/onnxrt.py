@@ -161,7 +161,10 @@ class OrtEncoder:
 
 
 class OrtDecoder:
-    """The decoder's step API on ONNX Runtime, for `captioner.decoding.generate`."""
+    """The decoder's step API on ONNX Runtime, for `captioner.decoding.generate`. The step
+    graph returns h and c, not the gates."""
+
+    can_record_gates = False
 
     def __init__(self, config: DecoderConfig, init_session, step_session, parameters: int = 0):
         self.config, self.init_session, self.step_session = config, init_session, step_session
@@ -169,8 +172,10 @@ class OrtDecoder:
         self.parameter_count = parameters
         self.step_outputs = step_output_names(config)
 
-    def init_state(self, regions: torch.Tensor, pooled: torch.Tensor) -> DecoderState:
+    def init_state(self, regions: torch.Tensor, pooled: torch.Tensor, *, record_gates: bool = False) -> DecoderState:
         """regions (B, P, E), pooled (B, E) -> state with one sequence per image."""
+        if record_gates:
+            raise ValueError("an ONNX export's step graph does not return the LSTM's gates")
         outputs = self.init_session.run(self.names, {"regions": _numpy(regions.float()),
                                                      "pooled": _numpy(pooled.float())})
         return state_from_tensors(self.names, (torch.from_numpy(t) for t in outputs))

@@ -5,8 +5,10 @@ the captions, hover a word and see its attention heat map, at desktop and at pho
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
+from typing import Iterator
 
 import pytest
 from playwright.sync_api import sync_playwright
@@ -41,14 +43,23 @@ DELIVER = """([kind, selector, b64, name, type]) => {
 }"""
 
 
-@pytest.fixture(scope="module")
-def live_url(app):
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """The app on a free local port, in a thread, for the browser: -> its URL."""
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def live_url(app):
+    with serving(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -7,21 +7,19 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 
 import numpy as np
 import pytest
 from PIL import Image
-from werkzeug.serving import make_server
 
+from captioner.decoder import GATES
 from tests.conftest import make_photo
 from tests.service.conftest import build_app
-from tests.service.test_browser import browser, collect_errors, page  # noqa: F401  (fixtures)
+from tests.service.test_browser import browser, collect_errors, page, serving  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration  # headless Chromium
 
 PHONE = {"width": 375, "height": 812}
-GATES = ("i", "f", "g", "o")
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +59,8 @@ def hood_url(tiny_checkpoint, units, tmp_path_factory):
     path = tmp_path_factory.mktemp("units") / "units.json"
     path.write_text(json.dumps({"alignment": "reading", "units": units}))
     app = build_app(tiny_checkpoint, cells=str(path), max_wait_ms=2.0)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(10)
+    with serving(app) as url:
+        yield url
     app.extensions["captioner"].close()
 
 
