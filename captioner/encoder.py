@@ -81,6 +81,21 @@ class Encoder(nn.Module):
             stage.eval()
         return self
 
+    def split(self, trainable: int) -> tuple[nn.Module, nn.Module]:
+        """`(frozen, top)`: the backbone cut before its last `trainable` stages, so that
+        `top(frozen(pixels))` is `backbone(pixels)`: frozen (B, 3, S, S) -> (B, C, h, w), top
+        (B, C, h, w) -> (B, E, H', W'). Both hold this encoder's own modules, so training the top
+        trains the encoder. Training caches the frozen part's output and runs only the top."""
+        if not 0 < trainable <= len(self.stages):
+            raise ValueError(f"split needs 1 to {len(self.stages)} trainable stages, got {trainable}")
+        units = _sequence(self.backbone, self.stages)
+        if units is None:
+            raise ValueError(f"{self.config.backbone}: its trunk is not a chain of stages, so its frozen part cannot "
+                             "be cached apart; fine-tune it with data.use_cache=false")
+        first = self.stages[len(self.stages) - trainable]
+        cut = next(i for i, unit in enumerate(units) if unit is first)
+        return nn.Sequential(*units[:cut]), nn.Sequential(*units[cut:])
+
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         grid = self.backbone(pixels)  # (B, E, H', W')
         regions = grid.flatten(2).transpose(1, 2)  # (B, P, E)
@@ -290,3 +305,28 @@ def _stages(trunk: nn.Module) -> list[nn.Module]:
         elif any(True for _ in child.parameters()):
             stages.append(child)
     return stages
+
+
+def _sequence(trunk: nn.Module, stages: list[nn.Module]) -> list[nn.Module] | None:
+    """The modules that the trunk applies one after another, with the block containers that
+    `_stages` expands expanded, or None where its forward is not such a chain (then it cannot be
+    split). timm's EfficientNets (the Lite backbones among them) chain conv_stem, bn1, blocks,
+    conv_head and bn2 in `forward_features`; torchvision's trunks here are `nn.Sequential`s."""
+    if isinstance(trunk, _TimmTrunk):
+        from timm.models.efficientnet import EfficientNet
+
+        model = trunk.model
+        if type(model) is not EfficientNet:
+            return None
+        chain = [model.conv_stem, model.bn1, model.blocks, model.conv_head, model.bn2]
+    elif type(trunk) is nn.Sequential:
+        chain = list(trunk.children())
+    else:
+        return None
+    known = {id(stage) for stage in stages}
+    units: list[nn.Module] = []
+    for module in chain:
+        children = list(module.children())
+        expanded = isinstance(module, nn.Sequential) and any(id(child) in known for child in children)
+        units.extend(children if expanded else [module])
+    return units if known <= {id(unit) for unit in units} else None

@@ -8,6 +8,12 @@ silently reusing a stale one. Files are written atomically (`captioner.files`), 
 Augmentation with a frozen encoder: view 0 is each image as preprocessed; views 1.. are fixed
 light augmentations of it (`SeededAugment`), each cached like view 0. `FeatureViews` then gives
 each image of a training batch one of its views at random.
+
+Fine-tuning the encoder's last stages: with `split=N` the cache holds what the frozen part of the
+trunk gives the first of its last N stages (`Encoder.split`), e.g. (N, 49, 192) before
+EfficientNet-Lite0's last block, keyed by N and the frozen part's weights only (so never a
+full-feature cache, and still valid while the top is being trained); training then runs only the
+top on it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -43,16 +50,19 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Path], view: int = 0) -> str:
+def cache_key(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Path], view: int = 0,
+              split: int = 0) -> str:
     description: dict = {
         "version": CACHE_VERSION,
         "backbone": encoder.config.backbone,
-        "weights": weights_fingerprint(encoder),
+        "weights": weights_fingerprint(encoder.split(split)[0] if split else encoder),
         "preprocessing": preprocessing.to_dict(),
         "images": [str(Path(p).resolve()) for p in paths],
     }
     if view:  # view 0 keeps the key it had before views existed
         description["view"] = [view, AUGMENT_VERSION]
+    if split:  # the frozen trunk's output, before the last `split` stages
+        description["split"] = split
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -124,8 +134,11 @@ def build_or_load(
     workers: int = 2,
     progress: bool = True,
     view: int = 0,
+    split: int = 0,
 ) -> FeatureCache:
-    folder = Path(cache_root) / cache_key(encoder, preprocessing, paths, view)
+    """The cached regions (N, P, E) of `paths` as `view`, or with `split=N` the frozen trunk's
+    output before the encoder's last N stages, flattened to (N, h*w, C)."""
+    folder = Path(cache_root) / cache_key(encoder, preprocessing, paths, view, split)
     if (folder / "index.json").is_file():
         log.info("feature cache hit: %s", folder)
         return FeatureCache(folder)
@@ -134,25 +147,29 @@ def build_or_load(
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others then read its result
         if (folder / "index.json").is_file():
             return FeatureCache(folder)
-        _build(encoder, preprocessing, paths, folder, batch_size, workers, progress, view)
+        started = time.monotonic()
+        _build(encoder, preprocessing, paths, folder, batch_size, workers, progress, view, split)
+        log.info("feature cache built in %.0f s: %s", time.monotonic() - started, folder)
     return FeatureCache(folder)
 
 
 def _build(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Path], folder: Path,
-           batch_size: int, workers: int, progress: bool, view: int) -> None:
+           batch_size: int, workers: int, progress: bool, view: int, split: int) -> None:
     encoder = encoder.eval()
     device = next(encoder.parameters()).device
+    encode = _frozen_trunk(encoder, split) if split else lambda pixels: encoder.extract(pixels)[0]
     dataset = ImageFileDataset(paths, preprocessing, transform=SeededAugment(view) if view else None)
     valid = np.zeros(len(paths), dtype=bool)
     array = None
     failures = []
-    description = f"encoding images (view {view})" if view else "encoding images"
+    description = "encoding images" + (f" up to the last {split} stages" if split else "")
+    description += f" (view {view})" if view else ""
     with atomic_path(folder / "regions.npy") as temporary, \
             tqdm(total=len(paths), desc=description, unit="img", disable=not progress) as bar:
         for batch in pixel_loader(dataset, batch_size=batch_size, workers=workers):
             failures.extend(batch.failures)
             if batch.indices:
-                regions, _ = encoder.extract(preprocessing.normalize(batch.pixels.to(device)))  # (B, P, E)
+                regions = encode(preprocessing.normalize(batch.pixels.to(device)))  # (B, P, E) or (B, h*w, C)
                 if array is None:
                     shape = (len(paths), *regions.shape[1:])  # (N, P, E)
                     array = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float16, shape=shape)
@@ -168,3 +185,14 @@ def _build(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Path]
     # Written last: its presence is what marks the cache complete.
     index = {"paths": [str(p) for p in paths], "valid": valid.tolist(), "failures": [r for _, r in failures]}
     write_atomically(folder / "index.json", json.dumps(index))
+
+
+def _frozen_trunk(encoder: Encoder, split: int):
+    """pixels (B, 3, S, S) -> the frozen part's output (B, h*w, C), in chunks as `Encoder.extract`."""
+    frozen, _ = encoder.split(split)
+
+    @torch.inference_mode()
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        parts = [frozen(part.contiguous(memory_format=torch.channels_last)) for part in pixels.split(8)]
+        return torch.cat(parts).flatten(2).transpose(1, 2)  # (B, h*w, C)
+    return encode

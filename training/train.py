@@ -65,18 +65,32 @@ class Progress:
 
 
 class CaptionModel(torch.nn.Module):
-    """Encoder + decoder for training: inputs are cached regions (B, P, E) float, or pixels
-    (B, 3, S, S) uint8 that go through the encoder (frozen, or fine-tuning its last stages)."""
+    """Encoder + decoder for training: inputs are cached regions (B, P, E) float, pixels
+    (B, 3, S, S) uint8 that go through the encoder (frozen, or fine-tuning its last stages), or
+    with `split=N` the cached output of the encoder's frozen part (B, h*w, C) float, which goes
+    through its last N stages (`Encoder.split`) only."""
 
-    def __init__(self, encoder: Encoder, decoder: Decoder, preprocessing):
+    def __init__(self, encoder: Encoder, decoder: Decoder, preprocessing, split: int = 0):
         super().__init__()
         self.encoder, self.decoder, self.preprocessing = encoder, decoder, preprocessing
+        self.top, self.trunk_grid = None, None
+        if split:
+            frozen, self.top = encoder.split(split)
+            size = preprocessing.size
+            with torch.no_grad():
+                probe = frozen(torch.zeros(1, 3, size, size, device=next(encoder.parameters()).device))
+            self.trunk_grid = tuple(probe.shape[2:])  # (h, w)
 
     def encode(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> regions (B, P, E), pooled (B, E)."""
         if inputs.dtype == torch.uint8:
             pixels = self.preprocessing.normalize(inputs).contiguous(memory_format=torch.channels_last)
             return self.encoder(pixels)
+        if self.top is not None:
+            b, _, c = inputs.shape
+            trunk = inputs.view(b, *self.trunk_grid, c).permute(0, 3, 1, 2)  # (B, C, h, w), channels-last
+            regions = self.top(trunk).flatten(2).transpose(1, 2)  # (B, P, E)
+            return regions, regions.mean(dim=1)
         return inputs, inputs.mean(dim=1)
 
     def forward(self, inputs: torch.Tensor, tokens: torch.Tensor, sample_prob: float = 0.0,
@@ -125,7 +139,9 @@ def train_one_epoch(
     ctx.prepare_epoch(progress.epoch)
     sampling = _scheduled_sampling(cfg, progress.epoch)
     ctx.decoder.train()
-    ctx.encoder.train()  # frozen stages stay in eval mode
+    # Frozen stages stay in eval mode. On the cached frozen trunk the top keeps its batch-norm
+    # statistics too (eval mode, only weights learn): it then computes what inference computes.
+    ctx.encoder.train(not ctx.split)
     totals: dict[str, float] = {}
     count = 0
     started = time.monotonic()
@@ -364,9 +380,12 @@ class Context:
         self.text_concepts = None if tagger is None else TextConcepts(self.vocab, tagger.words, tagger.forms)
 
         # Frozen encoder: features come from the cache, encoded once (on rank 0 first).
-        # Fine-tuning (from optim.finetune_from_epoch) or data.use_cache=false: pixels go through the encoder.
+        # Fine-tuning the last N stages (from optim.finetune_from_epoch): the cache holds the frozen
+        # part's output and each step runs only those stages on it (`split`).
+        # data.use_cache=false: pixels go through the whole encoder.
         stages = cfg.model.encoder.trainable_stages
         self.finetune_from = cfg.optim.finetune_from_epoch if stages > 0 else -1
+        self.split = stages if self.finetune_from >= 0 and cfg.data.use_cache else 0
         self.finetuning = False
         self.items = self.val_cache = None
         if cfg.data.use_cache:  # a cache per data set and view
@@ -389,7 +408,7 @@ class Context:
         if cfg.optim.objective == "scst":
             self.self_critical = SelfCritical(self.vocab, self.items.references, samples=cfg.optim.scst_samples,
                                               max_new_tokens=cfg.eval.decode.max_new_tokens)
-        self.network = CaptionModel(self.encoder, self.decoder, self.preprocessing)
+        self.network = CaptionModel(self.encoder, self.decoder, self.preprocessing, split=self.split)
         self.model = self._wrap()
         encoder_params = [p for stage in self.encoder.stages[len(self.encoder.stages) - stages:]
                           for p in stage.parameters()] if self.finetune_from >= 0 else []
@@ -432,21 +451,23 @@ class Context:
         return model
 
     def prepare_epoch(self, epoch: int) -> None:
-        """Switch to encoder fine-tuning when its epoch comes: unfreeze the last stages, feed
-        augmented pixels instead of cached features."""
+        """Switch to encoder fine-tuning when its epoch comes: unfreeze the last stages (on the
+        cached frozen trunk, or without a cache on augmented pixels)."""
         if self.finetuning or self.finetune_from < 0 or epoch < self.finetune_from:
             return
         self.finetuning = True
         self.encoder.set_trainable_stages(self.cfg.model.encoder.trainable_stages)
-        self.items = CaptionBatches(self.train_samples, self.vocab, self.cfg.model.max_caption_tokens,
-                                    preprocessing=self.preprocessing, augment=True)
+        if not self.split:
+            self.items = CaptionBatches(self.train_samples, self.vocab, self.cfg.model.max_caption_tokens,
+                                        preprocessing=self.preprocessing, augment=True)
         self.model = self._wrap()  # DDP must see the newly trainable parameters
         log.info("epoch %d: fine-tuning the encoder's last %d stages", epoch + 1, self.cfg.model.encoder.trainable_stages)
 
     def _cache(self, paths: list[Path], view: int = 0) -> features.FeatureCache:
         def build() -> features.FeatureCache:
             return features.build_or_load(self.encoder, self.preprocessing, paths, self.cfg.data.cache_dir,
-                                          workers=self.cfg.data.workers, progress=self.cfg.run.progress, view=view)
+                                          workers=self.cfg.data.workers, progress=self.cfg.run.progress, view=view,
+                                          split=self.split)
         if self.world > 1:
             if self.rank == 0:
                 build()
@@ -458,8 +479,13 @@ class Context:
 
     def val_regions(self, paths: list[Path]) -> torch.Tensor:
         """(B, P, E) regions of validation photos."""
-        if self.val_cache is not None and not self.finetuning:
-            return self.val_cache.regions(paths).to(self.device)
+        if self.val_cache is not None and (self.split or not self.finetuning):
+            cached = self.val_cache.regions(paths).to(self.device)
+            if not self.split:
+                return cached
+            self.encoder.eval()
+            with torch.no_grad():
+                return self.network.encode(cached)[0]
         pixels = torch.stack([self.preprocessing.load(p) for p in paths]).to(self.device)
         self.encoder.eval()
         return self.encoder.extract(self.preprocessing.normalize(pixels))[0].clone()

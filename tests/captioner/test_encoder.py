@@ -51,6 +51,38 @@ def test_frozen_by_default_and_last_stages_trainable_on_request():
     assert not encoder.stages[0].training and encoder.stages[-1].training  # frozen BN stays in eval
 
 
+def test_split_encoder_chains_its_frozen_part_and_top_into_the_whole_trunk(encoder):
+    """What training caches (the frozen part's output) and runs (the top) is the encoder."""
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        whole = encoder.backbone(pixels)  # (2, 1280, 7, 7)
+        for trainable, shape in ((1, (2, 1280, 7, 7)), (3, (2, 192, 7, 7)), (4, (2, 112, 14, 14))):
+            frozen, top = encoder.split(trainable)
+            middle = frozen(pixels)
+            assert middle.shape == shape
+            torch.testing.assert_close(top(middle), whole, rtol=0, atol=0)
+    # the top holds the encoder's last 3 stages themselves (blocks[6], conv_head, bn2), not copies
+    _, top = encoder.split(3)
+    assert list(top) == encoder.stages[-3:]
+    with pytest.raises(ValueError, match="trainable stages"):
+        encoder.split(0)
+
+
+def test_torchvision_trunk_splits_around_its_parameterless_layers():
+    encoder = Encoder(EncoderConfig(backbone="resnet18", pretrained=False)).eval()
+    pixels = torch.randn(1, 3, 64, 64)
+    frozen, top = encoder.split(len(encoder.stages) - 1)  # after conv1: bn1, relu, maxpool, layer1..4
+    with torch.no_grad():
+        torch.testing.assert_close(top(frozen(pixels)), encoder.backbone(pixels), rtol=0, atol=0)
+    assert len(frozen) == 1 and len(top) == 7
+
+
+def test_a_trunk_that_is_not_a_chain_refuses_to_split():
+    encoder = Encoder(EncoderConfig(backbone="timm:resnet18", pretrained=False))
+    with pytest.raises(ValueError, match="use_cache=false"):
+        encoder.split(1)
+
+
 def test_offline_download_failure_says_what_to_do(monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")

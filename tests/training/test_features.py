@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from captioner.encoder import Encoder, EncoderConfig
 from captioner.preprocessing import Preprocessing
 from tests.conftest import make_photo
 from training import features
@@ -66,3 +67,34 @@ def test_augmented_views_are_cached_apart_reproducibly_and_drawn_per_image(encod
     drawn = views.regions(images[:1] * 64, torch.Generator().manual_seed(0))  # (64, P, E)
     from_plain = [torch.equal(row, plain.regions(images[:1])[0]) for row in drawn]
     assert 0 < sum(from_plain) < 64  # both views drawn
+
+
+def test_caches_of_the_frozen_trunk_hold_its_output_apart_for_each_split(encoder, images, tmp_path):
+    preprocessing = Preprocessing(size=224, resize="squash")
+    build = lambda split, view=0: features.build_or_load(  # noqa: E731
+        encoder, preprocessing, images, tmp_path / "cache", workers=0, progress=False, view=view, split=split)
+    full, three, four, three_augmented = build(0), build(3), build(4), build(3, 1)
+    assert len({full.folder, three.folder, four.folder, three_augmented.folder}) == 4
+    assert full.array.shape == (4, 49, 1280) and three.array.shape == (4, 49, 192)
+    assert four.array.shape == (4, 196, 112) and three.valid.tolist() == [True, True, True, False]
+    pixels = preprocessing.normalize(torch.stack([preprocessing.load(p) for p in images[:3]]))
+    with torch.no_grad():
+        expected = encoder.split(3)[0](pixels).flatten(2).transpose(1, 2)  # (3, 49, 192)
+    torch.testing.assert_close(three.regions(images[:3]), expected, atol=2e-2, rtol=2e-3)
+    assert not torch.allclose(three_augmented.regions(images[:3]), three.regions(images[:3]))
+
+
+def test_a_trunk_cache_is_keyed_by_the_frozen_weights_only(images):
+    """Training the top leaves its cache valid (a resumed fine-tuning run reuses it); a change to
+    the frozen part, or to any weight for a full-feature cache, makes a new one."""
+    encoder = Encoder(EncoderConfig(pretrained=False))
+    preprocessing = Preprocessing(size=224, resize="squash")
+    keys = lambda: (features.cache_key(encoder, preprocessing, images),  # noqa: E731
+                    features.cache_key(encoder, preprocessing, images, split=3))
+    full, trunk = keys()
+    with torch.no_grad():
+        encoder.stages[-2].weight.add_(1.0)  # conv_head: in the top
+    assert keys()[0] != full and keys()[1] == trunk
+    with torch.no_grad():
+        encoder.stages[0].weight.add_(1.0)  # conv_stem: in the frozen part
+    assert keys()[1] != trunk

@@ -19,7 +19,7 @@ from captioner.decoder import Decoder
 from tests.conftest import tiny_decoder_config
 from tests.training.conftest import tiny_train_overrides
 from training.config import load_config
-from training.train import caption_loss, epoch_length, epoch_order, main
+from training.train import Context, Progress, caption_loss, epoch_length, epoch_order, main, train_one_epoch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -199,3 +199,39 @@ def test_an_epoch_sees_each_set_as_often_as_its_weight_says():
     # one set of weight 1 is a plain permutation, as before data sets could be weighed
     assert sorted(epoch_order([(7, 1.0)], torch.Generator().manual_seed(1)).tolist()) == list(range(7))
     assert epoch_order([(5, 0.0), (3, 1.0)], torch.Generator().manual_seed(2)).min() >= 5
+
+
+def test_finetuning_on_the_cached_frozen_trunk_trains_only_the_top_and_the_decoder(flickr_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = load_config(None, tiny_train_overrides(flickr_dir, out, **{
+        "optim.epochs": 1, "model.encoder.trainable_stages": 3, "optim.finetune_from_epoch": 0,
+        "optim.encoder_lr": 0.01, "data.cache_views": 2}))
+    ctx = Context(cfg, None)
+    assert ctx.split == 3 and ctx.items.cache.regions([ctx.items.images[0]]).shape == (1, 49, 192)
+    encoder_before = {k: v.clone() for k, v in ctx.encoder.state_dict().items()}
+    decoder_before = {k: v.clone() for k, v in ctx.decoder.state_dict().items()}
+
+    def no_pixels(*args):
+        raise AssertionError("the frozen part ran in training")
+
+    monkeypatch.setattr(ctx.encoder.stages[0], "forward", no_pixels)
+    train_one_epoch(ctx, Progress())
+    monkeypatch.undo()
+    changed = {k for k, v in ctx.encoder.state_dict().items() if not torch.equal(v, encoder_before[k])}
+    top = ("backbone.model.blocks.6.", "backbone.model.conv_head.", "backbone.model.bn2.")
+    assert "backbone.model.conv_head.weight" in changed and "backbone.model.blocks.6.0.conv_pw.weight" in changed
+    assert all(k.startswith(top) for k in changed), sorted(changed)
+    assert not any(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)  # eval-mode BN
+    assert all(not torch.equal(v, decoder_before[k]) for k, v in ctx.decoder.state_dict().items()
+               if v.is_floating_point() and k.endswith("weight"))
+
+    # validation runs the trained top on the cached trunk: the regions the whole encoder gives
+    paths = [s.image for s in ctx.val_samples[:2]]
+    pixels = torch.stack([ctx.preprocessing.load(p) for p in paths])
+    expected = ctx.encoder.eval().extract(ctx.preprocessing.normalize(pixels))[0]
+    torch.testing.assert_close(ctx.val_regions(paths), expected, atol=5e-2, rtol=1e-2)
+    # the checkpoint carries the fine-tuned encoder, and inference runs the whole of it
+    ctx.save(tmp_path / "model.pt", Progress(epoch=1))
+    model = Captioner.from_checkpoint(tmp_path / "model.pt", precision="fp32")
+    assert model.encoder.config.trainable_stages == 3
+    torch.testing.assert_close(model.encoder.extract(ctx.preprocessing.normalize(pixels))[0], expected)
