@@ -32,7 +32,7 @@ from captioner.decoding import DecodeConfig  # noqa: E402
 from captioner.runtime import cpu  # noqa: E402
 
 PHASES = {  # phase -> (object, attribute) whose calls it times
-    "rules": (decoding, "log_probs"), "select": (decoding.BeamState, "select"),
+    "rules": (decoding.Bans, "log_probs"), "select": (decoding.BeamState, "select"),
     "finish": (decoding.BeamState, "finish"), "advance": (decoding.BeamState, "advance"),
     "done": (decoding.BeamState, "done"),
 }

@@ -405,7 +405,7 @@ class Decoder(nn.Module):
         else:
             hs, cs = torch.stack(hs), None if state.c is None else torch.stack(cs)
         new_state = state.with_sequences(hs, cs, gates)
-        return self.dropout(layer_input), new_state, alpha
+        return (layer_input if fast is not None else self.dropout(layer_input)), new_state, alpha  # no dropout in inference
 
     def _top_projections(self, h: torch.Tensor, fast: "_InferenceWeights | None", top=None):
         """Everything computed from the top layer's previous state h (N, D): its hidden gates
@@ -468,8 +468,9 @@ def attention_weights(memory_att: torch.Tensor, query: torch.Tensor, score: torc
 def doubled_attention_weights(memory_att: torch.Tensor, query: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     """`attention_weights` of inputs already doubled (exactly: a power of two), as inference
     keeps them, one pass over (B, P, A) fewer per word."""
-    energy = torch.sigmoid(memory_att[:, None] + query[:, :, None])  # (B, K, P, A)
-    return torch.matmul(energy, score).softmax(dim=-1)  # (B, K, P)
+    energy = torch.sigmoid_(memory_att[:, None] + query[:, :, None])  # (B, K, P, A), in place: one pass less
+    b, k, p, a = energy.shape
+    return torch.mv(energy.view(-1, a), score.to(energy.dtype)).view(b, k, p).softmax(dim=-1)  # (B, K, P); autocast: bf16
 
 
 class TrainedAttentionWeights(torch.autograd.Function):
@@ -515,10 +516,14 @@ def lstm_gates(gx: torch.Tensor, gh: torch.Tensor) -> torch.Tensor:
 
 
 def lstm_cell(gx: torch.Tensor, gh: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """LSTM gates: gx, gh (N, 4D) input and hidden contributions, c (N, D) -> (h', c')."""
-    i, f, g, o = (gx + gh).chunk(4, dim=1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
+    """LSTM gates: gx, gh (N, 4D) input and hidden contributions, c (N, D) -> (h', c'). One
+    sigmoid over all four gates (the cell candidate's quarter unused): decoding runs this on a
+    few rows, where each operation's dispatch costs more than its arithmetic."""
+    z = gx + gh
+    i, f, _, o = torch.sigmoid(z).chunk(4, dim=1)
+    d = c.shape[1]
+    c = torch.addcmul(f * c, i, torch.tanh(z[:, 2 * d:3 * d]))
+    return o * torch.tanh(c), c
 
 
 @dataclass

@@ -123,8 +123,12 @@ class Rows:
 
 class TokenRule:
     """One rule over the next word: `__call__(ban, history, rows)` updates ban (N, V), True where
-    a row may not say a word, from history (N, t), the words generated so far. Rules run in list
-    order; a later rule sees (and may lift) an earlier one's bans."""
+    a row may not say a word, from history (N, t), the words generated so far. A `fixed` rule
+    bans the same words for every row of an image at every step: `Bans` applies it once. Fixed
+    rules come first, then the others in list order; a later rule sees (and may lift) an
+    earlier one's bans."""
+
+    fixed = False
 
     def __call__(self, ban: torch.Tensor, history: torch.Tensor, rows: Rows) -> None:
         raise NotImplementedError
@@ -133,6 +137,7 @@ class TokenRule:
 @dataclass
 class BanTokens(TokenRule):
     ids: tuple[int, ...]  # special tokens: <pad>, <bos>, <unk>
+    fixed = True
 
     def __post_init__(self) -> None:
         self.index = torch.tensor(self.ids, dtype=torch.long)
@@ -179,6 +184,7 @@ class EndWhenStuck(TokenRule):
 @dataclass
 class ExcludeWords(TokenRule):
     banned: torch.Tensor  # (B, V) True where an image's captions must not say a word
+    fixed = True
 
     def __call__(self, ban, history, rows):
         ban |= self.banned[rows.image]
@@ -191,7 +197,7 @@ class EndWhenMet(TokenRule):
     eos: int
 
     def __call__(self, ban, history, rows):
-        ban[:, self.eos] |= rows.met != rows.goal
+        ban.select(1, self.eos).logical_or_(rows.met != rows.goal)  # in place, through the view
 
 
 def token_rules(config: DecodeConfig, eos: int, banned_ids: tuple[int, ...], vocab_size: int) -> list[TokenRule]:
@@ -208,22 +214,37 @@ def token_rules(config: DecodeConfig, eos: int, banned_ids: tuple[int, ...], voc
     return rules
 
 
-def log_probs(logits: torch.Tensor, rules: Sequence[TokenRule], history: torch.Tensor, rows: Rows) -> torch.Tensor:
-    """logits (N, V), history (N, t) -> log-probs (N, V), -inf where a rule bans the word."""
-    ban = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-    for rule in rules:
-        rule(ban, history, rows)
-    return logits.float().log_softmax(dim=-1).masked_fill_(ban, NEG_INF)
+class Bans:
+    """The token rules of one decoding of B images over V words. The fixed rules are applied once,
+    to a (B, V) mask that each step's rows copy; the others at every step."""
+
+    def __init__(self, rules: Sequence[TokenRule], images: int, vocab_size: int, device):
+        self.per_image = torch.zeros(images, vocab_size, dtype=torch.bool, device=device)  # (B, V)
+        every_image = Rows(image=torch.arange(images, device=device))
+        for rule in rules:
+            if rule.fixed:
+                rule(self.per_image, torch.empty(images, 0, dtype=torch.long, device=device), every_image)
+        self.each_step = [rule for rule in rules if not rule.fixed]
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows' images (N,), their mask (N, V))
+
+    def log_probs(self, logits: torch.Tensor, history: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """logits (N, V), history (N, t) -> log-probs (N, V), -inf where a rule bans the word."""
+        if self._rows is None or self._rows[0] is not rows.image:  # the rows change when images leave
+            self._rows = rows.image, self.per_image.index_select(0, rows.image)
+        ban = self._rows[1].clone() if self.each_step else self._rows[1]
+        for rule in self.each_step:
+            rule(ban, history, rows)
+        return logits.log_softmax(dim=-1, dtype=torch.float32).masked_fill_(ban, NEG_INF)
 
 
-def _hypothesis(tokens: torch.Tensor, logps: torch.Tensor, traces: dict[str, torch.Tensor], length: int,
+def _hypothesis(tokens: list[int], logps: list[float], traces: dict[str, torch.Tensor], length: int,
                 finished: bool, penalty: float) -> Hypothesis:
-    """Row of generated ids (length of them valid, the last being <eos> when finished), their
-    log-probs and traces (T, *X) each."""
-    token_logps = logps[:length].tolist()
+    """Generated ids (length of them valid, the last being <eos> when finished), their log-probs
+    and traces (T, *X) each."""
+    token_logps = logps[:length]
     log_prob = float(sum(token_logps))
-    words = tokens[: length - 1 if finished else length].tolist()
-    kept = {name: t[:length].clone() for name, t in traces.items()}
+    words = tokens[: length - 1 if finished else length]
+    kept = {name: t[:length] for name, t in traces.items()}
     attention = kept.pop("attention", None)
     return Hypothesis(words, token_logps, log_prob, score(log_prob, length, penalty), finished, attention,
                       kept or None)
@@ -240,6 +261,7 @@ def _sample(decoder: Decoder, state: DecoderState, bos: int, eos: int, rules: li
     if config.do_sample and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
     rows = Rows(image=torch.arange(b, device=device).repeat_interleave(k))
+    bans = Bans(rules, b, decoder.config.vocab_size, device)
     tokens = torch.full((n,), bos, dtype=torch.long, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     length = torch.zeros(n, dtype=torch.long, device=device)
@@ -247,7 +269,7 @@ def _sample(decoder: Decoder, state: DecoderState, bos: int, eos: int, rules: li
     step_logps, traces = [], {}
     for _ in range(config.max_new_tokens):
         logits, state, alpha = decoder.step(tokens, state)
-        logp = log_probs(logits, rules, history, rows)  # (N, V)
+        logp = bans.log_probs(logits, history, rows)  # (N, V)
         tokens = _draw(logp, config, generator) if config.do_sample else logp.argmax(dim=-1)
         tokens = tokens.masked_fill(finished, eos)  # finished rows idle on <eos>
         step_logps.append(logp.gather(1, tokens[:, None]).squeeze(1).masked_fill(finished, 0.0))
@@ -260,7 +282,7 @@ def _sample(decoder: Decoder, state: DecoderState, bos: int, eos: int, rules: li
             break
     token_logps = torch.stack(step_logps, dim=1).cpu()  # (N, T)
     stacked = {name: torch.stack(values, dim=1).cpu() for name, values in traces.items()}  # (N, T, *X) each
-    history, length, finished = history.cpu(), length.tolist(), finished.tolist()
+    history, token_logps, length, finished = history.tolist(), token_logps.tolist(), length.tolist(), finished.tolist()
     return [[_hypothesis(history[row], token_logps[row], {name: t[row] for name, t in stacked.items()},
                          length[row], finished[row], config.length_penalty)
              for row in range(image * k, image * k + k)]
@@ -300,56 +322,43 @@ def _categorical(weights: torch.Tensor, generator) -> torch.Tensor:
 # -- beam search -------------------------------------------------------------------------------
 
 class _Pool:
-    """The best finished (or, at the end, truncated) hypotheses of every image, H = slots."""
+    """The best finished (or, at the end, truncated) hypotheses of every image, at most H = slots
+    each, best first. Kept as Python objects: few hypotheses end per step, and a tensor pool
+    costs dozens of small operations per merge."""
 
-    def __init__(self, images: int, slots: int, max_len: int, device):
-        self.score = torch.full((images, slots), NEG_INF, device=device)
-        self.tokens = torch.full((images, slots, max_len), -1, dtype=torch.long, device=device)
-        self.logps = torch.zeros(images, slots, max_len, device=device)
-        self.length = torch.zeros(images, slots, dtype=torch.long, device=device)
-        self.finished = torch.zeros(images, slots, dtype=torch.bool, device=device)
-        self.traces: dict[str, torch.Tensor] = {}  # (B, H, T, *X) each, made at the first merge
+    def __init__(self, images: int, slots: int, penalty: float):
+        self.slots, self.penalty = slots, penalty
+        self.kept: list[list[tuple[float, Hypothesis]]] = [[] for _ in range(images)]  # (ranking score, hypothesis)
 
     def worst(self, images: torch.Tensor) -> torch.Tensor:
         """(B,) the score an image's pool would drop next (-inf while it has a free slot)."""
-        return self.score[images, -1]
+        kept = [self.kept[i] for i in images.tolist()]
+        return torch.tensor([k[-1][0] if len(k) == self.slots else NEG_INF for k in kept], device=images.device)
 
     def merge(self, images, score, tokens, logps, traces: dict[str, torch.Tensor], length: int,
               finished: bool) -> None:
-        """Offer Q candidates for each of the given images: score (B, Q), tokens and logps
-        (B, Q, t), traces (B, Q, t, *X); keep the best H per image."""
-        b, slots, max_len = images.shape[0], self.score.shape[1], self.tokens.shape[2]
-        merged, keep = torch.cat([self.score[images], score], dim=1).topk(slots, dim=1)  # (B, H)
-
-        def pick(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-            if new.dim() > 2 and new.shape[2] < max_len:  # pad the time axis
-                pad = new.new_full((*new.shape[:2], max_len - new.shape[2], *new.shape[3:]), 0)
-                new = torch.cat([new, pad], dim=2)
-            both = torch.cat([old, new], dim=1)
-            index = keep.view(b, slots, *[1] * (both.dim() - 2)).expand(b, slots, *both.shape[2:])
-            return both.gather(1, index)
-
+        """Offer Q candidates for each of the given images (B,): score (B, Q), -inf for none,
+        tokens and logps (B, Q, t), traces (B, Q, t, *X); keep the best H per image (on equal
+        scores, the earlier)."""
+        offered = (score > NEG_INF).view(-1).nonzero().squeeze(1)  # (M,) flat indices
+        if offered.numel() == 0:
+            return
         q = score.shape[1]
-        self.score[images] = merged
-        self.tokens[images] = pick(self.tokens[images], tokens)
-        self.logps[images] = pick(self.logps[images], logps)
-        self.length[images] = pick(self.length[images], torch.full((b, q), length, device=score.device))
-        self.finished[images] = pick(self.finished[images], torch.full((b, q), finished, device=score.device))
-        for name, new in traces.items():
-            if name not in self.traces:
-                self.traces[name] = new.new_zeros(*self.score.shape, max_len, *new.shape[3:])
-            self.traces[name][images] = pick(self.traces[name][images], new)
+        pick = lambda t: t.reshape(-1, *t.shape[2:]).index_select(0, offered)  # noqa: E731  (M, ...)
+        picked_traces = {name: pick(t) for name, t in traces.items()}
+        rows = zip((offered // q).tolist(), pick(score).tolist(), pick(tokens).tolist(), pick(logps).tolist())
+        image_ids = images.tolist()
+        for m, (image, ranking, words, word_logps) in enumerate(rows):
+            kept = self.kept[image_ids[image]]
+            if len(kept) == self.slots and ranking <= kept[-1][0]:
+                continue
+            hypothesis = _hypothesis(words, word_logps, {name: t[m] for name, t in picked_traces.items()}, length,
+                                     finished, self.penalty)
+            kept.insert(sum(1 for s, _ in kept if s >= ranking), (ranking, hypothesis))
+            del kept[self.slots:]
 
-    def results(self, count: int, penalty: float) -> list[list[Hypothesis]]:
-        score, tokens, logps = self.score.cpu(), self.tokens.cpu(), self.logps.cpu()
-        length, finished = self.length.tolist(), self.finished.tolist()
-        traces = {name: t.cpu() for name, t in self.traces.items()}
-        return [
-            [_hypothesis(tokens[i, s], logps[i, s], {name: t[i, s] for name, t in traces.items()},
-                         length[i][s], finished[i][s], penalty)
-             for s in range(count) if score[i, s] > NEG_INF]
-            for i in range(score.shape[0])
-        ]
+    def results(self, count: int) -> list[list[Hypothesis]]:
+        return [[h for _, h in kept[:count]] for kept in self.kept]
 
 
 @dataclass
@@ -400,11 +409,21 @@ class BeamState:
         self._index()
 
     def _index(self) -> None:
-        """What depends only on which images are active: each image's first row (B, 1), and each
-        row's image and goal for the token rules."""
-        self.first_row = torch.arange(self.images, device=self.device)[:, None] * self.r
-        self.row_image = self.active.repeat_interleave(self.r)  # (N,)
-        self.row_goal = self.goal.repeat_interleave(self.r)  # (N,)
+        """What depends only on which images are active: each image's first row (B, 1), each
+        row's image and goal for the token rules, and with required words the constant parts of
+        `select`'s and `advance`'s work."""
+        b, r = self.images, self.r
+        self.first_row = torch.arange(b, device=self.device)[:, None] * r
+        self.row_image = self.active.repeat_interleave(r)  # (N,)
+        self.row_goal = self.goal.repeat_interleave(r)  # (N,)
+        required = self.required
+        if required is not None:
+            w = required.ids.shape[1]
+            self.said = required.ids[:, None].expand(b, r, w)  # (B, R, W) each row's required words
+            self.padding = torch.zeros(b, 1, w, device=self.device).masked_fill_((required.bits == 0)[:, None], NEG_INF)
+            plain = torch.zeros(b, r, 2 * self.k, dtype=torch.long, device=self.device)
+            self.candidate_bits = torch.cat([plain, required.bits[:, None].expand(b, r, w)], dim=2).view(b, -1)  # (B, Q)
+            self.past_budget = torch.arange(r, device=self.device)[None] >= self.quota.sum(dim=1, keepdim=True)  # (B, R)
 
     @property
     def images(self) -> int:
@@ -429,21 +448,14 @@ class BeamState:
             word = best_word.view(b, -1).gather(1, pick)
             word_logp = best_logp.view(b, -1).gather(1, pick)
             met = self.met[:, :1].expand_as(word)  # nothing to meet: all zero
-        else:
-            required = self.required
-            w = required.ids.shape[1]
-            best_logp, best_word = rows.topk(min(2 * k + w, rows.shape[2]), dim=2)  # (B, R, 2K + W)
-            said = required.mask.gather(1, best_word.view(b, -1)).view(best_word.shape)
-            plain_logp, keep = best_logp.masked_fill(said, NEG_INF).topk(2 * k, dim=2)  # (B, R, 2K): none required
-            plain_word = best_word.gather(2, keep)
-            said_logp = rows.gather(2, required.ids[:, None].expand(b, r, w))  # (B, R, W)
-            said_logp = said_logp.masked_fill((required.bits == 0)[:, None], NEG_INF)  # padding
+        else:  # required words never among a row's plain candidates, each row's required words after them
+            plain_logp, plain_word = rows.masked_fill(self.required.mask[:, None], NEG_INF).topk(2 * k, dim=2)  # (B, R, 2K)
+            said_logp = rows.gather(2, self.said) + self.padding  # (B, R, W), -inf for padding
             word_logp = torch.cat([plain_logp, said_logp], dim=2).view(b, -1)  # (B, Q), Q = R*(2K + W)
             top_logp = (beam + word_logp.view(b, r, -1)).view(b, -1)
-            word = torch.cat([plain_word, required.ids[:, None].expand(b, r, w)], dim=2).view(b, -1)
+            word = torch.cat([plain_word, self.said], dim=2).view(b, -1)
             origin = self.origin.expand(b, -1)
-            bits = torch.cat([torch.zeros_like(plain_word), required.bits[:, None].expand(b, r, w)], dim=2)
-            met = self.met.gather(1, origin) | bits.view(b, -1)
+            met = self.met.gather(1, origin) | self.candidate_bits
         return _Candidates(top_logp, origin, word, word_logp, met)
 
     def finish(self, top: _Candidates, trace: dict[str, torch.Tensor], pool: _Pool, eos: int, length: int) -> bool:
@@ -456,10 +468,11 @@ class BeamState:
                 return False
             ends &= top.logp > NEG_INF
         else:  # among the K best of the candidates at the goal
-            at_goal = top.met == self.goal[:, None]
-            ends = (top.word == eos) & at_goal
+            ends = top.word == eos
             if not bool(ends.any()):
                 return False
+            at_goal = top.met == self.goal[:, None]
+            ends &= at_goal
             ranked = top.logp.masked_fill(~at_goal, NEG_INF)
             ends &= (top.logp > NEG_INF) & (top.logp >= ranked.topk(self.k, dim=1).values[:, -1:])
         if not bool(ends.any()):
@@ -477,8 +490,8 @@ class BeamState:
         if self.required is None:
             self.logp, live = going.topk(self.k, dim=1)  # (B, K)
         else:
-            live, dead = _allocate(going, _popcount(top.met), self.quota, r)  # (B, R)
-            self.logp = going.gather(1, live).masked_fill_(dead, NEG_INF)
+            live = _allocate(going, _popcount(top.met), self.quota, r)  # (B, R)
+            self.logp = going.gather(1, live).masked_fill_(self.past_budget, NEG_INF)
         rows = self.first_row + top.origin.gather(1, live)  # (B, R)
         words = top.word.gather(1, live)
         if self.required is not None:  # else nothing is ever met
@@ -529,7 +542,7 @@ class BeamState:
         flat = rows.reshape(-1)
 
         def grown(past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:  # past (B, R, t, *X), new (B*Q, *X)
-            before = past.view(b * self.r, *past.shape[2:])[flat].view(b, q, *past.shape[2:])
+            before = past.view(b * self.r, *past.shape[2:]).index_select(0, flat).view(b, q, *past.shape[2:])
             return torch.cat([before, new.reshape(b, q, 1, *past.shape[3:])], dim=2)
 
         tokens = grown(self.history, words)
@@ -539,13 +552,16 @@ class BeamState:
             past = self.traces.get(name)
             if past is None:  # the first step
                 past = new.new_empty(self.images, self.r, 0, *new.shape[1:])
-            traces[name] = grown(past, new[flat])
+            traces[name] = grown(past, new.index_select(0, flat))
         return tokens, logps, traces
 
 
+_POPCOUNT = torch.tensor([bin(bits).count("1") for bits in range(1 << MAX_CONSTRAINTS)])
+
+
 def _popcount(bits: torch.Tensor) -> torch.Tensor:
-    """How many of the MAX_CONSTRAINTS low bits are set, elementwise."""
-    return sum((bits >> c) & 1 for c in range(MAX_CONSTRAINTS))
+    """How many of the MAX_CONSTRAINTS low bits are set, elementwise (one lookup)."""
+    return torch.take(_POPCOUNT.to(bits.device), bits)
 
 
 def _bank_quotas(rows: torch.Tensor, banks: torch.Tensor) -> torch.Tensor:
@@ -557,18 +573,18 @@ def _bank_quotas(rows: torch.Tensor, banks: torch.Tensor) -> torch.Tensor:
     return share.masked_fill(bank >= banks[:, None], 0)
 
 
-def _allocate(logp: torch.Tensor, bank: torch.Tensor, quota: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _allocate(logp: torch.Tensor, bank: torch.Tensor, quota: torch.Tensor, r: int) -> torch.Tensor:
     """Dynamic beam allocation: logp (B, Q) of the candidates (-inf: none), bank (B, Q) how many
     required words each met, quota (B, C+1) rows guaranteed per bank -> the chosen candidates
-    (B, R), and (B, R) True for rows past an image's budget (the sum of its quota). Each bank
-    gets its best up to its quota, the remaining rows the best others."""
+    (B, R), each bank's best up to its quota first, then the best others (rows past an image's
+    budget, the sum of its quota, are to be dropped)."""
     order = logp.argsort(dim=1, descending=True, stable=True)  # (B, Q) best first
-    in_bank = nnf.one_hot(bank.gather(1, order), quota.shape[1])  # (B, Q, C+1)
-    rank = ((in_bank.cumsum(dim=1) - 1) * in_bank).sum(dim=2)  # (B, Q) rank within its bank, in `order`
-    guaranteed = (rank < quota.gather(1, bank.gather(1, order))) & (logp.gather(1, order) > NEG_INF)
-    order = order.gather(1, (~guaranteed).to(torch.uint8).argsort(dim=1, stable=True))  # guaranteed first
-    dead = torch.arange(r, device=logp.device)[None] >= quota.sum(dim=1, keepdim=True)
-    return order[:, :r], dead
+    ranked_bank = bank.gather(1, order)[:, :, None]  # (B, Q, 1)
+    banks = torch.arange(quota.shape[1], device=logp.device)
+    place = (ranked_bank == banks).cumsum(dim=1).gather(2, ranked_bank)[:, :, 0]  # (B, Q) 1 + rank within its bank
+    guaranteed = (place <= quota.gather(1, ranked_bank[:, :, 0])) & (logp.gather(1, order) > NEG_INF)
+    first = (~guaranteed).to(torch.uint8).argsort(dim=1, stable=True)  # guaranteed first, each part best first
+    return order.gather(1, first[:, :r])
 
 
 @dataclass
@@ -595,16 +611,17 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, eos: int, rule
     b = state.image_gates.shape[0]
     device = state.h.device
     beams = BeamState(b, config, bos, guide, device)
-    pool = _Pool(b, max(config.num_beams, config.num_return_sequences), config.max_new_tokens, device)
+    pool = _Pool(b, max(config.num_beams, config.num_return_sequences), config.length_penalty)
     if guide is not None and guide.banned is not None:
         rules = rules + [ExcludeWords(guide.banned.to(device))]
     if beams.required is not None:
         rules = rules + [EndWhenMet(eos)]
+    bans = Bans(rules, b, decoder.config.vocab_size, device)
     state = state.repeat(beams.r)
     for step in range(config.max_new_tokens):
         logits, state, alpha = decoder.step(beams.tokens, state)
         trace = _trace(config, state, alpha)
-        logp = log_probs(logits, rules, beams.history.view(beams.images * beams.r, -1), beams.rows())  # (N, V)
+        logp = bans.log_probs(logits, beams.history.view(beams.images * beams.r, -1), beams.rows())  # (N, V)
         top = beams.select(logp)
         ended = beams.finish(top, trace, pool, eos, length=step + 1)
         state = state.reorder(beams.advance(top, trace, eos))
@@ -614,11 +631,11 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, eos: int, rule
         if bool(done.any()):
             stay = (~done).nonzero().squeeze(1)
             if stay.numel() == 0:
-                return pool.results(config.num_return_sequences, config.length_penalty)
+                return pool.results(config.num_return_sequences)
             beams.keep(stay)
             state = state.select_images(stay)
     beams.flush(pool)
-    return pool.results(config.num_return_sequences, config.length_penalty)
+    return pool.results(config.num_return_sequences)
 
 
 @dataclass

@@ -48,12 +48,12 @@ class Projection:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8 is not None:
-            return torch.ops.quantized.linear_dynamic(x, self.int8)
+            return torch.ops.quantized.linear_dynamic.default(x, self.int8)  # the overload: less Python per call
         if self.bf16 is not None and (x.shape[0] >= self.BF16_ROWS or self.packed is None):
             y = torch.mm(x.to(torch.bfloat16), self.bf16).float()
             return y if self.bias is None else y.add_(self.bias)
         if self.packed is not None:
-            return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+            return torch.ops.quantized.linear_dynamic_fp16.default(x, self.packed)
         return torch.mm(x, self.weight) if self.bias is None else torch.addmm(self.bias, x, self.weight)
 
 

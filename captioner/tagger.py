@@ -111,6 +111,9 @@ class Tagger:
         mapped = [(c, column[w]) for c, w in enumerate(self.class_words) if w is not None]
         self._classes = torch.tensor([c for c, _ in mapped], dtype=torch.long)  # classes with a word
         self._columns = torch.tensor([i for _, i in mapped], dtype=torch.long)  # their word's column
+        self._word_classes: dict[str, list[int]] = {w: [] for w in self.words}  # each word's classes
+        for c, w in mapped:
+            self._word_classes[self.words[w]].append(c)
 
     # -- construction and storage ------------------------------------------------------------------
 
@@ -263,27 +266,26 @@ class Tagger:
         if max_tags < 0:
             raise ValueError(f"max_tags must be >= 0, got {max_tags}")
         results: list[list[Tag]] = []
-        for image in range(confidence.shape[0]):
+        # Python lists: reading tensors element by element costs a dispatch per element
+        for row, image_probs in zip(confidence.tolist(), probs.tolist()):
             tags: list[Tag] = []
-            order = torch.argsort(confidence[image], descending=True, stable=True).tolist()
-            for column in order:
-                if len(tags) >= max_tags or confidence[image, column] < threshold:
+            confident = [c for c, value in enumerate(row) if value >= threshold]
+            for column in sorted(confident, key=lambda c: -row[c]):  # stable: ties in column order
+                if len(tags) >= max_tags:
                     break
                 word = self.words[column]
                 forms = self._forms(word, vocabulary)
                 if forms:
-                    tags.append(Tag(word, forms, float(confidence[image, column]), self._behind(word, probs[image])))
+                    tags.append(Tag(word, forms, row[column], self._behind(word, image_probs)))
             results.append(tags)
         return results
 
-    def _behind(self, word: str, probs: torch.Tensor) -> list[str]:
-        """The word's most probable ImageNet classes in one image (C,), best first."""
+    def _behind(self, word: str, probs: list[float]) -> list[str]:
+        """The word's most probable ImageNet classes in one image (C probabilities), best first."""
         if self.activation == "sigmoid":  # the word is its own class
             return []
-        classes = [c for c, w in enumerate(self.class_words) if w == word]
-        classes.sort(key=lambda c: -float(probs[c]))
-        return [self.class_names[c] for c in classes[:_CLASSES_PER_TAG]
-                if c == classes[0] or float(probs[c]) >= 0.01]
+        classes = sorted(self._word_classes[word], key=lambda c: -probs[c])
+        return [self.class_names[c] for c in classes[:_CLASSES_PER_TAG] if c == classes[0] or probs[c] >= 0.01]
 
 
 PLATT_INPUTS = ("logit", "log")
