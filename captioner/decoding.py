@@ -462,10 +462,10 @@ class BeamState:
         """An <eos> among the first K candidates that met every required word enters the pool.
         -> whether any did."""
         if self.required is None:  # candidates come ranked, and every one is at the goal
-            top = _Candidates(*(t[:, :self.k] for t in (top.logp, top.origin, top.word, top.word_logp, top.met)))
-            ends = top.word == eos
+            ends = top.word[:, :self.k] == eos
             if not bool(ends.any()):  # most steps: one check
                 return False
+            top = _Candidates(*(t[:, :self.k] for t in (top.logp, top.origin, top.word, top.word_logp, top.met)))
             ends &= top.logp > NEG_INF
         else:  # among the K best of the candidates at the goal
             ends = top.word == eos
