@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-import torch.nn.functional as nnf
 
 from .decode_config import MAX_CONSTRAINTS, DecodeConfig
 from .decoder import Decoder, DecoderState
