@@ -6,7 +6,9 @@ hypotheses, advancing beams, checking for done images), per image at batch 1 and
 
 Each phase is timed by wrapping the function that does it (wall clock, so the phases add up to
 the whole less the result building and the tagger's guidance, reported as "other"); best of
-`--repeats` passes over the same photos. Photos: as bench_inference.py. The last line is one JSON
+`--repeats` passes over the same photos. One more pass counts the tensor operations that
+decoding dispatches per photo (views included; the encoder's not): on a shared machine, where
+times wander, a figure that does not. Photos: as bench_inference.py. The last line is one JSON
 object with the figures.
 """
 
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,6 +33,18 @@ import captioner.decoding as decoding  # noqa: E402
 from captioner.api import DEFAULT_CHECKPOINT, Captioner  # noqa: E402
 from captioner.decoding import DecodeConfig  # noqa: E402
 from captioner.runtime import cpu  # noqa: E402
+
+
+class CountOperations(TorchDispatchMode):
+    """Counts the tensor operations dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
 
 PHASES = {  # phase -> (object, attribute) whose calls it times
     "rules": (decoding.Bans, "log_probs"), "select": (decoding.BeamState, "select"),
@@ -87,13 +102,19 @@ def main() -> None:
             if repeat:  # the first pass warms up
                 runs.append({"total": (time.perf_counter() - started) * 1000 / len(pixels),
                              **{k: v * 1000 / len(pixels) for k, v in totals.items()}})
+        counter = CountOperations()
+        for start in range(0, len(pixels), batch):
+            regions, pooled = model.encode(pixels[start:start + batch])
+            with counter:
+                model.caption_features(regions, pooled, config)
         best = min(runs, key=lambda r: r["total"])
         run = {c: best.get(c, 0.0) for c in columns[:-1]}
         run["other"] = best["total"] - sum(run.values())
         share = 1 - run["encoder"] / best["total"]
         print(f"{batch:>6}{best['total']:>8.2f}" + "".join(f"{run[c]:>9.2f}" for c in columns) + f"{share:>10.0%}")
         figures[f"b{batch}"] = {"total_ms": round(best["total"], 3), **{f"{c}_ms": round(run[c], 3) for c in columns},
-                                "decoder_share": round(share, 3)}
+                                "decoder_share": round(share, 3), "operations_per_photo": round(counter.count / len(pixels))}
+        print(f"{'':>6}{counter.count / len(pixels):.0f} tensor operations dispatched per photo in decoding")
     print(json.dumps(figures))
 
 
