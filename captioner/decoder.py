@@ -391,7 +391,7 @@ class Decoder(nn.Module):
         layer_input = None
         for layer in range(c.num_layers):
             if layer > 0:
-                gates_in = self.input_gates[layer - 1](self.dropout(layer_input))
+                gates_in = self.input_gates[layer - 1](layer_input if fast is not None else self.dropout(layer_input))
             h_prev = state.h[layer]
             c_prev = None if state.c is None else state.c[layer]
             hidden_gates = top_hidden_gates if layer == c.num_layers - 1 else self.hidden_gates[layer](h_prev)
@@ -470,7 +470,8 @@ def doubled_attention_weights(memory_att: torch.Tensor, query: torch.Tensor, sco
     keeps them, one pass over (B, P, A) fewer per word."""
     energy = torch.sigmoid_(memory_att[:, None] + query[:, :, None])  # (B, K, P, A), in place: one pass less
     b, k, p, a = energy.shape
-    return torch.mv(energy.view(-1, a), score.to(energy.dtype)).view(b, k, p).softmax(dim=-1)  # (B, K, P); autocast: bf16
+    # In the energy's dtype (bf16 under autocast, whose CPU list leaves mv alone)
+    return torch.mv(energy.view(-1, a), score.to(energy.dtype)).view(b, k, p).softmax(dim=-1)  # (B, K, P)
 
 
 class TrainedAttentionWeights(torch.autograd.Function):

@@ -14,6 +14,7 @@ some required word (per image, padded).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -122,12 +123,12 @@ class Rows:
 
 class TokenRule:
     """One rule over the next word: `__call__(ban, history, rows)` updates ban (N, V), True where
-    a row may not say a word, from history (N, t), the words generated so far. A `fixed` rule
-    bans the same words for every row of an image at every step: `Bans` applies it once. Fixed
-    rules come first, then the others in list order; a later rule sees (and may lift) an
-    earlier one's bans."""
+    a row may not say a word, from history (N, t), the words generated so far. Rules run in list
+    order; a later rule sees (and, where it `lifts`, may lift) an earlier one's bans. A `fixed`
+    rule bans the same words for every row of an image at every step, so `Bans` can apply it once."""
 
-    fixed = False
+    fixed = False  # the same bans for every row of an image, at every step
+    lifts = False  # may lift an earlier rule's ban
 
     def __call__(self, ban: torch.Tensor, history: torch.Tensor, rows: Rows) -> None:
         raise NotImplementedError
@@ -175,6 +176,7 @@ class EndWhenStuck(TokenRule):
     """A row the rules before leave no word may end (a vocabulary as small as the words said)."""
 
     eos: int
+    lifts = True
 
     def __call__(self, ban, history, rows):
         ban[ban.all(dim=1), self.eos] = False
@@ -214,16 +216,19 @@ def token_rules(config: DecodeConfig, eos: int, banned_ids: tuple[int, ...], voc
 
 
 class Bans:
-    """The token rules of one decoding of B images over V words. The fixed rules are applied once,
-    to a (B, V) mask that each step's rows copy; the others at every step."""
+    """The token rules of one decoding of B images over V words, in list order. The fixed rules
+    before any rule that lifts bans are applied once, to a (B, V) mask that each step's rows
+    copy; the rest at every step."""
 
     def __init__(self, rules: Sequence[TokenRule], images: int, vocab_size: int, device):
         self.per_image = torch.zeros(images, vocab_size, dtype=torch.bool, device=device)  # (B, V)
         every_image = Rows(image=torch.arange(images, device=device))
+        self.each_step: list[TokenRule] = []
         for rule in rules:
-            if rule.fixed:
+            if rule.fixed and not any(r.lifts for r in self.each_step):
                 rule(self.per_image, torch.empty(images, 0, dtype=torch.long, device=device), every_image)
-        self.each_step = [rule for rule in rules if not rule.fixed]
+            else:
+                self.each_step.append(rule)
         self._rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows' images (N,), their mask (N, V))
 
     def log_probs(self, logits: torch.Tensor, history: torch.Tensor, rows: Rows) -> torch.Tensor:
@@ -239,7 +244,7 @@ class Bans:
 def _hypothesis(tokens: list[int], logps: list[float], traces: dict[str, torch.Tensor], length: int,
                 finished: bool, penalty: float) -> Hypothesis:
     """Generated ids (length of them valid, the last being <eos> when finished), their log-probs
-    and traces (T, *X) each."""
+    and traces (T, *X) each, kept as views: `generate` hands out copies."""
     token_logps = logps[:length]
     log_prob = float(sum(token_logps))
     words = tokens[: length - 1 if finished else length]
@@ -343,8 +348,11 @@ class _Pool:
         if offered.numel() == 0:
             return
         q = score.shape[1]
-        pick = lambda t: t.reshape(-1, *t.shape[2:]).index_select(0, offered)  # noqa: E731  (M, ...)
-        picked_traces = {name: pick(t) for name, t in traces.items()}
+
+        def pick(t: torch.Tensor) -> torch.Tensor:  # (B, Q, ...) -> the offered (M, ...)
+            return t.reshape(-1, *t.shape[2:]).index_select(0, offered)
+
+        picked_traces = {name: pick(t).cpu() for name, t in traces.items()}  # results live on the CPU
         rows = zip((offered // q).tolist(), pick(score).tolist(), pick(tokens).tolist(), pick(logps).tolist())
         image_ids = images.tolist()
         for m, (image, ranking, words, word_logps) in enumerate(rows):
@@ -555,12 +563,14 @@ class BeamState:
         return tokens, logps, traces
 
 
-_POPCOUNT = torch.tensor([bin(bits).count("1") for bits in range(1 << MAX_CONSTRAINTS)])
+@functools.cache
+def _popcount_table(device: torch.device) -> torch.Tensor:
+    return torch.tensor([bin(bits).count("1") for bits in range(1 << MAX_CONSTRAINTS)], device=device)
 
 
 def _popcount(bits: torch.Tensor) -> torch.Tensor:
     """How many of the MAX_CONSTRAINTS low bits are set, elementwise (one lookup)."""
-    return torch.take(_POPCOUNT.to(bits.device), bits)
+    return torch.take(_popcount_table(bits.device), bits)
 
 
 def _bank_quotas(rows: torch.Tensor, banks: torch.Tensor) -> torch.Tensor:

@@ -266,6 +266,7 @@ class Tagger:
         if max_tags < 0:
             raise ValueError(f"max_tags must be >= 0, got {max_tags}")
         results: list[list[Tag]] = []
+        threshold = float(torch.tensor(threshold, dtype=confidence.dtype))  # compared as the confidences are
         # Python lists: reading tensors element by element costs a dispatch per element
         for row, image_probs in zip(confidence.tolist(), probs.tolist()):
             tags: list[Tag] = []

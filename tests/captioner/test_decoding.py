@@ -133,6 +133,18 @@ def test_bans_follow_each_row_to_its_image_as_images_leave():
     assert banned[:, 6].all() and not banned[:, 4:6].any()
 
 
+def test_a_fixed_rule_after_a_lifting_rule_still_bans():
+    """Rules keep their list order: words excluded after EndWhenStuck stay banned even where it
+    lifted <eos> (here image 0 excludes <eos>, image 1 does not)."""
+    from captioner.decoding import NEG_INF, Bans, BanTokens, EndWhenStuck, ExcludeWords, MinLength, Rows
+
+    excluded = torch.tensor([[False, True, False, False], [False, False, False, False]])
+    rules = [BanTokens((0, 2, 3)), MinLength(eos=1, min_new_tokens=5), EndWhenStuck(eos=1), ExcludeWords(excluded)]
+    logp = Bans(rules, images=2, vocab_size=4, device="cpu").log_probs(
+        torch.zeros(2, 4), torch.empty(2, 0, dtype=torch.long), Rows(torch.tensor([0, 1])))
+    assert (logp[0] == NEG_INF).all() and logp[1, 1] > NEG_INF
+
+
 def test_decoding_stops_at_eos_and_respects_max_new_tokens(decoder):
     regions, pooled = _images(10, seed=4)
     for beams in (1, 3):
