@@ -397,12 +397,14 @@ class BeamState:
         self.goal = torch.zeros(images, dtype=torch.long, device=device)  # (B,) bits of all required words
         self.required = None
         rows = torch.full((images,), self.k, dtype=torch.long, device=device)  # (B,) rows each image uses
+        self.quota = None
         if guide is not None and bool((guide.goal > 0).any()):
             self.goal = guide.goal.to(device)
             self.required = guide.required_words(device)
-            rows = torch.clamp(_popcount(self.goal) + 1, min=self.k)
+            banks = _popcount(self.goal) + 1  # (B,) one per number of required words met
+            rows = torch.clamp(banks, min=self.k)
+            self.quota = _bank_quotas(rows, banks)
         self.r = r = int(rows.max())
-        self.quota = _bank_quotas(rows, _popcount(self.goal) + 1) if self.required is not None else None
         self.active = torch.arange(images, device=device)  # (B,) each image's index in the batch as given
         self.logp = torch.full((images, r), NEG_INF, device=device)  # (B, R) cumulative
         self.logp[:, 0] = 0.0  # every image starts with one beam

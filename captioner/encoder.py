@@ -106,12 +106,20 @@ class Encoder(nn.Module):
         """Inference on normalised (B, 3, S, S) images in chunks of `chunk`: on CPUs, larger
         batches fall out of the caches and get slower per image. Channels-last memory lets
         oneDNN pick its fast convolutions."""
-        regions, pooled = [], []
-        for part in pixels.split(chunk):
-            r, p = self(part.contiguous(memory_format=torch.channels_last))
-            regions.append(r)
-            pooled.append(p)
+        regions, pooled = zip(*_in_chunks(self, pixels, chunk))
         return torch.cat(regions), torch.cat(pooled)
+
+    @torch.inference_mode()
+    def extract_frozen(self, pixels: torch.Tensor, trainable: int, chunk: int = 8) -> torch.Tensor:
+        """`extract` up to the last `trainable` stages (`split`): normalised (B, 3, S, S) images ->
+        the frozen part's output (B, h*w, C), what fine-tuning caches."""
+        frozen, _ = self.split(trainable)
+        return torch.cat(_in_chunks(frozen, pixels, chunk)).flatten(2).transpose(1, 2)
+
+
+def _in_chunks(module: nn.Module, pixels: torch.Tensor, chunk: int) -> list:
+    """module's outputs on (B, 3, S, S) images in chunks, channels-last (see `Encoder.extract`)."""
+    return [module(part.contiguous(memory_format=torch.channels_last)) for part in pixels.split(chunk)]
 
 
 def build_backbone(

@@ -157,7 +157,9 @@ def _build(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Path]
            batch_size: int, workers: int, progress: bool, view: int, split: int) -> None:
     encoder = encoder.eval()
     device = next(encoder.parameters()).device
-    encode = _frozen_trunk(encoder, split) if split else lambda pixels: encoder.extract(pixels)[0]
+    def encode(pixels: torch.Tensor) -> torch.Tensor:  # (B, P, E), or with a split (B, h*w, C)
+        return encoder.extract_frozen(pixels, split) if split else encoder.extract(pixels)[0]
+
     dataset = ImageFileDataset(paths, preprocessing, transform=SeededAugment(view) if view else None)
     valid = np.zeros(len(paths), dtype=bool)
     array = None
@@ -186,13 +188,3 @@ def _build(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Path]
     index = {"paths": [str(p) for p in paths], "valid": valid.tolist(), "failures": [r for _, r in failures]}
     write_atomically(folder / "index.json", json.dumps(index))
 
-
-def _frozen_trunk(encoder: Encoder, split: int):
-    """pixels (B, 3, S, S) -> the frozen part's output (B, h*w, C), in chunks as `Encoder.extract`."""
-    frozen, _ = encoder.split(split)
-
-    @torch.inference_mode()
-    def encode(pixels: torch.Tensor) -> torch.Tensor:
-        parts = [frozen(part.contiguous(memory_format=torch.channels_last)) for part in pixels.split(8)]
-        return torch.cat(parts).flatten(2).transpose(1, 2)  # (B, h*w, C)
-    return encode
