@@ -14,7 +14,7 @@ some required word (per image, padded).
 
 from __future__ import annotations
 
-import functools
+import struct
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -324,291 +324,292 @@ def _categorical(weights: torch.Tensor, generator) -> torch.Tensor:
 
 
 # -- beam search -------------------------------------------------------------------------------
+#
+# Tensor work is the decoder's step, the token rules over (N, V) and each row's best words. What
+# follows, choosing among a few dozen candidates per image, is done in Python on their numbers:
+# as tensor operations it was two thirds of a decoding's operations, each costing more to
+# dispatch than its arithmetic. Cumulative log-probs come from the tensors (fp32) and scores
+# are rounded to fp32, so choices are those the tensor version made.
+
+_FP32 = struct.Struct("f")
+
+
+def _score32(log_prob: float, length: int, penalty: float) -> float:
+    """`score` of an fp32 log-prob, rounded to fp32 as the tensor arithmetic rounds it."""
+    if not penalty or log_prob == NEG_INF:
+        return log_prob
+    return _FP32.unpack(_FP32.pack(log_prob / _FP32.unpack(_FP32.pack(length ** penalty))[0]))[0]
+
+
+class _Beam:
+    """One live row: its cumulative log-prob (fp32), the constraint bits it has met, its words
+    and their log-probs so far, and the row it occupied at each step (where its traces are)."""
+
+    __slots__ = ("logp", "met", "tokens", "logps", "path")
+
+    def __init__(self, logp: float, met: int, tokens: list[int], logps: list[float], path: list[int]):
+        self.logp, self.met, self.tokens, self.logps, self.path = logp, met, tokens, logps, path
+
+
+# A candidate, an extension of a live row by one word, is a plain tuple (cheaper to make than a
+# named one, and a step makes hundreds): (cumulative log-prob, the row within the image it
+# extends, the word, the word's log-prob, the constraint bits met with it).
+_Candidate = tuple[float, int, int, float, int]
+_LOGP, _ORIGIN, _WORD, _WORD_LOGP, _MET = range(5)
+
 
 class _Pool:
     """The best finished (or, at the end, truncated) hypotheses of every image, at most H = slots
-    each, best first. Kept as Python objects: few hypotheses end per step, and a tensor pool
-    costs dozens of small operations per merge."""
+    each, best first, as (ranking score, words, log-probs, rows per step, finished)."""
 
     def __init__(self, images: int, slots: int, penalty: float):
         self.slots, self.penalty = slots, penalty
-        self.kept: list[list[tuple[float, Hypothesis]]] = [[] for _ in range(images)]  # (ranking score, hypothesis)
+        self.kept: list[list[tuple]] = [[] for _ in range(images)]
 
-    def worst(self, images: torch.Tensor) -> torch.Tensor:
-        """(B,) the score an image's pool would drop next (-inf while it has a free slot)."""
-        kept = [self.kept[i] for i in images.tolist()]
-        return torch.tensor([k[-1][0] if len(k) == self.slots else NEG_INF for k in kept], device=images.device)
+    def full(self, image: int) -> bool:
+        return len(self.kept[image]) == self.slots
 
-    def merge(self, images, score, tokens, logps, traces: dict[str, torch.Tensor], length: int,
+    def worst(self, image: int) -> float:
+        """The score the image's pool would drop next (-inf while it has a free slot)."""
+        kept = self.kept[image]
+        return kept[-1][0] if len(kept) == self.slots else NEG_INF
+
+    def offer(self, image: int, ranking: float, tokens: list[int], logps: list[float], path: list[int],
               finished: bool) -> None:
-        """Offer Q candidates for each of the given images (B,): score (B, Q), -inf for none,
-        tokens and logps (B, Q, t), traces (B, Q, t, *X); keep the best H per image (on equal
-        scores, the earlier)."""
-        offered = (score > NEG_INF).view(-1).nonzero().squeeze(1)  # (M,) flat indices
-        if offered.numel() == 0:
+        """Keep the hypothesis if it is among the image's best H (on equal scores, the earlier)."""
+        kept = self.kept[image]
+        if ranking == NEG_INF or (len(kept) == self.slots and ranking <= kept[-1][0]):
             return
-        q = score.shape[1]
+        kept.insert(sum(1 for s, *_ in kept if s >= ranking), (ranking, tokens, logps, path, finished))
+        del kept[self.slots:]
 
-        def pick(t: torch.Tensor) -> torch.Tensor:  # (B, Q, ...) -> the offered (M, ...)
-            return t.reshape(-1, *t.shape[2:]).index_select(0, offered)
+    def results(self, count: int, steps: list[dict[str, torch.Tensor]]) -> list[list[Hypothesis]]:
+        """The best `count` of each image, their traces gathered from each step's (N, *X) along
+        their rows, on the CPU."""
+        def traces(path: list[int]) -> dict[str, torch.Tensor]:
+            if not steps or not steps[0]:
+                return {}
+            return {name: torch.stack([steps[s][name][row] for s, row in enumerate(path)]).cpu() for name in steps[0]}
 
-        picked_traces = {name: pick(t).cpu() for name, t in traces.items()}  # results live on the CPU
-        rows = zip((offered // q).tolist(), pick(score).tolist(), pick(tokens).tolist(), pick(logps).tolist())
-        image_ids = images.tolist()
-        for m, (image, ranking, words, word_logps) in enumerate(rows):
-            kept = self.kept[image_ids[image]]
-            if len(kept) == self.slots and ranking <= kept[-1][0]:
-                continue
-            hypothesis = _hypothesis(words, word_logps, {name: t[m] for name, t in picked_traces.items()}, length,
-                                     finished, self.penalty)
-            kept.insert(sum(1 for s, _ in kept if s >= ranking), (ranking, hypothesis))
-            del kept[self.slots:]
-
-    def results(self, count: int) -> list[list[Hypothesis]]:
-        return [[h for _, h in kept[:count]] for kept in self.kept]
-
-
-@dataclass
-class _Candidates:
-    """One step's candidates of each image, (B, Q) each: their cumulative log-prob, the row
-    (within the image) they extend, their word and its log-prob, and the constraint bits they
-    have met."""
-
-    logp: torch.Tensor
-    origin: torch.Tensor
-    word: torch.Tensor
-    word_logp: torch.Tensor
-    met: torch.Tensor
+        return [[_hypothesis(tokens, logps, traces(path), len(tokens), finished, self.penalty)
+                 for _, tokens, logps, path, finished in kept[:count]] for kept in self.kept]
 
 
 class BeamState:
-    """The live beams of the images still searching, with their histories: R rows per image.
-    Images whose search is done leave, so an image's result never depends on the others.
+    """The live beams of the images still searching: R rows per image, N = B*R in all. Images
+    whose search is done leave, so an image's result never depends on the others.
 
     Without required words R = K and each step keeps the best K candidates (plain beam search).
     With C required words an image keeps max(K, C + 1) rows, divided among the banks of beams
     that met 0, 1, ..., C of them (dynamic beam allocation, Post and Vilar 2018): each bank is
     guaranteed an equal share of the rows (the remainder to the banks with fewest met, whose
-    beams carry the fluent prefixes), rows a bank cannot fill go to the best other candidates."""
+    beams carry the fluent prefixes), rows a bank cannot fill go to the best other candidates.
+
+    The decoder's inputs live in tensors: `tokens` (N,) the next words, `history` (N, t) the words
+    so far (for the token rules), `beam_logp` (N, 1) the rows' cumulative log-probs."""
 
     def __init__(self, images: int, config: DecodeConfig, bos: int, guide: "_Constraints | None", device):
-        self.config, self.device = config, device
-        self.k = config.num_beams
-        self.goal = torch.zeros(images, dtype=torch.long, device=device)  # (B,) bits of all required words
-        self.required = None
-        rows = torch.full((images,), self.k, dtype=torch.long, device=device)  # (B,) rows each image uses
-        self.quota = None
+        self.config, self.device, self.k = config, device, config.num_beams
+        self.active = list(range(images))  # each image's index in the batch as given
+        self.goal = [0] * images  # (B,) bits of all required words
+        self.required: list[set[int]] | None = None  # with required words: each image's
+        self.said: list[list[tuple[int, int]]] = [[] for _ in range(images)]  # (word, bits) of each image's required words
+        self.said_ids: torch.Tensor | None = None  # (B, W) the same words, padded
+        budget = [self.k] * images  # rows each image uses
+        self.quota = [[self.k] for _ in range(images)]  # rows guaranteed to each bank
         if guide is not None and bool((guide.goal > 0).any()):
-            self.goal = guide.goal.to(device)
-            self.required = guide.required_words(device)
-            banks = _popcount(self.goal) + 1  # (B,) one per number of required words met
-            rows = torch.clamp(banks, min=self.k)
-            self.quota = _bank_quotas(rows, banks)
-        self.r = r = int(rows.max())
-        self.active = torch.arange(images, device=device)  # (B,) each image's index in the batch as given
-        self.logp = torch.full((images, r), NEG_INF, device=device)  # (B, R) cumulative
-        self.logp[:, 0] = 0.0  # every image starts with one beam
-        self.met = torch.zeros(images, r, dtype=torch.long, device=device)  # (B, R) constraint bits met
-        self.tokens = torch.full((images * r,), bos, dtype=torch.long, device=device)  # (N,) next input
-        self.history = torch.empty(images, r, 0, dtype=torch.long, device=device)  # (B, R, t)
-        self.history_logps = torch.empty(images, r, 0, device=device)  # (B, R, t)
-        self.traces: dict[str, torch.Tensor] = {}  # (B, R, t, *X) each, as `_trace` records
-        if self.required is not None:  # the row (within its image) each candidate of `select` extends
-            self.origin = torch.arange(r, device=device).repeat_interleave(2 * self.k + self.required.ids.shape[1])
+            self.goal = guide.goal.tolist()
+            self.said_ids, bits = guide.required_words()
+            self.said = [[(i, b) for i, b in zip(row_ids, row_bits) if b]
+                         for row_ids, row_bits in zip(self.said_ids.tolist(), bits.tolist())]
+            self.required = [{i for i, _ in said} for said in self.said]
+            self.said_ids = self.said_ids.to(device)
+            for image, goal in enumerate(self.goal):
+                banks = goal.bit_count() + 1  # one per number of required words met
+                budget[image] = max(self.k, banks)
+                self.quota[image] = _bank_quotas(budget[image], banks)
+        self.budget = budget
+        self.r = r = max(budget)
+        self.beams = [_Beam(0.0 if row == 0 else NEG_INF, 0, [], [], []) for _ in range(images) for row in range(r)]
+        self.tokens = torch.full((images * r,), bos, dtype=torch.long, device=device)  # (N,)
+        self.history = torch.empty(images * r, 0, dtype=torch.long, device=device)  # (N, t)
+        self.beam_logp = torch.tensor([[b.logp] for b in self.beams], device=device)  # (N, 1)
+        self.steps: list[dict[str, torch.Tensor]] = []  # each step's traces (N, *X), as `_trace` records
         self._index()
 
     def _index(self) -> None:
-        """What depends only on which images are active: each image's first row (B, 1), each
-        row's image and goal for the token rules, and with required words the constant parts of
-        `select`'s and `advance`'s work."""
-        b, r = self.images, self.r
-        self.first_row = torch.arange(b, device=self.device)[:, None] * r
-        self.row_image = self.active.repeat_interleave(r)  # (N,)
-        self.row_goal = self.goal.repeat_interleave(r)  # (N,)
-        required = self.required
-        if required is not None:
-            w = required.ids.shape[1]
-            self.said = required.ids[:, None].expand(b, r, w)  # (B, R, W) each row's required words
-            self.padding = torch.zeros(b, 1, w, device=self.device).masked_fill_((required.bits == 0)[:, None], NEG_INF)
-            plain = torch.zeros(b, r, 2 * self.k, dtype=torch.long, device=self.device)
-            self.candidate_bits = torch.cat([plain, required.bits[:, None].expand(b, r, w)], dim=2).view(b, -1)  # (B, Q)
-            self.past_budget = torch.arange(r, device=self.device)[None] >= self.quota.sum(dim=1, keepdim=True)  # (B, R)
+        """What depends only on which images are active: each row's image and goal for the token
+        rules; with required words each row's required words (N, W)."""
+        r, device = self.r, self.device
+        self.row_image = torch.tensor(self.active, device=device).repeat_interleave(r)  # (N,)
+        self.row_goal = torch.tensor(self.goal, device=device).repeat_interleave(r)  # (N,)
+        if self.required is not None:
+            self.said_rows = self.said_ids.repeat_interleave(r, dim=0)  # (N, W)
 
     @property
     def images(self) -> int:
-        return self.active.shape[0]
+        return len(self.active)
 
     def rows(self) -> Rows:
-        return Rows(image=self.row_image, met=self.met.view(-1), goal=self.row_goal)
+        met = None
+        if self.required is not None:
+            met = torch.tensor([b.met for b in self.beams], device=self.device)
+        return Rows(image=self.row_image, met=met, goal=self.row_goal)
 
-    def select(self, logp: torch.Tensor) -> _Candidates:
-        """logp (N, V) of the next word -> this step's candidates: the best 2K of the R*V
-        without required words; with them, the best 2K of each row besides its required words
-        (so each bank has its own candidates), and every row's required words. The best of all
-        lie among each row's best, so rows are ranked first: one top-k pass over (N, V), and the
-        beams' log-probs are added to the few candidates only."""
-        b, r, k = self.images, self.r, self.k
-        rows = logp.view(b, r, -1)  # (B, R, V)
-        beam = self.logp.view(b, r, 1)
+    def record(self, trace: dict[str, torch.Tensor]) -> None:
+        if trace:
+            self.steps.append(trace)
+
+    def select(self, logp: torch.Tensor) -> list[list[_Candidate]]:
+        """logp (N, V) of the next word -> each image's candidates from its live rows: the best
+        2K of their best words, ranked, without required words; with them, the best 2K of each
+        row besides its required words (so each bank has its own candidates) and every row's
+        required words, in row order. One top-k pass over (N, V); the rest on a few numbers per
+        row. Rows that hold no beam (-inf) offer none."""
+        b, r, k2 = self.images, self.r, 2 * self.k
         if self.required is None:
-            best_logp, best_word = rows.topk(2 * k, dim=2)  # (B, R, 2K)
-            top_logp, pick = (beam + best_logp).view(b, -1).topk(2 * k, dim=1)  # (B, 2K)
-            origin = torch.div(pick, 2 * k, rounding_mode="floor")
-            word = best_word.view(b, -1).gather(1, pick)
-            word_logp = best_logp.view(b, -1).gather(1, pick)
-            met = self.met[:, :1].expand_as(word)  # nothing to meet: all zero
-        else:  # required words never among a row's plain candidates, each row's required words after them
-            plain_logp, plain_word = rows.masked_fill(self.required.mask[:, None], NEG_INF).topk(2 * k, dim=2)  # (B, R, 2K)
-            said_logp = rows.gather(2, self.said) + self.padding  # (B, R, W), -inf for padding
-            word_logp = torch.cat([plain_logp, said_logp], dim=2).view(b, -1)  # (B, Q), Q = R*(2K + W)
-            top_logp = (beam + word_logp.view(b, r, -1)).view(b, -1)
-            word = torch.cat([plain_word, self.said], dim=2).view(b, -1)
-            origin = self.origin.expand(b, -1)
-            met = self.met.gather(1, origin) | self.candidate_bits
-        return _Candidates(top_logp, origin, word, word_logp, met)
+            word_logp, word = logp.topk(k2, dim=1)  # (N, 2K)
+        else:  # each row's best 2K + W words hold its best 2K that are not required; its required words after them
+            word_logp, word = logp.topk(min(k2 + self.said_rows.shape[1], logp.shape[1]), dim=1)
+            word_logp = torch.cat([word_logp, logp.gather(1, self.said_rows)], dim=1)  # (N, 2K + 2W)
+        cum, word_logp, word = (self.beam_logp + word_logp).tolist(), word_logp.tolist(), word.tolist()
+        candidates = []
+        for image in range(b):
+            each = []
+            for n in range(image * r, image * r + r):
+                beam = self.beams[n]
+                if beam.logp == NEG_INF:
+                    continue
+                row, met, row_cum, row_logp = n - image * r, beam.met, cum[n], word_logp[n]
+                if self.required is None:
+                    each += [(c, row, w, lp, met) for c, w, lp in zip(row_cum, word[n], row_logp)]
+                    continue
+                required, plain = self.required[image], word[n]
+                each += [(row_cum[j], row, w, row_logp[j], met) for j, w in enumerate(plain) if w not in required][:k2]
+                each += [(row_cum[len(plain) + j], row, w, row_logp[len(plain) + j], met | bits)
+                         for j, (w, bits) in enumerate(self.said[image])]
+            if self.required is None:
+                each.sort(key=_by_logp, reverse=True)  # stable: on ties, the earlier row and word
+                del each[k2:]
+            candidates.append(each)
+        return candidates
 
-    def finish(self, top: _Candidates, trace: dict[str, torch.Tensor], pool: _Pool, eos: int, length: int) -> bool:
+    def finish(self, candidates: list[list[_Candidate]], pool: _Pool, eos: int, length: int) -> bool:
         """An <eos> among the first K candidates that met every required word enters the pool.
         -> whether any did."""
-        if self.required is None:  # candidates come ranked, and every one is at the goal
-            ends = top.word[:, :self.k] == eos
-            if not bool(ends.any()):  # most steps: one check
-                return False
-            top = _Candidates(*(t[:, :self.k] for t in (top.logp, top.origin, top.word, top.word_logp, top.met)))
-            ends &= top.logp > NEG_INF
-        else:  # among the K best of the candidates at the goal
-            ends = top.word == eos
-            if not bool(ends.any()):
-                return False
-            at_goal = top.met == self.goal[:, None]
-            ends &= at_goal
-            ranked = top.logp.masked_fill(~at_goal, NEG_INF)
-            ends &= (top.logp > NEG_INF) & (top.logp >= ranked.topk(self.k, dim=1).values[:, -1:])
-        if not bool(ends.any()):
-            return False
-        tokens, logps, traces = self._extend(self.first_row + top.origin, top.word, top.word_logp, trace)
-        ranked = score(top.logp, length, self.config.length_penalty).masked_fill(~ends, NEG_INF)
-        pool.merge(self.active, ranked, tokens, logps, traces, length=length, finished=True)
-        return True
+        ended, k, r, penalty = False, self.k, self.r, self.config.length_penalty
+        for image, top in enumerate(candidates):
+            if self.required is None:  # ranked, and every one is at the goal
+                ends = [c for c in top[:k] if c[_WORD] == eos and c[_LOGP] > NEG_INF]
+            else:  # among the K best of the candidates at the goal
+                if not any(c[_WORD] == eos for c in top):
+                    continue
+                goal = self.goal[image]
+                at_goal = sorted((c[_LOGP] for c in top if c[_MET] == goal), reverse=True)
+                kth = at_goal[k - 1] if len(at_goal) >= k else NEG_INF
+                ends = [c for c in top if c[_WORD] == eos and c[_MET] == goal and c[_LOGP] > NEG_INF
+                        and c[_LOGP] >= kth]
+            for logp, origin, word, word_logp, _ in ends:
+                beam = self.beams[image * r + origin]
+                pool.offer(self.active[image], _score32(logp, length, penalty), beam.tokens + [word],
+                           beam.logps + [word_logp], beam.path + [image * r + origin], finished=True)
+                ended = True
+        return ended
 
-    def advance(self, top: _Candidates, trace: dict[str, torch.Tensor], eos: int) -> torch.Tensor:
-        """The best other candidates continue (by bank with required words) -> the rows (N,) they
-        extend."""
-        b, r = self.images, self.r
-        going = top.logp.masked_fill(top.word == eos, NEG_INF)  # (B, Q)
-        if self.required is None:
-            self.logp, live = going.topk(self.k, dim=1)  # (B, K)
-        else:
-            live = _allocate(going, _popcount(top.met), self.quota, r)  # (B, R)
-            self.logp = going.gather(1, live).masked_fill_(self.past_budget, NEG_INF)
-        rows = self.first_row + top.origin.gather(1, live)  # (B, R)
-        words = top.word.gather(1, live)
-        if self.required is not None:  # else nothing is ever met
-            self.met = top.met.gather(1, live)
-        self.tokens = words.view(-1)
-        self.history, self.history_logps, self.traces = self._extend(
-            rows, words, top.word_logp.gather(1, live), trace)
-        return rows.view(-1)
+    def advance(self, candidates: list[list[_Candidate]], eos: int) -> torch.Tensor:
+        """The best other candidates continue (by bank with required words); rows left over
+        hold no beam -> the rows (N,) they extend."""
+        r = self.r
+        beams, rows = [], []
+        for image, top in enumerate(candidates):
+            first = image * r
+            going = [NEG_INF if c[_WORD] == eos else c[_LOGP] for c in top]
+            if self.required is None:  # ranked: the first K that do not end
+                live = sorted(range(len(top)), key=going.__getitem__, reverse=True)[:self.k]
+            else:
+                live = _allocate(going, [c[_MET].bit_count() for c in top], self.quota[image], r)
+            for slot in range(r):
+                if slot < len(live) and slot < self.budget[image] and going[live[slot]] > NEG_INF:
+                    logp, origin, word, word_logp, met = top[live[slot]]
+                    beam = self.beams[first + origin]
+                    beams.append(_Beam(logp, met, beam.tokens + [word], beam.logps + [word_logp],
+                                       beam.path + [first + origin]))
+                    rows.append(first + origin)
+                else:  # no beam: any row's history will do, its log-prob keeps it out of every choice
+                    beams.append(_Beam(NEG_INF, 0, self.beams[first].tokens + [eos], [], []))
+                    rows.append(first)
+        self.beams = beams
+        rows = torch.tensor(rows, device=self.device)
+        self.tokens = torch.tensor([b.tokens[-1] for b in beams], device=self.device)
+        self.beam_logp = torch.tensor([[b.logp] for b in beams], device=self.device)
+        self.history = torch.cat([self.history.index_select(0, rows), self.tokens[:, None]], dim=1)
+        return rows
 
-    def done(self, pool: _Pool, length: int) -> torch.Tensor:
-        """(B,) True for images whose search is over: with early_stopping as soon as their pool
-        is full, else when no live beam can still beat the pool's worst (Hugging Face's rule)."""
-        worst = pool.worst(self.active)
-        done = worst > NEG_INF
+    def done(self, pool: _Pool, length: int) -> list[bool]:
+        """True for images whose search is over: with early_stopping as soon as their pool is
+        full, else when no live beam can still beat the pool's worst (Hugging Face's rule)."""
+        done = [pool.full(image) for image in self.active]
         if not self.config.early_stopping:
-            best_live = self.logp.max(dim=1).values
-            done &= (worst >= score(best_live, length, self.config.length_penalty)) | (best_live == NEG_INF)
+            r = self.r
+            for i, image in enumerate(self.active):
+                best_live = max(b.logp for b in self.beams[i * r:(i + 1) * r])
+                done[i] = done[i] and (best_live == NEG_INF or pool.worst(image) >= _score32(
+                    best_live, length, self.config.length_penalty))
         return done
 
-    def keep(self, stay: torch.Tensor) -> None:
-        """Keep only the images `stay` (B',) indexes."""
-        self.active, self.logp, self.met, self.goal = self.active[stay], self.logp[stay], self.met[stay], self.goal[stay]
-        self.tokens = self.tokens.view(-1, self.r)[stay].view(-1)
-        self.history, self.history_logps = self.history[stay], self.history_logps[stay]
-        self.traces = {name: t[stay] for name, t in self.traces.items()}
+    def keep(self, stay: list[int]) -> torch.Tensor:
+        """Keep only the images at positions `stay` -> their positions as a tensor (B',)."""
+        r = self.r
+        rows = [image * r + row for image in stay for row in range(r)]
+        self.active = [self.active[i] for i in stay]
+        self.goal, self.said = [self.goal[i] for i in stay], [self.said[i] for i in stay]
+        self.quota, self.budget = [self.quota[i] for i in stay], [self.budget[i] for i in stay]
+        self.beams = [self.beams[n] for n in rows]
+        images, rows = torch.tensor(stay, device=self.device), torch.tensor(rows, device=self.device)
+        self.tokens, self.history, self.beam_logp = self.tokens[rows], self.history[rows], self.beam_logp[rows]
         if self.required is not None:
-            self.required, self.quota = self.required.select(stay), self.quota[stay]
+            self.required, self.said_ids = [self.required[i] for i in stay], self.said_ids[images]
         self._index()
+        return images
 
     def flush(self, pool: _Pool) -> None:
         """max_new_tokens reached: the live beams that met every required word compete
         unfinished; an image none of whose beams did keeps its best beams."""
-        final = self.logp
-        if self.required is not None:
-            reached = self.met == self.goal[:, None]  # (B, R)
-            fallback = ~(reached & (final > NEG_INF)).any(dim=1, keepdim=True)
-            final = final.masked_fill(~reached & ~fallback, NEG_INF)
-        length = self.config.max_new_tokens
-        pool.merge(self.active, score(final, length, self.config.length_penalty), self.history,
-                   self.history_logps, self.traces, length=length, finished=False)
-
-    def _extend(self, rows: torch.Tensor, words: torch.Tensor, word_logps: torch.Tensor,
-                trace: dict[str, torch.Tensor]):
-        """Histories of candidates: rows (B, Q) of the flat (N, ...) beams, each with its new word
-        and log-prob (B, Q) and the step's trace (N, *X) each -> tokens, logps (B, Q, t+1) and
-        traces (B, Q, t+1, *X)."""
-        b, q = rows.shape
-        flat = rows.reshape(-1)
-
-        def grown(past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:  # past (B, R, t, *X), new (B*Q, *X)
-            before = past.view(b * self.r, *past.shape[2:]).index_select(0, flat).view(b, q, *past.shape[2:])
-            return torch.cat([before, new.reshape(b, q, 1, *past.shape[3:])], dim=2)
-
-        tokens = grown(self.history, words)
-        logps = grown(self.history_logps, word_logps)
-        traces = {}
-        for name, new in trace.items():
-            past = self.traces.get(name)
-            if past is None:  # the first step
-                past = new.new_empty(self.images, self.r, 0, *new.shape[1:])
-            traces[name] = grown(past, new.index_select(0, flat))
-        return tokens, logps, traces
+        length, r = self.config.max_new_tokens, self.r
+        for i, image in enumerate(self.active):
+            beams = self.beams[i * r:(i + 1) * r]
+            reached = [b for b in beams if b.met == self.goal[i] and b.logp > NEG_INF]
+            for b in reached or beams:
+                pool.offer(image, _score32(b.logp, length, self.config.length_penalty), b.tokens, b.logps, b.path,
+                           finished=False)
 
 
-@functools.cache
-def _popcount_table(device: torch.device) -> torch.Tensor:
-    return torch.tensor([bin(bits).count("1") for bits in range(1 << MAX_CONSTRAINTS)], device=device)
+def _by_logp(candidate: _Candidate) -> float:
+    return candidate[_LOGP]
 
 
-def _popcount(bits: torch.Tensor) -> torch.Tensor:
-    """How many of the MAX_CONSTRAINTS low bits are set, elementwise (one lookup)."""
-    return torch.take(_popcount_table(bits.device), bits)
+def _bank_quotas(rows: int, banks: int) -> list[int]:
+    """An image's row budget and number of banks (required words + 1) -> the rows guaranteed to
+    each bank: rows // banks each, the remainder to the lowest banks."""
+    return [rows // banks + (bank < rows % banks) for bank in range(banks)]
 
 
-def _bank_quotas(rows: torch.Tensor, banks: torch.Tensor) -> torch.Tensor:
-    """rows (B,) each image's row budget, banks (B,) its number of banks (required words + 1)
-    -> (B, MAX_CONSTRAINTS + 1) rows guaranteed to each bank: rows // banks each, the remainder to
-    the lowest banks, 0 for banks an image does not have."""
-    bank = torch.arange(MAX_CONSTRAINTS + 1, device=rows.device)[None]  # (1, C+1)
-    share = torch.div(rows, banks, rounding_mode="floor")[:, None] + (bank < (rows % banks)[:, None]).long()
-    return share.masked_fill(bank >= banks[:, None], 0)
-
-
-def _allocate(logp: torch.Tensor, bank: torch.Tensor, quota: torch.Tensor, r: int) -> torch.Tensor:
-    """Dynamic beam allocation: logp (B, Q) of the candidates (-inf: none), bank (B, Q) how many
-    required words each met, quota (B, C+1) rows guaranteed per bank -> the chosen candidates
-    (B, R), each bank's best up to its quota first, then the best others (rows past an image's
-    budget, the sum of its quota, are to be dropped)."""
-    order = logp.argsort(dim=1, descending=True, stable=True)  # (B, Q) best first
-    ranked_bank = bank.gather(1, order)[:, :, None]  # (B, Q, 1)
-    banks = torch.arange(quota.shape[1], device=logp.device)
-    place = (ranked_bank == banks).cumsum(dim=1).gather(2, ranked_bank)[:, :, 0]  # (B, Q) 1 + rank within its bank
-    guaranteed = (place <= quota.gather(1, ranked_bank[:, :, 0])) & (logp.gather(1, order) > NEG_INF)
-    first = (~guaranteed).to(torch.uint8).argsort(dim=1, stable=True)  # guaranteed first, each part best first
-    return order.gather(1, first[:, :r])
-
-
-@dataclass
-class _RequiredWords:
-    """The words that meet some constraint, per image: mask (B, V) True for them; ids and bits
-    (B, W): their word ids and constraint bits, padded with bits 0 (W = the most of any image)."""
-
-    mask: torch.Tensor
-    ids: torch.Tensor
-    bits: torch.Tensor
-
-    def select(self, images: torch.Tensor) -> "_RequiredWords":
-        return _RequiredWords(self.mask[images], self.ids[images], self.bits[images])
+def _allocate(logp: list[float], bank: list[int], quota: list[int], r: int) -> list[int]:
+    """Dynamic beam allocation: logp (Q,) of an image's candidates (-inf: none), bank (Q,) how
+    many required words each met, quota the rows guaranteed per bank -> the chosen candidates
+    (R,): each bank's best up to its quota first, then the best others, each part best first
+    (ties: the earlier candidate; rows past the image's budget, the sum of its quota, are to be
+    dropped)."""
+    taken = [0] * len(quota)
+    guaranteed, others = [], []
+    for q in sorted(range(len(logp)), key=logp.__getitem__, reverse=True):
+        b = bank[q]
+        if logp[q] > NEG_INF and taken[b] < quota[b]:
+            taken[b] += 1
+            guaranteed.append(q)
+        else:
+            others.append(q)
+    return (guaranteed + others)[:r]
 
 
 def _beam_search(decoder: Decoder, state: DecoderState, bos: int, eos: int, rules: list[TokenRule],
@@ -631,23 +632,21 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, eos: int, rule
     state = state.repeat(beams.r)
     for step in range(config.max_new_tokens):
         logits, state, alpha = decoder.step(beams.tokens, state)
-        trace = _trace(config, state, alpha)
-        logp = bans.log_probs(logits, beams.history.view(beams.images * beams.r, -1), beams.rows())  # (N, V)
-        top = beams.select(logp)
-        ended = beams.finish(top, trace, pool, eos, length=step + 1)
-        state = state.reorder(beams.advance(top, trace, eos))
+        beams.record(_trace(config, state, alpha))
+        logp = bans.log_probs(logits, beams.history, beams.rows())  # (N, V)
+        candidates = beams.select(logp)
+        ended = beams.finish(candidates, pool, eos, length=step + 1)
+        state = state.reorder(beams.advance(candidates, eos))
         if config.early_stopping and not ended:  # only a new end can fill a pool
             continue
         done = beams.done(pool, length=step + 1)
-        if bool(done.any()):
-            stay = (~done).nonzero().squeeze(1)
-            if stay.numel() == 0:
-                return pool.results(config.num_return_sequences)
-            beams.keep(stay)
-            state = state.select_images(stay)
+        if any(done):
+            stay = [i for i, d in enumerate(done) if not d]
+            if not stay:
+                return pool.results(config.num_return_sequences, beams.steps)
+            state = state.select_images(beams.keep(stay))
     beams.flush(pool)
-    return pool.results(config.num_return_sequences)
-
+    return pool.results(config.num_return_sequences, beams.steps)
 
 @dataclass
 class _Constraints:
@@ -687,10 +686,11 @@ class _Constraints:
             return None
         return cls(bits, goal, banned)
 
-    def required_words(self, device) -> _RequiredWords:
-        mask = self.word_bits > 0
-        bits, ids = self.word_bits.topk(max(1, int(mask.sum(dim=1).max())), dim=1)  # (B, W), padding last
-        return _RequiredWords(mask.to(device), ids.to(device), bits.to(device))
+    def required_words(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> ids and bits (B, W) of the words that meet some constraint, per image, padded with
+        bits 0 (W = the most of any image)."""
+        bits, ids = self.word_bits.topk(max(1, int((self.word_bits > 0).sum(dim=1).max())), dim=1)  # padding last
+        return ids, bits
 
 
 def _outside(i) -> int:

@@ -329,16 +329,14 @@ def test_guided_search_keeps_the_best_caption_that_already_says_the_words(decode
 def test_beam_allocation_guarantees_each_bank_its_share():
     from captioner.decoding import NEG_INF, _allocate, _bank_quotas
 
-    quota = _bank_quotas(torch.tensor([3, 3, 4]), torch.tensor([2, 1, 3]))
-    assert quota.tolist() == [[2, 1, 0, 0], [3, 0, 0, 0], [2, 1, 1, 0]]
-    logp = torch.tensor([[-1.0, -2.0, -3.0, -9.0, NEG_INF],  # bank 1's only candidate is the worst
-                         [-1.0, -2.0, -3.0, -4.0, -0.5],
-                         [-1.0, -2.0, -3.0, -9.0, -8.0]])  # bank 2 is empty: its row goes to the best other
-    bank = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 0, 0], [0, 0, 0, 1, 0]])
-    chosen = _allocate(logp, bank, quota, 4)
-    assert chosen.shape == (3, 4)
-    picked = [sorted(row[:budget].tolist()) for row, budget in zip(chosen, quota.sum(dim=1).tolist())]
-    assert picked == [[0, 1, 3], [0, 1, 4], [0, 1, 2, 3]]
+    assert [_bank_quotas(3, 2), _bank_quotas(3, 1), _bank_quotas(4, 3)] == [[2, 1], [3], [2, 1, 1]]
+    # bank 1's only candidate is the worst: it still gets its row
+    assert sorted(_allocate([-1.0, -2.0, -3.0, -9.0, NEG_INF], [0, 0, 0, 1, 1], [2, 1], 4)[:3]) == [0, 1, 3]
+    assert sorted(_allocate([-1.0, -2.0, -3.0, -4.0, -0.5], [0, 0, 0, 0, 0], [3], 4)[:3]) == [0, 1, 4]
+    # bank 2 is empty: its row goes to the best other
+    assert sorted(_allocate([-1.0, -2.0, -3.0, -9.0, -8.0], [0, 0, 0, 1, 0], [2, 1, 1], 4)) == [0, 1, 2, 3]
+    # guaranteed rows first, each part best first; on equal log-probs the earlier candidate
+    assert _allocate([-2.0, -1.0, -1.0, -5.0], [0, 0, 0, 1], [1, 1], 4) == [1, 3, 2, 0]
 
 
 @pytest.mark.parametrize("options", [dict(num_beams=3, num_return_sequences=2), dict(num_beams=1),
