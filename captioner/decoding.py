@@ -113,12 +113,9 @@ def generate(
 
 @dataclass
 class Rows:
-    """What a rule may need to know of each row (N,): its image's index in the batch as given,
-    and, in constrained search, the constraint bits the row has met and its image's goal."""
+    """What a rule may need to know of each row (N,): its image's index in the batch as given."""
 
     image: torch.Tensor
-    met: torch.Tensor | None = None
-    goal: torch.Tensor | None = None
 
 
 class TokenRule:
@@ -189,16 +186,6 @@ class ExcludeWords(TokenRule):
 
     def __call__(self, ban, history, rows):
         ban |= self.banned[rows.image]
-
-
-@dataclass
-class EndWhenMet(TokenRule):
-    """Only a row that met every constraint of its image may end."""
-
-    eos: int
-
-    def __call__(self, ban, history, rows):
-        ban.select(1, self.eos).logical_or_(rows.met != rows.goal)  # in place, through the view
 
 
 def token_rules(config: DecodeConfig, eos: int, banned_ids: tuple[int, ...], vocab_size: int) -> list[TokenRule]:
@@ -408,8 +395,8 @@ class BeamState:
     The decoder's inputs live in tensors: `tokens` (N,) the next words, `history` (N, t) the words
     so far (for the token rules), `beam_logp` (N, 1) the rows' cumulative log-probs."""
 
-    def __init__(self, images: int, config: DecodeConfig, bos: int, guide: "_Constraints | None", device):
-        self.config, self.device, self.k = config, device, config.num_beams
+    def __init__(self, images: int, config: DecodeConfig, bos: int, eos: int, guide: "_Constraints | None", device):
+        self.config, self.device, self.k, self.eos = config, device, config.num_beams, eos
         self.active = list(range(images))  # each image's index in the batch as given
         self.goal = [0] * images  # (B,) bits of all required words
         self.required: list[set[int]] | None = None  # with required words: each image's
@@ -438,11 +425,10 @@ class BeamState:
         self._index()
 
     def _index(self) -> None:
-        """What depends only on which images are active: each row's image and goal for the token
-        rules; with required words each row's required words (N, W)."""
+        """What depends only on which images are active: each row's image for the token rules;
+        with required words each row's required words (N, W)."""
         r, device = self.r, self.device
-        self.row_image = torch.tensor(self.active, device=device).repeat_interleave(r)  # (N,)
-        self.row_goal = torch.tensor(self.goal, device=device).repeat_interleave(r)  # (N,)
+        self.rule_rows = Rows(image=torch.tensor(self.active, device=device).repeat_interleave(r))  # (N,)
         if self.required is not None:
             self.said_rows = self.said_ids.repeat_interleave(r, dim=0)  # (N, W)
 
@@ -451,10 +437,7 @@ class BeamState:
         return len(self.active)
 
     def rows(self) -> Rows:
-        met = None
-        if self.required is not None:
-            met = torch.tensor([b.met for b in self.beams], device=self.device)
-        return Rows(image=self.row_image, met=met, goal=self.row_goal)
+        return self.rule_rows
 
     def record(self, trace: dict[str, torch.Tensor]) -> None:
         if trace:
@@ -469,8 +452,9 @@ class BeamState:
         b, r, k2 = self.images, self.r, 2 * self.k
         if self.required is None:
             word_logp, word = logp.topk(k2, dim=1)  # (N, 2K)
-        else:  # each row's best 2K + W words hold its best 2K that are not required; its required words after them
-            word_logp, word = logp.topk(min(k2 + self.said_rows.shape[1], logp.shape[1]), dim=1)
+        else:  # each row's best 2K + W + 1 words hold its best 2K that are neither required nor a
+            # forbidden <eos>; its required words after them
+            word_logp, word = logp.topk(min(k2 + self.said_rows.shape[1] + 1, logp.shape[1]), dim=1)
             word_logp = torch.cat([word_logp, logp.gather(1, self.said_rows)], dim=1)  # (N, 2K + 2W)
         cum, word_logp, word = (self.beam_logp + word_logp).tolist(), word_logp.tolist(), word.tolist()
         candidates = []
@@ -484,8 +468,10 @@ class BeamState:
                 if self.required is None:
                     each += [(c, row, w, lp, met) for c, w, lp in zip(row_cum, word[n], row_logp)]
                     continue
-                required, plain = self.required[image], word[n]
-                each += [(row_cum[j], row, w, row_logp[j], met) for j, w in enumerate(plain) if w not in required][:k2]
+                # only a row that met every required word may end
+                skip = self.required[image] if met == self.goal[image] else self.required[image] | {self.eos}
+                plain = word[n]
+                each += [(row_cum[j], row, w, row_logp[j], met) for j, w in enumerate(plain) if w not in skip][:k2]
                 each += [(row_cum[len(plain) + j], row, w, row_logp[len(plain) + j], met | bits)
                          for j, (w, bits) in enumerate(self.said[image])]
             if self.required is None:
@@ -622,12 +608,10 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, eos: int, rule
     gets a caption even when no beam finished."""
     b = state.image_gates.shape[0]
     device = state.h.device
-    beams = BeamState(b, config, bos, guide, device)
+    beams = BeamState(b, config, bos, eos, guide, device)
     pool = _Pool(b, max(config.num_beams, config.num_return_sequences), config.length_penalty)
     if guide is not None and guide.banned is not None:
         rules = rules + [ExcludeWords(guide.banned.to(device))]
-    if beams.required is not None:
-        rules = rules + [EndWhenMet(eos)]
     bans = Bans(rules, b, decoder.config.vocab_size, device)
     state = state.repeat(beams.r)
     for step in range(config.max_new_tokens):

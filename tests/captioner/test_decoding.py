@@ -118,19 +118,18 @@ def test_sampling_from_log_probs_draws_as_from_the_masked_logits():
 def test_bans_follow_each_row_to_its_image_as_images_leave():
     """Words fixed per image (special tokens, excluded words) are banned on exactly the rows of
     that image, also after other images have left the batch; per-step rules still apply."""
-    from captioner.decoding import NEG_INF, Bans, BanTokens, EndWhenMet, ExcludeWords, Rows
+    from captioner.decoding import NEG_INF, Bans, BanTokens, ExcludeWords, NoRepeatNgram, Rows
 
     excluded = torch.zeros(3, 10, dtype=torch.bool)
     excluded[0, 4], excluded[1, 5], excluded[2, 6] = True, True, True
-    bans = Bans([BanTokens((0,)), ExcludeWords(excluded), EndWhenMet(eos=2)], images=3, vocab_size=10, device="cpu")
+    bans = Bans([BanTokens((0,)), ExcludeWords(excluded), NoRepeatNgram(1)], images=3, vocab_size=10, device="cpu")
     logits = torch.zeros(6, 10)
-    history = torch.empty(6, 0, dtype=torch.long)
-    met, goal = torch.tensor([0, 1, 1, 1, 1, 1]), torch.ones(6, dtype=torch.long)
-    banned = bans.log_probs(logits, history, Rows(torch.tensor([0, 0, 1, 1, 2, 2]), met, goal)) == NEG_INF
-    assert banned[:, 0].all() and banned[0, 2] and not banned[1:, 2].any()
-    assert banned[:2, 4].all() and banned[2:4, 5].all() and banned[4:, 6].all() and banned.sum() == 6 + 1 + 6
-    banned = bans.log_probs(logits[:2], history[:2], Rows(torch.tensor([2, 2]), met[2:4], goal[:2])) == NEG_INF
-    assert banned[:, 6].all() and not banned[:, 4:6].any()
+    history = torch.tensor([[7], [9], [9], [9], [9], [9]])
+    banned = bans.log_probs(logits, history, Rows(torch.tensor([0, 0, 1, 1, 2, 2]))) == NEG_INF
+    assert banned[:, 0].all() and banned[0, 7] and banned[1:, 9].all()
+    assert banned[:2, 4].all() and banned[2:4, 5].all() and banned[4:, 6].all() and banned.sum() == 6 + 6 + 6
+    banned = bans.log_probs(logits[:2], history[:2], Rows(torch.tensor([2, 2]))) == NEG_INF
+    assert banned[:, 6].all() and not banned[:, 4:6].any() and banned[0, 7] and banned[1, 9]
 
 
 def test_a_fixed_rule_after_a_lifting_rule_still_bans():
