@@ -4,6 +4,7 @@ steps and the tagger's head use it; training never does."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -48,13 +49,22 @@ class Projection:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8 is not None:
-            return torch.ops.quantized.linear_dynamic.default(x, self.int8)  # the overload: less Python per call
+            return _entry("linear_dynamic")(x, self.int8)
         if self.bf16 is not None and (x.shape[0] >= self.BF16_ROWS or self.packed is None):
             y = torch.mm(x.to(torch.bfloat16), self.bf16).float()
             return y if self.bias is None else y.add_(self.bias)
         if self.packed is not None:
-            return torch.ops.quantized.linear_dynamic_fp16.default(x, self.packed)
+            return _entry("linear_dynamic_fp16")(x, self.packed)
         return torch.mm(x, self.weight) if self.bias is None else torch.addmm(self.bias, x, self.weight)
+
+
+@functools.cache
+def _entry(name: str):
+    """The C++ entry point of `torch.ops.quantized.<name>.default`. Calling the overload itself
+    first checks in Python whether its arguments need Python dispatch (fake script objects,
+    which inference never passes): 5-8 us of a 25 us product at batch 1."""
+    overload = getattr(torch.ops.quantized, name).default
+    return getattr(overload, "_op", overload)
 
 
 def fbgemm_available(weight: torch.Tensor) -> bool:
