@@ -12,7 +12,8 @@ so beams never copy it.
 
 Visual concepts (`concepts` > 0, Hendricks et al.'s DCC and Venugopalan et al.'s NOC in spirit):
 the constant input is the pooled vector's projection plus a projection of W concept confidences,
-the encoder's own ImageNet head mapped to caption words and calibrated (`captioner.tagger`), which
+the encoder's own ImageNet head mapped to caption words and calibrated (`captioner.tagger`), or
+word detectors learned from the captions (`training.concepts`, one sigmoid class per word), which
 the decoder computes from the pooled vector itself (`concept_probs`, a frozen copy of the head).
 Captions without photos, decoded with the image absent, get confidences made from their own
 words instead (`training.text.TextConcepts`): so the decoder learns from text how photos whose
@@ -28,6 +29,7 @@ import torch.nn.functional as nnf
 from torch import nn
 
 from .products import Projection
+from .tagger import ACTIVATIONS
 
 CELLS = {"lstm": 4, "gru": 3, "rnn": 1}  # gate width in units of D
 
@@ -46,7 +48,8 @@ class DecoderConfig:
     dropout: float = 0.5
     tie_embeddings: bool = True  # output = (W h) . embedding: fewer weights to read per step
     concepts: int = 0  # W concept words whose confidences join the constant input (0: none)
-    concept_classes: int = 0  # C classes of the ImageNet head behind them
+    concept_classes: int = 0  # C classes of the head behind them
+    concept_activation: str = "softmax"  # the head's: "softmax" (ImageNet classes), "sigmoid" (word detectors)
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -55,6 +58,8 @@ class DecoderConfig:
             raise ValueError(f"num_layers must be between 1 and 4, not {self.num_layers}")
         if (self.concepts > 0) != (self.concept_classes > 0):
             raise ValueError("concepts and concept_classes go together (both 0, or both positive)")
+        if self.concept_activation not in ACTIVATIONS:
+            raise ValueError(f"concept_activation must be one of {ACTIVATIONS}, not {self.concept_activation!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -180,9 +185,11 @@ class Decoder(nn.Module):
         """Copy a `captioner.tagger.Tagger` (its head, class -> word map and calibration) as the
         concept head; its words, in order, are the W concepts."""
         c = self.config
-        if (len(tagger.words), len(tagger.class_names)) != (c.concepts, c.concept_classes):
-            raise ValueError(f"a tagger of {len(tagger.words)} words and {len(tagger.class_names)} classes for a "
-                             f"decoder of {c.concepts} concepts and {c.concept_classes} classes")
+        if (len(tagger.words), len(tagger.class_names), tagger.activation) != (
+                c.concepts, c.concept_classes, c.concept_activation):
+            raise ValueError(f"a {tagger.activation} tagger of {len(tagger.words)} words and {len(tagger.class_names)} "
+                             f"classes for a decoder of {c.concepts} concepts and {c.concept_classes} "
+                             f"{c.concept_activation} classes")
         self.concept_weight.copy_(tagger.weight)
         self.concept_bias.copy_(tagger.bias)
         self.concept_words.copy_(tagger.word_matrix())
@@ -194,7 +201,8 @@ class Decoder(nn.Module):
         """pooled (B, E) -> (B, W) calibrated concept confidences: `Tagger.word_probs`, written
         with ops every exporter knows (the class -> word sum as a product)."""
         logits = nnf.linear(pooled.float(), self.concept_weight, self.concept_bias)  # (B, C)
-        raw = (logits.softmax(dim=-1) @ self.concept_words).clamp(1e-12, 1 - 1e-6)  # (B, W)
+        probs = logits.sigmoid() if self.config.concept_activation == "sigmoid" else logits.softmax(dim=-1)
+        raw = (probs @ self.concept_words).clamp(1e-12, 1 - 1e-6)  # (B, W)
         a, b, log_input = self.concept_platt.unbind()
         x = raw.log() - (1 - log_input) * (1 - raw).log()  # logit(raw), or log(raw)
         return torch.sigmoid(a * x + b)

@@ -164,6 +164,21 @@ class Tagger:
                    class_ids=data.get("class_ids"), guidance=data.get("guidance"),
                    activation=data.get("activation", "softmax"))
 
+    @classmethod
+    def load(cls, path: str | Path) -> "Tagger":
+        """A tagger file: `to_dict` saved, as `python -m training.concepts --out` writes it."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"no tagger file {path}")
+        try:
+            data = torch.load(path, weights_only=True)
+        except Exception as error:  # not a file torch saved, or one with more than tensors and containers
+            raise ValueError(f"{path} is not a tagger file: {error}") from error
+        if not isinstance(data, dict) or "class_words" not in data:
+            what = "a model checkpoint" if isinstance(data, dict) and "state_dict" in data else "something else"
+            raise ValueError(f"{path} is not a tagger file (python -m training.concepts --out) but {what}")
+        return cls.from_dict(data)
+
     def to(self, device: str | torch.device) -> "Tagger":
         self.weight, self.bias = self.weight.to(device), self.bias.to(device)
         self._classes, self._columns = self._classes.to(device), self._columns.to(device)

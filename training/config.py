@@ -19,8 +19,8 @@ from .data import DataSpec
 
 
 # DecoderConfig's fields that the data and the encoder decide: the vocabulary, the feature width,
-# and the tagger's words and classes behind `concepts`.
-FROM_DATA = ("vocab_size", "feature_dim", "concepts", "concept_classes")
+# and the tagger's words, classes and activation behind `concepts`.
+FROM_DATA = ("vocab_size", "feature_dim", "concepts", "concept_classes", "concept_activation")
 
 
 def _decoder_settings() -> type:
@@ -28,10 +28,12 @@ def _decoder_settings() -> type:
     written once) minus FROM_DATA, plus `concepts: bool`: the encoder's ImageNet head, mapped to
     caption words and calibrated (captioner.tagger), as an input; captions without photos get
     confidences made from their own words. With model.init_from a model without them, adds them
-    (starting at zero: the model as it was)."""
+    (starting at zero: the model as it was). `concept_tagger`: a tagger file (python -m
+    training.concepts) whose word detectors give the concepts instead of the ImageNet head."""
     hints = get_type_hints(DecoderConfig)
     own = [(f.name, hints[f.name], field(default=f.default)) for f in fields(DecoderConfig) if f.name not in FROM_DATA]
-    settings = make_dataclass("DecoderSettings", [*own, ("concepts", bool, field(default=False))])
+    settings = make_dataclass("DecoderSettings", [*own, ("concepts", bool, field(default=False)),
+                                                  ("concept_tagger", str | None, field(default=None))])
     settings.__module__, settings.__doc__ = __name__, _decoder_settings.__doc__
     return settings
 

@@ -15,8 +15,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-import torch
-
 from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.encoder import LITE_WHEELS
 from captioner.tagger import Tagger
@@ -39,7 +37,7 @@ def export_checkpoint(source: str | Path, target: str | Path, *, half: bool = Tr
     if not tagger:
         payload.pop("tagger", None)
     elif tagger_file is not None:
-        learned = Tagger.from_dict(torch.load(tagger_file, weights_only=True))
+        learned = Tagger.load(tagger_file)
         if learned.backbone != encoder.get("backbone") or encoder.get("trainable_stages"):
             raise ValueError(f"{tagger_file} was trained on {learned.backbone}'s pretrained features; the model's "
                              f"encoder is {encoder.get('backbone')} with {encoder.get('trainable_stages')} trainable stages")

@@ -356,6 +356,7 @@ class Context:
         self.preprocessing = dataclasses.replace(self.encoder.native_preprocessing, resize=cfg.model.resize)
         settings = dataclasses.asdict(cfg.model.decoder)
         add_concepts = settings.pop("concepts")
+        concept_tagger = settings.pop("concept_tagger")
         if source is not None:
             self.preprocessing = Preprocessing.from_dict(source["preprocessing"])
             decoder_config = DecoderConfig.from_dict({**source["decoder"], "dropout": cfg.model.decoder.dropout})
@@ -364,9 +365,13 @@ class Context:
                                            **settings)
         tagger = None
         if add_concepts or decoder_config.concepts:
-            tagger = Tagger.imagenet(encoder_config.backbone)
-            decoder_config = dataclasses.replace(decoder_config, concepts=len(tagger.words),
-                                                 concept_classes=len(tagger.class_names))
+            tagger = _concept_tagger(concept_tagger, encoder_config.backbone)
+            concepts = {"concepts": len(tagger.words), "concept_classes": len(tagger.class_names),
+                        "concept_activation": tagger.activation}
+            if decoder_config.concepts and concepts != {k: getattr(decoder_config, k) for k in concepts}:
+                raise ValueError(f"the checkpoint's concept head is not {concept_tagger or 'the ImageNet tagger'}'s: "
+                                 "set model.decoder.concept_tagger to the tagger file it was trained with")
+            decoder_config = dataclasses.replace(decoder_config, **concepts)
         torch.manual_seed(cfg.run.seed)
         self.decoder = Decoder(decoder_config)
         if tagger is not None:
@@ -538,7 +543,22 @@ def _load_decoder(decoder: Decoder, state: dict[str, torch.Tensor], tagger: Tagg
         raise ValueError(f"decoder weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if tagger is not None and not missing:
         if not torch.equal(tagger.word_matrix().to(decoder.concept_words.device), decoder.concept_words):
-            raise ValueError("the checkpoint's concept words are not those of the bundled tagger mapping")
+            raise ValueError("the checkpoint's concept words are not those of the concept tagger")
+
+
+def _concept_tagger(path: str | None, backbone: str) -> Tagger:
+    """The decoder's concept head: the encoder's ImageNet tagger, or a tagger file of word
+    detectors (`model.decoder.concept_tagger`), trained on the same encoder's pooled features."""
+    if path is None:
+        return Tagger.imagenet(backbone)
+    try:
+        tagger = Tagger.load(path)
+    except ValueError as error:
+        raise ValueError(f"model.decoder.concept_tagger: {error}") from error
+    if tagger.backbone != backbone:
+        raise ValueError(f"model.decoder.concept_tagger: {path} scores {tagger.backbone}'s features, "
+                         f"the encoder is {backbone}")
+    return tagger
 
 
 def _load_encoder(encoder: Encoder, state: dict[str, torch.Tensor]) -> None:

@@ -189,14 +189,20 @@ def test_cli_captions_and_describes_an_onnx_model(exported, pair, tmp_path):
     assert "inference          int8 on onnxruntime (asked: int8)" in info.stdout
 
 
-def test_a_decoder_with_concept_inputs_exports_its_concept_head(tiny_captioner, tmp_path):
-    """The init graph computes the concepts from the pooled vector, as the PyTorch decoder does."""
+@pytest.mark.parametrize("head", ["imagenet", "detectors"])
+def test_a_decoder_with_concept_inputs_exports_its_concept_head(tiny_captioner, tmp_path, head):
+    """The init graph computes the concepts from the pooled vector, as the PyTorch decoder does:
+    the ImageNet head's softmax, or word detectors' sigmoids (model.decoder.concept_tagger)."""
     from captioner.decoder import Decoder
     from captioner.tagger import Tagger
 
-    tagger = Tagger.imagenet()
+    imagenet = tagger = Tagger.imagenet()
+    if head == "detectors":  # a sigmoid tagger of the same words (training/concepts.py): a class per word
+        rows = [imagenet.class_words.index(w) for w in imagenet.words]
+        tagger = Tagger(imagenet.weight[rows], imagenet.bias[rows], imagenet.words, imagenet.words, imagenet.forms,
+                        calibration={"a": 0.8, "b": -0.5}, activation="sigmoid")
     config = dataclasses.replace(tiny_captioner.decoder.config, concepts=len(tagger.words),
-                                 concept_classes=len(tagger.class_names))
+                                 concept_classes=len(tagger.class_names), concept_activation=tagger.activation)
     decoder = Decoder(config)
     decoder.load_state_dict(tiny_captioner.decoder.state_dict(), strict=False)
     decoder.set_concept_head(tagger)
@@ -207,7 +213,7 @@ def test_a_decoder_with_concept_inputs_exports_its_concept_head(tiny_captioner, 
     model.save(tmp_path / "concepts.pt")
     files = export_onnx(tmp_path / "concepts.pt", tmp_path / "concepts.onnx", int8=False)
     exported_model = Captioner.from_checkpoint(files["encoder"], precision="fp32")
-    pooled = 3 * tagger.weight[[tagger.class_names.index("tabby, tabby cat"), tagger.class_names.index("school bus")]]
+    pooled = 3 * imagenet.weight[[imagenet.class_names.index(n) for n in ("tabby, tabby cat", "school bus")]]
     regions = torch.randn(2, 49, pooled.shape[1])
     with torch.inference_mode():
         ours = model.decoder.init_state(regions, pooled)

@@ -103,3 +103,37 @@ def test_training_with_concepts_and_fine_tuning_a_model_to_take_them(flickr_dir,
     main(load_config(None, tiny_train_overrides(flickr_dir, again, **overrides, **{
         "model.init_from": str(scratch / "last.pt")})))
     assert Captioner.from_checkpoint(again / "last.pt", precision="fp32").decoder.config.concepts > 0
+
+
+def test_training_with_learned_word_detectors_as_concepts(flickr_dir, tmp_path):
+    """model.decoder.concept_tagger: a tagger file of word detectors (training/concepts.py, one
+    sigmoid output per word) is the concept head, carried in the checkpoint like the ImageNet one."""
+    torch.manual_seed(0)
+    words = ["ball", "bike", "cat", "dog", "grass"]
+    detectors = Tagger(torch.randn(5, 1280) * 0.1, torch.randn(5), words, words, {w: [w, w + "s"] for w in words},
+                       calibration={"a": 0.8, "b": 0.3}, activation="sigmoid")
+    tagger_file = tmp_path / "tagger.pt"
+    torch.save(detectors.to_dict(), tagger_file)
+    text = tmp_path / "text.csv"
+    text.write_text("image,caption\nx.jpg,A dog with a ball\ny.jpg,A cat on the grass\n")
+    run = tmp_path / "run"
+    main(load_config(None, tiny_train_overrides(flickr_dir, run, **{
+        "data.text": f"[{text}]", "optim.text_batch": 4, "optim.epochs": 1,
+        "model.decoder.concepts": "true", "model.decoder.concept_tagger": str(tagger_file)})))
+    model = Captioner.from_checkpoint(run / "last.pt", precision="fp32")
+    config = model.decoder.config
+    assert (config.concepts, config.concept_classes, config.concept_activation) == (5, 5, "sigmoid")
+    photos = [flickr_dir / "images" / f"{1000 + i}_img.jpg" for i in range(4)]
+    _, pooled = model.encode(torch.stack([model.load_pixels(p) for p in photos]))
+    tagger = Tagger.load(tagger_file)
+    expected = tagger.word_probs(pooled)
+    assert expected.std() > 0.05  # the photos' confidences differ, so a wrong head would show
+    assert torch.allclose(model.decoder.concept_probs(pooled), expected, atol=1e-5)
+    assert model.caption(photos[0], num_beams=2).text
+    with pytest.raises(ValueError, match="no tagger file"):
+        Tagger.load(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="not a tagger file .* model checkpoint"):
+        Tagger.load(run / "last.pt")
+    with pytest.raises(ValueError, match="model.decoder.concept_tagger: .* not a tagger file"):
+        main(load_config(None, tiny_train_overrides(flickr_dir, tmp_path / "bad", **{
+            "model.decoder.concepts": "true", "model.decoder.concept_tagger": str(run / "last.pt")})))

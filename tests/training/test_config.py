@@ -20,9 +20,10 @@ def test_yaml_then_dotted_overrides(tmp_path):
 def test_decoder_settings_are_decoder_config_less_what_the_data_decides():
     settings = dataclasses.asdict(load_config(None).model.decoder)
     assert settings.pop("concepts") is False  # whether to add them; their number comes from the tagger
+    assert settings.pop("concept_tagger") is None  # which tagger: None is the ImageNet one
     library = dataclasses.asdict(DecoderConfig(vocab_size=20))
     assert settings == {k: v for k, v in library.items() if k not in ("vocab_size", "feature_dim", "concepts",
-                                                                      "concept_classes")}
+                                                                      "concept_classes", "concept_activation")}
     with pytest.raises(ValueError, match="model.decoder.vocab_size"):
         load_config(None, ["--model.decoder.vocab_size=20"])
 
