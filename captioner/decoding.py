@@ -59,7 +59,7 @@ def _trace(config: DecodeConfig, state: DecoderState, alpha: torch.Tensor | None
 
 def score(log_prob, length: int, length_penalty: float):
     """The ranking score of a hypothesis of `length` tokens (<eos> included): log_prob /
-    length ** length_penalty; 0 ranks by log_prob. log_prob: a float or a tensor."""
+    length ** length_penalty; 0 ranks by log_prob."""
     return log_prob / max(length, 1) ** length_penalty if length_penalty else log_prob
 
 
@@ -312,20 +312,18 @@ def _categorical(weights: torch.Tensor, generator) -> torch.Tensor:
 
 # -- beam search -------------------------------------------------------------------------------
 #
-# Tensor work is the decoder's step, the token rules over (N, V) and each row's best words. What
-# follows, choosing among a few dozen candidates per image, is done in Python on their numbers:
-# as tensor operations it was two thirds of a decoding's operations, each costing more to
-# dispatch than its arithmetic. Cumulative log-probs come from the tensors (fp32) and scores
-# are rounded to fp32, so choices are those the tensor version made.
+# Tensor work is the decoder's step, the token rules over (N, V) and each row's best words. The
+# rest, choosing among a few dozen candidates per image, is done in Python on their numbers: as
+# tensor operations it would take some 60 small operations a step, each costing more to dispatch
+# than its arithmetic. Cumulative log-probs come from the tensors (fp32) and scores are rounded
+# to fp32, so every comparison is the one fp32 tensors would make.
 
 _FP32 = struct.Struct("f")
 
 
 def _score32(log_prob: float, length: int, penalty: float) -> float:
-    """`score` of an fp32 log-prob, rounded to fp32 as the tensor arithmetic rounds it."""
-    if not penalty or log_prob == NEG_INF:
-        return log_prob
-    return _FP32.unpack(_FP32.pack(log_prob / _FP32.unpack(_FP32.pack(length ** penalty))[0]))[0]
+    """`score` of an fp32 log-prob, rounded to fp32 as tensors would hold it."""
+    return _FP32.unpack(_FP32.pack(score(log_prob, length, penalty)))[0]
 
 
 class _Beam:
@@ -374,7 +372,7 @@ class _Pool:
         """The best `count` of each image, their traces gathered from each step's (N, *X) along
         their rows, on the CPU."""
         def traces(path: list[int]) -> dict[str, torch.Tensor]:
-            if not steps or not steps[0]:
+            if not steps:
                 return {}
             return {name: torch.stack([steps[s][name][row] for s, row in enumerate(path)]).cpu() for name in steps[0]}
 
