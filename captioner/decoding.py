@@ -453,7 +453,7 @@ class BeamState:
         else:  # each row's best 2K + W + 1 words hold its best 2K that are neither required nor a
             # forbidden <eos>; its required words after them
             word_logp, word = logp.topk(min(k2 + self.said_rows.shape[1] + 1, logp.shape[1]), dim=1)
-            word_logp = torch.cat([word_logp, logp.gather(1, self.said_rows)], dim=1)  # (N, 2K + 2W)
+            word_logp = torch.cat([word_logp, logp.gather(1, self.said_rows)], dim=1)  # (N, 2K + 2W + 1)
         cum, word_logp, word = (self.beam_logp + word_logp).tolist(), word_logp.tolist(), word.tolist()
         candidates = []
         for image in range(b):
