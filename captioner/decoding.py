@@ -322,8 +322,12 @@ _FP32 = struct.Struct("f")
 
 
 def _score32(log_prob: float, length: int, penalty: float) -> float:
-    """`score` of an fp32 log-prob, rounded to fp32 as tensors would hold it."""
-    return _FP32.unpack(_FP32.pack(score(log_prob, length, penalty)))[0]
+    """`score` as fp32 tensors compute it, the divisor rounded to fp32 first: hypotheses whose
+    log-probs are one fp32 step apart keep their order."""
+    if not penalty:
+        return log_prob
+    divisor = _FP32.unpack(_FP32.pack(max(length, 1) ** penalty))[0]
+    return _FP32.unpack(_FP32.pack(log_prob / divisor))[0]
 
 
 class _Beam:
@@ -449,7 +453,7 @@ class BeamState:
         row. Rows that hold no beam (-inf) offer none."""
         b, r, k2 = self.images, self.r, 2 * self.k
         if self.required is None:
-            word_logp, word = logp.topk(k2, dim=1)  # (N, 2K)
+            word_logp, word = logp.topk(min(k2, logp.shape[1]), dim=1)  # (N, 2K)
         else:  # each row's best 2K + W + 1 words hold its best 2K that are neither required nor a
             # forbidden <eos>; its required words after them
             word_logp, word = logp.topk(min(k2 + self.said_rows.shape[1] + 1, logp.shape[1]), dim=1)
@@ -473,7 +477,7 @@ class BeamState:
                 each += [(row_cum[len(plain) + j], row, w, row_logp[len(plain) + j], met | bits)
                          for j, (w, bits) in enumerate(self.said[image])]
             if self.required is None:
-                each.sort(key=_by_logp, reverse=True)  # stable: on ties, the earlier row and word
+                each.sort(key=_by_logp, reverse=True)  # stable: on ties, the earlier row (then top-k's order)
                 del each[k2:]
             candidates.append(each)
         return candidates

@@ -359,3 +359,30 @@ def test_hidden_states_are_the_states_that_chose_each_word(decoder, options):
                     assert torch.allclose(h.hidden_states["h"][t], state.h[-1, 0], atol=1e-5)
                     assert torch.allclose(h.hidden_states["c"][t], state.c[-1, 0], atol=1e-5)
     assert all(h.hidden_states is None for r in _run(decoder, regions, pooled, **options) for h in r)
+
+
+def test_scores_rank_as_fp32_tensors_do():
+    """Beam search ranks hypotheses by scores computed in Python, as fp32 tensors compute them
+    (the divisor length ** penalty rounded to fp32 first): log-probs one fp32 step apart keep
+    their order."""
+    from captioner.decoding import _score32
+
+    for penalty in (0.0, 0.5, 0.7, 1.0, 2.0):
+        for length in range(1, 20):
+            for x in torch.linspace(-30.0, -0.01, 97).tolist():
+                assert _score32(x, length, penalty) == (torch.tensor([x]) / length ** penalty).item()
+    better, worse = -6.928203105926514, -6.928203582763672  # adjacent fp32 values
+    assert _score32(better, 3, 0.5) > _score32(worse, 3, 0.5)
+
+
+def test_beam_search_with_fewer_words_than_candidates(decoder):
+    """A vocabulary smaller than the 2K candidates a step takes per row still gives captions,
+    with and without required words."""
+    small = Decoder(tiny_decoder_config(8)).eval()
+    regions, pooled = _images(3, seed=19)
+    for constraints in (None, [[(4,)], [], [(5,), (6,)]]):
+        results = generate(small, regions, pooled, DecodeConfig(num_beams=5, max_new_tokens=6),
+                           constraints=constraints, **SPECIAL)
+        assert [len(r) for r in results] == [1, 1, 1]
+        for r in results:
+            assert not set(r[0].tokens) & set(SPECIAL["banned_ids"]) and SPECIAL["eos_id"] not in r[0].tokens
