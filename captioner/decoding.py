@@ -344,7 +344,7 @@ class _Beam:
 # named one, and a step makes hundreds): (cumulative log-prob, the row within the image it
 # extends, the word, the word's log-prob, the constraint bits met with it).
 _Candidate = tuple[float, int, int, float, int]
-_LOGP, _ORIGIN, _WORD, _WORD_LOGP, _MET = range(5)
+_LOGP, _WORD, _MET = 0, 2, 4  # the fields read by index
 
 
 class _Pool:
@@ -398,10 +398,11 @@ class BeamState:
     so far (for the token rules), `beam_logp` (N, 1) the rows' cumulative log-probs."""
 
     def __init__(self, images: int, config: DecodeConfig, bos: int, eos: int, guide: "_Constraints | None", device):
-        self.config, self.device, self.k, self.eos = config, device, config.num_beams, eos
+        self.config, self.device, self.k = config, device, config.num_beams
         self.active = list(range(images))  # each image's index in the batch as given
         self.goal = [0] * images  # (B,) bits of all required words
-        self.required: list[set[int]] | None = None  # with required words: each image's
+        self.required: list[tuple[set[int], set[int]]] | None = None  # with required words, each image's;
+        # and the same with <eos>, which a row that has not met them all may not say
         self.said: list[list[tuple[int, int]]] = [[] for _ in range(images)]  # (word, bits) of each image's required words
         self.said_ids: torch.Tensor | None = None  # (B, W) the same words, padded
         budget = [self.k] * images  # rows each image uses
@@ -411,7 +412,7 @@ class BeamState:
             self.said_ids, bits = guide.required_words()
             self.said = [[(i, b) for i, b in zip(row_ids, row_bits) if b]
                          for row_ids, row_bits in zip(self.said_ids.tolist(), bits.tolist())]
-            self.required = [{i for i, _ in said} for said in self.said]
+            self.required = [({i for i, _ in said}, {i for i, _ in said} | {eos}) for said in self.said]
             self.said_ids = self.said_ids.to(device)
             for image, goal in enumerate(self.goal):
                 banks = goal.bit_count() + 1  # one per number of required words met
@@ -471,7 +472,7 @@ class BeamState:
                     each += [(c, row, w, lp, met) for c, w, lp in zip(row_cum, word[n], row_logp)]
                     continue
                 # only a row that met every required word may end
-                skip = self.required[image] if met == self.goal[image] else self.required[image] | {self.eos}
+                skip = self.required[image][met != self.goal[image]]
                 plain = word[n]
                 each += [(row_cum[j], row, w, row_logp[j], met) for j, w in enumerate(plain) if w not in skip][:k2]
                 each += [(row_cum[len(plain) + j], row, w, row_logp[len(plain) + j], met | bits)
