@@ -2,7 +2,7 @@
 
 Every method talks to the decoder only through `init_state` / `step` / `DecoderState`, and
 applies the same list of token rules (`TokenRule`, in the spirit of Hugging Face's logits
-processors), each of which bans words per row in one mask. A hypothesis is ranked by `score`,
+processors), each of which bans words per row. A hypothesis is ranked by `score`,
 written once. Beam search is a loop over the named steps of one `BeamState`: select candidates,
 finish the ones that end, advance the others, drop the images that are done.
 
@@ -111,24 +111,22 @@ def generate(
 
 # -- token rules -------------------------------------------------------------------------------
 
-@dataclass
-class Rows:
-    """What a rule may need to know of each row (N,): its image's index in the batch as given."""
-
-    image: torch.Tensor
-
-
 class TokenRule:
-    """One rule over the next word: `__call__(ban, history, rows)` updates ban (N, V), True where
-    a row may not say a word, from history (N, t), the words generated so far. Rules run in list
-    order; a later rule sees (and, where it `lifts`, may lift) an earlier one's bans. A `fixed`
-    rule bans the same words for every row of an image at every step, so `Bans` can apply it once."""
+    """One rule over the next word. A `fixed` rule bans the same words for every row of an image
+    at every step: `words(image)` lists them (image: its index in the batch as given). Other rules
+    run at every step: `__call__(bans, histories, images)` adds to bans[n], the set of words row n
+    may not say, from histories[n], the words it generated so far, and images[n], its image. Rules
+    run in list order; a rule that `lifts` may remove an earlier rule's bans."""
 
     fixed = False  # the same bans for every row of an image, at every step
     lifts = False  # may lift an earlier rule's ban
 
-    def __call__(self, ban: torch.Tensor, history: torch.Tensor, rows: Rows) -> None:
+    def words(self, image: int) -> Sequence[int]:
         raise NotImplementedError
+
+    def __call__(self, bans: list[set[int]], histories: Sequence[list[int]], images: Sequence[int]) -> None:
+        for ban, image in zip(bans, images):  # a fixed rule, run with the others (see `Bans`)
+            ban.update(self.words(image))
 
 
 @dataclass
@@ -136,11 +134,8 @@ class BanTokens(TokenRule):
     ids: tuple[int, ...]  # special tokens: <pad>, <bos>, <unk>
     fixed = True
 
-    def __post_init__(self) -> None:
-        self.index = torch.tensor(self.ids, dtype=torch.long)
-
-    def __call__(self, ban, history, rows):
-        ban.index_fill_(1, self.index.to(ban.device), True)
+    def words(self, image):
+        return self.ids
 
 
 @dataclass
@@ -148,24 +143,26 @@ class MinLength(TokenRule):
     eos: int
     min_new_tokens: int
 
-    def __call__(self, ban, history, rows):
-        if history.shape[1] < self.min_new_tokens:
-            ban[:, self.eos] = True
+    def __call__(self, bans, histories, images):
+        if histories and len(histories[0]) < self.min_new_tokens:  # every row is as long
+            for ban in bans:
+                ban.add(self.eos)
 
 
 @dataclass
 class NoRepeatNgram(TokenRule):
     n: int  # never say an n-gram a row has said
 
-    def __call__(self, ban, history, rows):
+    def __call__(self, bans, histories, images):
         n = self.n
-        if n == 1 and history.shape[1]:
-            ban.scatter_(1, history, True)
-        elif n > 1 and history.shape[1] >= n:
-            windows = history.unfold(1, n, 1)  # (N, T-n+1, n): every n-gram so far
-            suffix = history[:, history.shape[1] - n + 1:]  # (N, n-1)
-            seen = (windows[:, :, :-1] == suffix[:, None]).all(dim=-1)  # (N, T-n+1)
-            ban.scatter_add_(1, windows[:, :, -1], seen)  # bool add: or
+        for ban, words in zip(bans, histories):
+            if n == 1:
+                ban.update(words)
+            elif len(words) >= n and words.count(words[-1]) > 1:  # else its last n-1 words are new
+                suffix = words[len(words) - n + 1:]
+                for start in range(len(words) - n + 1):
+                    if words[start:start + n - 1] == suffix:
+                        ban.add(words[start + n - 1])
 
 
 @dataclass
@@ -173,10 +170,13 @@ class EndWhenStuck(TokenRule):
     """A row the rules before leave no word may end (a vocabulary as small as the words said)."""
 
     eos: int
+    vocab_size: int
     lifts = True
 
-    def __call__(self, ban, history, rows):
-        ban[ban.all(dim=1), self.eos] = False
+    def __call__(self, bans, histories, images):
+        for ban in bans:
+            if len(ban) >= self.vocab_size:
+                ban.discard(self.eos)
 
 
 @dataclass
@@ -184,8 +184,11 @@ class ExcludeWords(TokenRule):
     banned: torch.Tensor  # (B, V) True where an image's captions must not say a word
     fixed = True
 
-    def __call__(self, ban, history, rows):
-        ban |= self.banned[rows.image]
+    def __post_init__(self) -> None:
+        self.ids = [row.nonzero().flatten().tolist() for row in self.banned.cpu()]
+
+    def words(self, image):
+        return self.ids[image]
 
 
 def token_rules(config: DecodeConfig, eos: int, banned_ids: tuple[int, ...], vocab_size: int) -> list[TokenRule]:
@@ -198,34 +201,59 @@ def token_rules(config: DecodeConfig, eos: int, banned_ids: tuple[int, ...], voc
     # Each step bans at most one word per n-gram said, and <eos> early: only a vocabulary about
     # as small as a caption is long can run out of words.
     if vocab_size - len(banned_ids) <= config.max_new_tokens + 2:
-        rules.append(EndWhenStuck(eos))
+        rules.append(EndWhenStuck(eos, vocab_size))
     return rules
 
 
 class Bans:
-    """The token rules of one decoding of B images over V words, in list order. The fixed rules
-    before any rule that lifts bans are applied once, to a (B, V) mask that each step's rows
-    copy; the rest at every step."""
+    """The token rules of one decoding, in list order, applied as -inf to scores (N, V). Where no
+    rule lifts bans, the fixed rules' words are listed per image once, and their (row, word)
+    positions made again only when the rows' images change (images leave); the other rules run
+    at every step on the rows' histories, in Python: a few words per row, where a (N, V) mask
+    costs passes over every word."""
 
-    def __init__(self, rules: Sequence[TokenRule], images: int, vocab_size: int, device):
-        self.per_image = torch.zeros(images, vocab_size, dtype=torch.bool, device=device)  # (B, V)
-        every_image = Rows(image=torch.arange(images, device=device))
+    def __init__(self, rules: Sequence[TokenRule], images: int, device):
+        lifting = any(rule.lifts for rule in rules)  # it must see every ban: all rules run each step
+        self.per_image: list[set[int]] = [set() for _ in range(images)]
         self.each_step: list[TokenRule] = []
         for rule in rules:
-            if rule.fixed and not any(r.lifts for r in self.each_step):
-                rule(self.per_image, torch.empty(images, 0, dtype=torch.long, device=device), every_image)
+            if rule.fixed and not lifting:
+                for image, words in enumerate(self.per_image):
+                    words.update(rule.words(image))
             else:
                 self.each_step.append(rule)
-        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows' images (N,), their mask (N, V))
+        self.neg_inf = torch.tensor(NEG_INF, device=device)
+        self._fixed: tuple[Sequence[int], tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
-    def log_probs(self, logits: torch.Tensor, history: torch.Tensor, rows: Rows) -> torch.Tensor:
-        """logits (N, V), history (N, t) -> log-probs (N, V), -inf where a rule bans the word."""
-        if self._rows is None or self._rows[0] is not rows.image:  # the rows change when images leave
-            self._rows = rows.image, self.per_image.index_select(0, rows.image)
-        ban = self._rows[1].clone() if self.each_step else self._rows[1]
-        for rule in self.each_step:
-            rule(ban, history, rows)
-        return logits.log_softmax(dim=-1, dtype=torch.float32).masked_fill_(ban, NEG_INF)
+    def apply(self, scores: torch.Tensor, histories: Sequence[list[int]], images: Sequence[int]) -> torch.Tensor:
+        """scores (N, V), in place: -inf where a rule bans the word. histories[n]: row n's words
+        so far; images[n]: its image's index in the batch as given (the same list object while
+        the rows' images stay)."""
+        if self._fixed is None or self._fixed[0] is not images:
+            self._fixed = images, self._positions([self.per_image[image] for image in images], scores.device)
+        if self._fixed[1] is not None:
+            scores.index_put_(self._fixed[1], self.neg_inf)
+        if self.each_step:
+            bans: list[set[int]] = [set() for _ in images]
+            for rule in self.each_step:
+                rule(bans, histories, images)
+            positions = self._positions(bans, scores.device)
+            if positions is not None:
+                scores.index_put_(positions, self.neg_inf)
+        return scores
+
+    def log_probs(self, logits: torch.Tensor, histories: Sequence[list[int]], images: Sequence[int]) -> torch.Tensor:
+        """logits (N, V) -> log-probs (N, V), -inf where a rule bans the word."""
+        return self.apply(logits.log_softmax(dim=-1, dtype=torch.float32), histories, images)
+
+    @staticmethod
+    def _positions(bans: Sequence[set[int]], device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Each row's banned words -> (rows, words) index tensors, or None for no bans."""
+        rows = [n for n, words in enumerate(bans) for _ in words]
+        if not rows:
+            return None
+        words = [w for ban in bans for w in ban]
+        return torch.tensor(rows, device=device), torch.tensor(words, device=device)
 
 
 def _hypothesis(tokens: list[int], logps: list[float], traces: dict[str, torch.Tensor], length: int,
@@ -251,29 +279,30 @@ def _sample(decoder: Decoder, state: DecoderState, bos: int, eos: int, rules: li
     generator = None
     if config.do_sample and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
-    rows = Rows(image=torch.arange(b, device=device).repeat_interleave(k))
-    bans = Bans(rules, b, decoder.config.vocab_size, device)
+    images = [image for image in range(b) for _ in range(k)]  # each row's
+    bans = Bans(rules, b, device)
     tokens = torch.full((n,), bos, dtype=torch.long, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     length = torch.zeros(n, dtype=torch.long, device=device)
-    history = torch.empty(n, 0, dtype=torch.long, device=device)
+    history: list[list[int]] = [[] for _ in range(n)]
     step_logps, traces = [], {}
     for _ in range(config.max_new_tokens):
         logits, state, alpha = decoder.step(tokens, state)
-        logp = bans.log_probs(logits, history, rows)  # (N, V)
+        logp = bans.log_probs(logits, history, images)  # (N, V)
         tokens = _draw(logp, config, generator) if config.do_sample else logp.argmax(dim=-1)
         tokens = tokens.masked_fill(finished, eos)  # finished rows idle on <eos>
         step_logps.append(logp.gather(1, tokens[:, None]).squeeze(1).masked_fill(finished, 0.0))
         for name, value in _trace(config, state, alpha).items():
             traces.setdefault(name, []).append(value)
         length += (~finished).long()
-        history = torch.cat([history, tokens[:, None]], dim=1)
+        for words, token in zip(history, tokens.tolist()):
+            words.append(token)
         finished |= tokens == eos
         if bool(finished.all()):
             break
     token_logps = torch.stack(step_logps, dim=1).cpu()  # (N, T)
     stacked = {name: torch.stack(values, dim=1).cpu() for name, values in traces.items()}  # (N, T, *X) each
-    history, token_logps, length, finished = history.tolist(), token_logps.tolist(), length.tolist(), finished.tolist()
+    token_logps, length, finished = token_logps.tolist(), length.tolist(), finished.tolist()
     return [[_hypothesis(history[row], token_logps[row], {name: t[row] for name, t in stacked.items()},
                          length[row], finished[row], config.length_penalty)
              for row in range(image * k, image * k + k)]
@@ -394,8 +423,8 @@ class BeamState:
     guaranteed an equal share of the rows (the remainder to the banks with fewest met, whose
     beams carry the fluent prefixes), rows a bank cannot fill go to the best other candidates.
 
-    The decoder's inputs live in tensors: `tokens` (N,) the next words, `history` (N, t) the words
-    so far (for the token rules), `beam_logp` (N, 1) the rows' cumulative log-probs."""
+    The decoder's inputs live in tensors: `tokens` (N,) the next words and `beam_logp` (N, 1) the
+    rows' cumulative log-probs."""
 
     def __init__(self, images: int, config: DecodeConfig, bos: int, eos: int, guide: "_Constraints | None", device):
         self.config, self.device, self.k = config, device, config.num_beams
@@ -422,7 +451,6 @@ class BeamState:
         self.r = r = max(budget)
         self.beams = [_Beam(0.0 if row == 0 else NEG_INF, 0, [], [], []) for _ in range(images) for row in range(r)]
         self.tokens = torch.full((images * r,), bos, dtype=torch.long, device=device)  # (N,)
-        self.history = torch.empty(images * r, 0, dtype=torch.long, device=device)  # (N, t)
         self.beam_logp = torch.tensor([[b.logp] for b in self.beams], device=device)  # (N, 1)
         self.steps: list[dict[str, torch.Tensor]] = []  # each step's traces (N, *X), as `_trace` records
         self._index()
@@ -430,8 +458,8 @@ class BeamState:
     def _index(self) -> None:
         """What depends only on which images are active: each row's image for the token rules;
         with required words each row's required words (N, W)."""
-        r, device = self.r, self.device
-        self.rule_rows = Rows(image=torch.tensor(self.active, device=device).repeat_interleave(r))  # (N,)
+        r = self.r
+        self.row_images = [image for image in self.active for _ in range(r)]  # (N,)
         if self.required is not None:
             self.said_rows = self.said_ids.repeat_interleave(r, dim=0)  # (N, W)
 
@@ -439,8 +467,9 @@ class BeamState:
     def images(self) -> int:
         return len(self.active)
 
-    def rows(self) -> Rows:
-        return self.rule_rows
+    def histories(self) -> list[list[int]]:
+        """Each row's words so far (rows without a beam: any words, their log-prob rules them out)."""
+        return [beam.tokens for beam in self.beams]
 
     def record(self, trace: dict[str, torch.Tensor]) -> None:
         if trace:
@@ -531,7 +560,6 @@ class BeamState:
         rows = torch.tensor(rows, device=self.device)
         self.tokens = torch.tensor([b.tokens[-1] for b in beams], device=self.device)
         self.beam_logp = torch.tensor([[b.logp] for b in beams], device=self.device)
-        self.history = torch.cat([self.history.index_select(0, rows), self.tokens[:, None]], dim=1)
         return rows
 
     def done(self, pool: _Pool, length: int) -> list[bool]:
@@ -555,7 +583,7 @@ class BeamState:
         self.quota, self.budget = [self.quota[i] for i in stay], [self.budget[i] for i in stay]
         self.beams = [self.beams[n] for n in rows]
         images, rows = torch.tensor(stay, device=self.device), torch.tensor(rows, device=self.device)
-        self.tokens, self.history, self.beam_logp = self.tokens[rows], self.history[rows], self.beam_logp[rows]
+        self.tokens, self.beam_logp = self.tokens[rows], self.beam_logp[rows]
         if self.required is not None:
             self.required, self.said_ids = [self.required[i] for i in stay], self.said_ids[images]
         self._index()
@@ -615,12 +643,12 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, eos: int, rule
     pool = _Pool(b, max(config.num_beams, config.num_return_sequences), config.length_penalty)
     if guide is not None and guide.banned is not None:
         rules = rules + [ExcludeWords(guide.banned.to(device))]
-    bans = Bans(rules, b, decoder.config.vocab_size, device)
+    bans = Bans(rules, b, device)
     state = state.repeat(beams.r)
     for step in range(config.max_new_tokens):
         logits, state, alpha = decoder.step(beams.tokens, state)
         beams.record(_trace(config, state, alpha))
-        logp = bans.log_probs(logits, beams.history, beams.rows())  # (N, V)
+        logp = bans.log_probs(logits, beams.histories(), beams.row_images)  # (N, V)
         candidates = beams.select(logp)
         ended = beams.finish(candidates, pool, eos, length=step + 1)
         state = state.reorder(beams.advance(candidates, eos))

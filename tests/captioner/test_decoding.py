@@ -118,29 +118,42 @@ def test_sampling_from_log_probs_draws_as_from_the_masked_logits():
 def test_bans_follow_each_row_to_its_image_as_images_leave():
     """Words fixed per image (special tokens, excluded words) are banned on exactly the rows of
     that image, also after other images have left the batch; per-step rules still apply."""
-    from captioner.decoding import NEG_INF, Bans, BanTokens, ExcludeWords, NoRepeatNgram, Rows
+    from captioner.decoding import NEG_INF, Bans, BanTokens, ExcludeWords, NoRepeatNgram
 
     excluded = torch.zeros(3, 10, dtype=torch.bool)
     excluded[0, 4], excluded[1, 5], excluded[2, 6] = True, True, True
-    bans = Bans([BanTokens((0,)), ExcludeWords(excluded), NoRepeatNgram(1)], images=3, vocab_size=10, device="cpu")
+    bans = Bans([BanTokens((0,)), ExcludeWords(excluded), NoRepeatNgram(1)], images=3, device="cpu")
     logits = torch.zeros(6, 10)
-    history = torch.tensor([[7], [9], [9], [9], [9], [9]])
-    banned = bans.log_probs(logits, history, Rows(torch.tensor([0, 0, 1, 1, 2, 2]))) == NEG_INF
+    history = [[7], [9], [9], [9], [9], [9]]
+    banned = bans.log_probs(logits, history, [0, 0, 1, 1, 2, 2]) == NEG_INF
     assert banned[:, 0].all() and banned[0, 7] and banned[1:, 9].all()
     assert banned[:2, 4].all() and banned[2:4, 5].all() and banned[4:, 6].all() and banned.sum() == 6 + 6 + 6
-    banned = bans.log_probs(logits[:2], history[:2], Rows(torch.tensor([2, 2]))) == NEG_INF
+    banned = bans.log_probs(logits[:2], history[:2], [2, 2]) == NEG_INF
     assert banned[:, 6].all() and not banned[:, 4:6].any() and banned[0, 7] and banned[1, 9]
+
+
+def test_no_repeat_ngram_bans_the_word_that_would_repeat_an_ngram():
+    """Each row may not say the word that would complete an n-gram it has already said."""
+    from captioner.decoding import NoRepeatNgram
+
+    bans = [set() for _ in range(4)]
+    histories = [[5, 6, 7, 5, 6], [5, 6, 5, 6, 5], [5, 6, 7, 8], [5, 6]]
+    NoRepeatNgram(3)(bans, histories, [0, 0, 0, 0])
+    assert bans == [{7}, {6}, set(), set()]
+    bans = [set() for _ in range(2)]
+    NoRepeatNgram(2)(bans, [[4, 5, 4, 6, 4], [4, 5]], [0, 0])
+    assert bans == [{5, 6}, set()]
 
 
 def test_a_fixed_rule_after_a_lifting_rule_still_bans():
     """Rules keep their list order: words excluded after EndWhenStuck stay banned even where it
     lifted <eos> (here image 0 excludes <eos>, image 1 does not)."""
-    from captioner.decoding import NEG_INF, Bans, BanTokens, EndWhenStuck, ExcludeWords, MinLength, Rows
+    from captioner.decoding import NEG_INF, Bans, BanTokens, EndWhenStuck, ExcludeWords, MinLength
 
     excluded = torch.tensor([[False, True, False, False], [False, False, False, False]])
-    rules = [BanTokens((0, 2, 3)), MinLength(eos=1, min_new_tokens=5), EndWhenStuck(eos=1), ExcludeWords(excluded)]
-    logp = Bans(rules, images=2, vocab_size=4, device="cpu").log_probs(
-        torch.zeros(2, 4), torch.empty(2, 0, dtype=torch.long), Rows(torch.tensor([0, 1])))
+    rules = [BanTokens((0, 2, 3)), MinLength(eos=1, min_new_tokens=5), EndWhenStuck(eos=1, vocab_size=4),
+             ExcludeWords(excluded)]
+    logp = Bans(rules, images=2, device="cpu").log_probs(torch.zeros(2, 4), [[], []], [0, 1])
     assert (logp[0] == NEG_INF).all() and logp[1, 1] > NEG_INF
 
 
