@@ -181,11 +181,8 @@ class EndWhenStuck(TokenRule):
 
 @dataclass
 class ExcludeWords(TokenRule):
-    banned: torch.Tensor  # (B, V) True where an image's captions must not say a word
+    ids: Sequence[Sequence[int]]  # ids[b]: the words image b's captions must not say
     fixed = True
-
-    def __post_init__(self) -> None:
-        self.ids = [row.nonzero().flatten().tolist() for row in self.banned.cpu()]
 
     def words(self, image):
         return self.ids[image]
@@ -641,8 +638,8 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, eos: int, rule
     device = state.h.device
     beams = BeamState(b, config, bos, eos, guide, device)
     pool = _Pool(b, max(config.num_beams, config.num_return_sequences), config.length_penalty)
-    if guide is not None and guide.banned is not None:
-        rules = rules + [ExcludeWords(guide.banned.to(device))]
+    if guide is not None and guide.excluded is not None:
+        rules = rules + [ExcludeWords(guide.excluded)]
     bans = Bans(rules, b, device)
     state = state.repeat(beams.r)
     for step in range(config.max_new_tokens):
@@ -667,12 +664,12 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, eos: int, rule
 class _Constraints:
     """Required and excluded words of a batch: image b must say, for each of its constraints, one
     of that constraint's word ids, and none of its excluded ids. word_bits (B, V): bit c set where
-    a word meets constraint c; goal (B,): the bits of all of an image's constraints; banned (B, V)
-    or None: the excluded words."""
+    a word meets constraint c; goal (B,): the bits of all of an image's constraints; excluded[b]
+    (or None for no exclusions): the ids image b must not say."""
 
     word_bits: torch.Tensor
     goal: torch.Tensor
-    banned: torch.Tensor | None = None
+    excluded: list[list[int]] | None = None
 
     @classmethod
     def build(cls, constraints: Sequence[Sequence[Sequence[int]]], excluded: Sequence[Sequence[int]] | None,
@@ -690,16 +687,16 @@ class _Constraints:
                 for i in ids:
                     bits[image, check(i)] |= 1 << c
                 goal[image] |= 1 << c
-        banned = None
         if excluded is not None and any(excluded):
-            banned = torch.zeros(len(excluded), vocab_size, dtype=torch.bool)
-            for image, ids in enumerate(excluded):
-                banned[image, [check(i) for i in ids]] = True
-            if bool((banned & (bits > 0)).any()):
-                raise ValueError("a word cannot be both required and excluded")
-        if most == 0 and banned is None:
+            excluded = [[check(i) for i in ids] for ids in excluded]
+            for required, ids in zip(constraints, excluded):
+                if {int(i) for forms in required for i in forms} & set(ids):
+                    raise ValueError("a word cannot be both required and excluded")
+        else:
+            excluded = None
+        if most == 0 and excluded is None:
             return None
-        return cls(bits, goal, banned)
+        return cls(bits, goal, excluded)
 
     def required_words(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> ids and bits (B, W) of the words that meet some constraint, per image, padded with

@@ -120,9 +120,7 @@ def test_bans_follow_each_row_to_its_image_as_images_leave():
     that image, also after other images have left the batch; per-step rules still apply."""
     from captioner.decoding import NEG_INF, Bans, BanTokens, ExcludeWords, NoRepeatNgram
 
-    excluded = torch.zeros(3, 10, dtype=torch.bool)
-    excluded[0, 4], excluded[1, 5], excluded[2, 6] = True, True, True
-    bans = Bans([BanTokens((0,)), ExcludeWords(excluded), NoRepeatNgram(1)], images=3, device="cpu")
+    bans = Bans([BanTokens((0,)), ExcludeWords([[4], [5], [6]]), NoRepeatNgram(1)], images=3, device="cpu")
     logits = torch.zeros(6, 10)
     history = [[7], [9], [9], [9], [9], [9]]
     banned = bans.log_probs(logits, history, [0, 0, 1, 1, 2, 2]) == NEG_INF
@@ -150,9 +148,8 @@ def test_a_fixed_rule_after_a_lifting_rule_still_bans():
     lifted <eos> (here image 0 excludes <eos>, image 1 does not)."""
     from captioner.decoding import NEG_INF, Bans, BanTokens, EndWhenStuck, ExcludeWords, MinLength
 
-    excluded = torch.tensor([[False, True, False, False], [False, False, False, False]])
     rules = [BanTokens((0, 2, 3)), MinLength(eos=1, min_new_tokens=5), EndWhenStuck(eos=1, vocab_size=4),
-             ExcludeWords(excluded)]
+             ExcludeWords([[1], []])]
     logp = Bans(rules, images=2, device="cpu").log_probs(torch.zeros(2, 4), [[], []], [0, 1])
     assert (logp[0] == NEG_INF).all() and logp[1, 1] > NEG_INF
 
