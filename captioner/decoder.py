@@ -23,12 +23,14 @@ head says "pizza" or "toilet" are described, which its paired photos never show 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from .products import Projection
+from .products import ProductParts, Projection, product
+from .scripting import scripted
 from .tagger import ACTIVATIONS
 
 CELLS = {"lstm": 4, "gru": 3, "rnn": 1}  # gate width in units of D
@@ -272,6 +274,13 @@ class Decoder(nn.Module):
         fast = state.fast
         if fast is None:
             return self._advance(self.word_gates(self.embedding(tokens)), state)
+        if fast.step is not None and not state.record_gates:
+            logits, h, c, alpha = fast.step(
+                tokens, state.h[0], state.c[0], state.image_gates, state.memory, state.memory_att, fast.score,
+                fast.word_table, fast.top.parts, fast.context_gates.parts,
+                None if fast.output_proj is None else fast.output_proj.parts, fast.output.parts,
+                self.config.attention_dim)
+            return logits, state.with_sequences(h[None], c[None]), alpha
         return self._advance(fast.word_table.index_select(0, tokens), state, fast)
 
     def word_table(self) -> torch.Tensor:
@@ -554,6 +563,29 @@ def lstm_cell(gx: torch.Tensor, gh: torch.Tensor, c: torch.Tensor) -> tuple[torc
     return o * torch.tanh(c), c
 
 
+
+def lstm_attention_step(tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor, image_gates: torch.Tensor,
+                        memory: torch.Tensor, memory_factor: torch.Tensor, score: torch.Tensor,
+                        word_table: torch.Tensor, top: ProductParts, context_gates: ProductParts,
+                        output_proj: Optional[ProductParts], output: ProductParts,
+                        attention_dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`Decoder.step` in inference for one LSTM layer with attention, the default decoder, as
+    one function for TorchScript (`captioner.scripting`): the same operations as `_recur` and
+    `_logits` with `_InferenceWeights`. tokens (N,), h and c (N, D), image_gates (B, G), memory
+    (B, P, F), memory_factor (B, P, A) e^(-2m), score (A,) 2w, word_table (V, G), the products'
+    parts -> logits (N, V), h', c' (N, D), attention weights (N, P)."""
+    b, g = image_gates.shape[0], image_gates.shape[1]
+    k = h.shape[0] // b
+    projected = product(h, top)  # (N, G + A + F): hidden gates, the query as -2q, the context gate's input
+    hidden_gates, query, gate = projected[:, :g], projected[:, g:g + attention_dim], projected[:, g + attention_dim:]
+    gates_in = (word_table.index_select(0, tokens).view(b, k, -1) + image_gates[:, None]).view(b * k, -1)
+    alpha = factored_attention_weights(memory_factor, query.view(b, k, -1), score)  # (B, K, P)
+    context = torch.bmm(alpha, memory).view(b * k, -1)  # (N, F)
+    gates_in = gates_in + product(torch.sigmoid(gate) * context, context_gates)
+    h, c = lstm_cell(gates_in, hidden_gates, c)
+    features = h if output_proj is None else product(h, output_proj)
+    return product(features, output), h, c, alpha.view(b * k, -1)
+
 @dataclass
 class _InferenceWeights:
     """Decoding-time copies: the top layer's three projections of h fused into one, the
@@ -569,6 +601,7 @@ class _InferenceWeights:
     init: Projection  # F -> L*D [+ L*D] [+ G]: init_h, init_c and the image's gates in one product
     memory_att: Projection | None  # F -> A, doubled (2m)
     score: torch.Tensor | None  # (A,) the attention score weight, doubled
+    step: Callable | None  # `lstm_attention_step`, scripted, where the decoder is one LSTM layer with attention
 
     @classmethod
     @torch.no_grad()
@@ -597,4 +630,5 @@ class _InferenceWeights:
             memory_att=Projection(decoder.memory_att.weight * 2, decoder.memory_att.bias * 2, products)
             if c.attention else None,
             score=decoder.att_score.weight[0] * 2 if c.attention else None,
+            step=scripted(lstm_attention_step) if c.cell == "lstm" and c.num_layers == 1 and c.attention else None,
         )

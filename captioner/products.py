@@ -4,12 +4,19 @@ steps and the tagger's head use it; training never does."""
 
 from __future__ import annotations
 
-import functools
 import warnings
+from typing import Optional, Tuple
 
 import torch
 
+from .scripting import scripted
+
 PRODUCTS = ("fp32", "bf16", "int8")  # the precision of decoding's matrix products (`Decoder.products`)
+
+Packed = torch.classes.quantized.LinearPackedParamsBase  # fbgemm's prepacked weights, int8 or fp16
+# A projection's parts: packed weights (bias included), whether they are int8, the weight as an
+# (in, out) matrix (bf16 or fp32), and the bias that goes with the matrix.
+ProductParts = Tuple[Optional[Packed], bool, Optional[torch.Tensor], Optional[torch.Tensor]]
 
 
 class Projection:
@@ -25,46 +32,48 @@ class Projection:
       (batch 1) take the fp16-packed weights, which converting to bf16 would only slow down.
     """
 
-    BF16_ROWS = 16  # from 16 rows on the bf16 product beats the fp16-packed one (AVX-512 BF16: 2x at 48)
-
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, products: str = "fp32"):
         """weight (out, in), bias (out,) or None."""
         weight, bias = weight.detach().float(), None if bias is None else bias.detach().float()
-        self.packed = self.int8 = self.bf16 = self.weight = None
-        self.bias = bias
-        if products == "int8" and fbgemm_available(weight):
+        packed = matrix = None
+        int8 = products == "int8" and fbgemm_available(weight)
+        if int8:
             scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
             with warnings.catch_warnings():  # quantized tensors are deprecated for new code, not removed
                 warnings.simplefilter("ignore")
                 quantized = torch.quantize_per_channel(weight, scale.double(), torch.zeros_like(scale, dtype=torch.long),
                                                        0, torch.qint8)
-                self.int8 = torch.ops.quantized.linear_prepack(quantized, bias)
+                packed = torch.ops.quantized.linear_prepack(quantized, bias)
         else:
             if products == "bf16" and weight.device.type == "cpu":
-                self.bf16 = weight.t().contiguous().bfloat16()  # (in, out)
+                matrix = weight.t().contiguous().bfloat16()  # (in, out)
             if fbgemm_available(weight) and torch.equal(weight, weight.half().float()):
-                self.packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
-            elif self.bf16 is None:
-                self.weight = weight.t().contiguous()  # (in, out): faster for few rows
+                packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
+            elif matrix is None:
+                matrix = weight.t().contiguous()  # (in, out): faster for few rows
+        self.parts: ProductParts = (packed, int8, matrix, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8 is not None:
-            return _entry("linear_dynamic")(x, self.int8)
-        if self.bf16 is not None and (x.shape[0] >= self.BF16_ROWS or self.packed is None):
-            y = torch.mm(x.to(torch.bfloat16), self.bf16).float()
-            return y if self.bias is None else y.add_(self.bias)
-        if self.packed is not None:
-            return _entry("linear_dynamic_fp16")(x, self.packed)
-        return torch.mm(x, self.weight) if self.bias is None else torch.addmm(self.bias, x, self.weight)
+        """x (N, in) -> (N, out)."""
+        return scripted(product)(x, self.parts)
 
 
-@functools.cache
-def _entry(name: str):
-    """The C++ entry point of `torch.ops.quantized.<name>.default`. Calling the overload itself
-    first checks in Python whether its arguments need Python dispatch (fake script objects,
-    which inference never passes): 5-8 us of a 25 us product at batch 1."""
-    overload = getattr(torch.ops.quantized, name).default
-    return getattr(overload, "_op", overload)
+def product(x: torch.Tensor, parts: ProductParts) -> torch.Tensor:
+    """y = x W^T + b from a `Projection`'s parts (packed, int8, matrix, bias): fbgemm's packed
+    weights (bias included) where there are any, except that a bf16 matrix takes 16 rows and
+    more; else the (in, out) matrix, in its own dtype, then the bias. Written for TorchScript
+    (`Projection` calls it scripted; the decoder's scripted step calls it inline)."""
+    packed, int8, matrix, bias = parts
+    # from 16 rows on, the bf16 product beats the fp16-packed one (AVX-512 BF16: 2x at 48 rows)
+    if packed is not None and (matrix is None or x.shape[0] < 16):
+        if int8:
+            return torch.ops.quantized.linear_dynamic(x, packed)
+        return torch.ops.quantized.linear_dynamic_fp16(x, packed)
+    assert matrix is not None
+    if matrix.dtype == x.dtype:
+        return torch.mm(x, matrix) if bias is None else torch.addmm(bias, x, matrix)
+    y = torch.mm(x.to(matrix.dtype), matrix).to(x.dtype)
+    return y if bias is None else y.add_(bias)
 
 
 def fbgemm_available(weight: torch.Tensor) -> bool:

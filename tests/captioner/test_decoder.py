@@ -55,13 +55,34 @@ def test_step_api_matches_teacher_forcing(attention, fp16_weights):
     with torch.no_grad():
         forced, forced_alpha = decoder(regions, pooled, tokens)
         state = decoder.init_state(regions, pooled)
-        packed = state.fast.top.packed is not None
+        packed = state.fast.top.parts[0] is not None
         assert packed == (fp16_weights and "fbgemm" in torch.backends.quantized.supported_engines)
         for t in range(tokens.shape[1]):
             logits, state, alpha = decoder.step(tokens[:, t], state)
             assert torch.allclose(logits, forced[:, t], atol=1e-5)
             if attention:
                 assert torch.allclose(alpha, forced_alpha[:, t], atol=1e-6)
+
+
+@pytest.mark.parametrize("products", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("images", [1, 6])  # 3 and 18 rows: bf16 takes its own product from 16 rows
+def test_scripted_step_computes_the_python_step_exactly(products, images):
+    """The default decoder's inference step runs as one TorchScript function; it must give the
+    numbers the Python step gives, bit for bit, in every precision of the products."""
+    torch.manual_seed(0)
+    decoder = Decoder(tiny_decoder_config(20, attention=True, num_layers=1)).eval()
+    decoder.load_state_dict({k: v.half().float() for k, v in decoder.state_dict().items()})
+    decoder.products = products
+    regions = torch.randn(images, P, E)
+    with torch.no_grad():
+        state = decoder.init_state(regions, regions.mean(dim=1)).repeat(3)
+        assert isinstance(state.fast.step, torch.jit.ScriptFunction)  # compiled, not the Python fallback
+        for tokens in torch.randint(4, 20, (4, images * 3)):
+            logits, scripted, alpha = decoder.step(tokens, state)
+            fast = state.fast
+            expected, state, expected_alpha = decoder._advance(fast.word_table.index_select(0, tokens), state, fast)
+            assert torch.equal(logits, expected) and torch.equal(alpha, expected_alpha)
+            assert torch.equal(scripted.h, state.h) and torch.equal(scripted.c, state.c)
 
 
 def test_small_model_overfits_images_to_their_exact_captions():
