@@ -563,7 +563,6 @@ def lstm_cell(gx: torch.Tensor, gh: torch.Tensor, c: torch.Tensor) -> tuple[torc
     return o * torch.tanh(c), c
 
 
-
 def lstm_attention_step(tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor, image_gates: torch.Tensor,
                         memory: torch.Tensor, memory_factor: torch.Tensor, score: torch.Tensor,
                         word_table: torch.Tensor, top: ProductParts, context_gates: ProductParts,
@@ -585,6 +584,7 @@ def lstm_attention_step(tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor, 
     h, c = lstm_cell(gates_in, hidden_gates, c)
     features = h if output_proj is None else product(h, output_proj)
     return product(features, output), h, c, alpha.view(b * k, -1)
+
 
 @dataclass
 class _InferenceWeights:

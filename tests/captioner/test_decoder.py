@@ -43,11 +43,13 @@ def test_shapes_and_every_parameter_gets_a_gradient(cell, attention, layers):
 
 @pytest.mark.parametrize("fp16_weights", [False, True])
 @pytest.mark.parametrize("attention", [True, False])
-def test_step_api_matches_teacher_forcing(attention, fp16_weights):
-    """Decoding (cached word-gate table, broadcast image constants, and for weights stored in
-    fp16 the packed fp16-weight products) computes what training computes."""
+@pytest.mark.parametrize("layers", [1, 2])
+def test_step_api_matches_teacher_forcing(attention, fp16_weights, layers):
+    """Decoding (cached word-gate table, broadcast image constants, for weights stored in fp16
+    the packed fp16-weight products, and for one layer with attention the scripted step)
+    computes what training computes."""
     torch.manual_seed(1)
-    decoder = Decoder(tiny_decoder_config(20, attention=attention, num_layers=2)).eval()
+    decoder = Decoder(tiny_decoder_config(20, attention=attention, num_layers=layers)).eval()
     if fp16_weights:  # as loaded from an exported or bundled checkpoint
         decoder.load_state_dict({k: v.half().float() for k, v in decoder.state_dict().items()})
     regions, pooled = _inputs(1)
