@@ -391,6 +391,7 @@ class Captioner:
             "parameters": sum(_parameters(part) for part in (self.encoder, self.decoder)),
             "tagger": None if self.tagger is None else self.tagger.describe(),
             "checkpoint_sha256": self.checkpoint_sha256,
+            "decoder_step": self.decoder.step_runtime,
             "inference": self.inference.to_dict(),
             "provenance": self.provenance,
         }

@@ -283,6 +283,13 @@ class Decoder(nn.Module):
             return logits, state.with_sequences(h[None], c[None]), alpha
         return self._advance(fast.word_table.index_select(0, tokens), state, fast)
 
+    @property
+    def step_runtime(self) -> str:
+        """How `step` runs in inference: "torchscript" (`lstm_attention_step`, compiled) or
+        "python" (other decoder shapes, or where TorchScript cannot compile it)."""
+        step = _scripted_step(self.config)
+        return "torchscript" if isinstance(step, torch.jit.ScriptFunction) else "python"
+
     def word_table(self) -> torch.Tensor:
         """(V, G): every word's embedding through layer 0's word gates, the lookup `step` does."""
         return self.word_gates(self.embedding.weight)
@@ -586,6 +593,14 @@ def lstm_attention_step(tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor, 
     return product(features, output), h, c, alpha.view(b * k, -1)
 
 
+def _scripted_step(config: DecoderConfig) -> Callable | None:
+    """`lstm_attention_step` (scripted where TorchScript compiles it) for the decoders it
+    computes: one LSTM layer with attention; None for the others, which step in `_recur`."""
+    if config.cell == "lstm" and config.num_layers == 1 and config.attention:
+        return scripted(lstm_attention_step)
+    return None
+
+
 @dataclass
 class _InferenceWeights:
     """Decoding-time copies: the top layer's three projections of h fused into one, the
@@ -630,5 +645,5 @@ class _InferenceWeights:
             memory_att=Projection(decoder.memory_att.weight * 2, decoder.memory_att.bias * 2, products)
             if c.attention else None,
             score=decoder.att_score.weight[0] * 2 if c.attention else None,
-            step=scripted(lstm_attention_step) if c.cell == "lstm" and c.num_layers == 1 and c.attention else None,
+            step=_scripted_step(c),
         )

@@ -165,6 +165,7 @@ class OrtDecoder:
     graph returns h and c, not the gates."""
 
     can_record_gates = False
+    step_runtime = "onnxruntime"
 
     def __init__(self, config: DecoderConfig, init_session, step_session, parameters: int = 0):
         self.config, self.init_session, self.step_session = config, init_session, step_session
