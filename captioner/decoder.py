@@ -286,8 +286,8 @@ class Decoder(nn.Module):
     @property
     def step_runtime(self) -> str:
         """How `step` runs in inference: "torchscript" (`lstm_attention_step`, compiled) or
-        "python" (other decoder shapes, or where TorchScript cannot compile it)."""
-        step = _scripted_step(self.config)
+        "python" (other decoder shapes, GPUs, or where TorchScript cannot compile it)."""
+        step = _scripted_step(self.config, self.embedding.weight.device)
         return "torchscript" if isinstance(step, torch.jit.ScriptFunction) else "python"
 
     def word_table(self) -> torch.Tensor:
@@ -593,10 +593,12 @@ def lstm_attention_step(tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor, 
     return product(features, output), h, c, alpha.view(b * k, -1)
 
 
-def _scripted_step(config: DecoderConfig) -> Callable | None:
+def _scripted_step(config: DecoderConfig, device: torch.device) -> Callable | None:
     """`lstm_attention_step` (scripted where TorchScript compiles it) for the decoders it
-    computes: one LSTM layer with attention; None for the others, which step in `_recur`."""
-    if config.cell == "lstm" and config.num_layers == 1 and config.attention:
+    computes, one LSTM layer with attention, on the CPU; None for the others, which step in
+    `_recur`. Not on GPUs, where TorchScript's fuser would generate its own kernels for the
+    elementwise work, which need not round as the eager step does."""
+    if config.cell == "lstm" and config.num_layers == 1 and config.attention and device.type == "cpu":
         return scripted(lstm_attention_step)
     return None
 
@@ -645,5 +647,5 @@ class _InferenceWeights:
             memory_att=Projection(decoder.memory_att.weight * 2, decoder.memory_att.bias * 2, products)
             if c.attention else None,
             score=decoder.att_score.weight[0] * 2 if c.attention else None,
-            step=_scripted_step(c),
+            step=_scripted_step(c, top.weight.device),
         )

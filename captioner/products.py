@@ -5,7 +5,7 @@ steps and the tagger's head use it; training never does."""
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -13,7 +13,10 @@ from .scripting import scripted
 
 PRODUCTS = ("fp32", "bf16", "int8")  # the precision of decoding's matrix products (`Decoder.products`)
 
-Packed = torch.classes.quantized.LinearPackedParamsBase  # fbgemm's prepacked weights, int8 or fp16
+try:
+    Packed = torch.classes.quantized.LinearPackedParamsBase  # fbgemm's prepacked weights, int8 or fp16
+except (AttributeError, RuntimeError):  # a torch without them: products take the matrix, in Python
+    Packed = Any
 # A projection's parts: packed weights (bias included), whether they are int8, the weight as an
 # (in, out) matrix (bf16 or fp32), and the bias that goes with the matrix.
 ProductParts = Tuple[Optional[Packed], bool, Optional[torch.Tensor], Optional[torch.Tensor]]
@@ -70,8 +73,8 @@ def product(x: torch.Tensor, parts: ProductParts) -> torch.Tensor:
             return torch.ops.quantized.linear_dynamic(x, packed)
         return torch.ops.quantized.linear_dynamic_fp16(x, packed)
     assert matrix is not None
-    if matrix.dtype == x.dtype:
-        return torch.mm(x, matrix) if bias is None else torch.addmm(bias, x, matrix)
+    if matrix.dtype == x.dtype:  # linear, not addmm, which TorchScript splits into mm and add
+        return torch.nn.functional.linear(x, matrix.t(), bias)
     y = torch.mm(x.to(matrix.dtype), matrix).to(x.dtype)
     return y if bias is None else y.add_(bias)
 

@@ -66,14 +66,17 @@ def test_step_api_matches_teacher_forcing(attention, fp16_weights, layers):
                 assert torch.allclose(alpha, forced_alpha[:, t], atol=1e-6)
 
 
+@pytest.mark.skipif(os.environ.get("PYTORCH_JIT") == "0", reason="TorchScript disabled")
 @pytest.mark.parametrize("products", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("images", [1, 6])  # 3 and 18 rows: bf16 takes its own product from 16 rows
-def test_scripted_step_computes_the_python_step_exactly(products, images):
+@pytest.mark.parametrize("fp16_weights, tie", [(True, True), (False, True), (True, False)])
+def test_scripted_step_computes_the_python_step_exactly(products, images, fp16_weights, tie):
     """The default decoder's inference step runs as one TorchScript function; it must give the
     numbers the Python step gives, bit for bit, in every precision of the products."""
     torch.manual_seed(0)
-    decoder = Decoder(tiny_decoder_config(20, attention=True, num_layers=1)).eval()
-    decoder.load_state_dict({k: v.half().float() for k, v in decoder.state_dict().items()})
+    decoder = Decoder(tiny_decoder_config(20, attention=True, num_layers=1, tie_embeddings=tie)).eval()
+    if fp16_weights:  # as loaded from an exported or bundled checkpoint
+        decoder.load_state_dict({k: v.half().float() for k, v in decoder.state_dict().items()})
     decoder.products = products
     regions = torch.randn(images, P, E)
     with torch.no_grad():
@@ -87,6 +90,7 @@ def test_scripted_step_computes_the_python_step_exactly(products, images):
             assert torch.equal(scripted.h, state.h) and torch.equal(scripted.c, state.c)
 
 
+@pytest.mark.skipif(os.environ.get("PYTORCH_JIT") == "0", reason="TorchScript disabled")
 @pytest.mark.parametrize("cell, layers, runtime", [("lstm", 1, "torchscript"), ("lstm", 2, "python"), ("gru", 1, "python")])
 def test_decoder_reports_how_its_step_runs(cell, layers, runtime):
     """`captioner info` says whether decoding takes the scripted step, which is about 20% faster."""
