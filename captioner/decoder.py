@@ -596,8 +596,8 @@ def lstm_attention_step(tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor, 
 def _scripted_step(config: DecoderConfig, device: torch.device) -> Callable | None:
     """`lstm_attention_step` (scripted where TorchScript compiles it) for the decoders it
     computes, one LSTM layer with attention, on the CPU; None for the others, which step in
-    `_recur`. Not on GPUs, where TorchScript's fuser would generate its own kernels for the
-    elementwise work, which need not round as the eager step does."""
+    `_recur`. Not on GPUs, where TorchScript's fuser is on and may generate its own kernels for
+    the elementwise work, which need not round as the eager step does (not measured: no GPU)."""
     if config.cell == "lstm" and config.num_layers == 1 and config.attention and device.type == "cpu":
         return scripted(lstm_attention_step)
     return None

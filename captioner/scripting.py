@@ -42,4 +42,3 @@ def _compile(fn: Fn) -> Fn:
     except Exception as error:  # noqa: BLE001 - any failure leaves the plain function, which is correct
         log.warning("TorchScript cannot compile %s, which runs as Python, slower (%s)", fn.__name__, error)
         return fn
-

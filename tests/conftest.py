@@ -27,6 +27,9 @@ from captioner.encoder import Encoder, EncoderConfig
 from captioner.preprocessing import Preprocessing
 from captioner.vocab import SPECIALS, Vocabulary
 
+# Tests of what TorchScript compiles; PYTORCH_JIT=0 turns TorchScript off (the code then runs as Python).
+needs_torchscript = pytest.mark.skipif(os.environ.get("PYTORCH_JIT") == "0", reason="TorchScript disabled")
+
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads
 # waiting on each other make them orders of magnitude slower.
 torch.set_num_threads(1)

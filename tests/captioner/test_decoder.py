@@ -7,7 +7,7 @@ import torch.nn.functional as nnf
 
 from captioner.decoder import Decoder, Dropout, TrainedAttentionWeights, attention_weights
 from captioner.decoding import DecodeConfig, generate
-from tests.conftest import tiny_decoder_config
+from tests.conftest import needs_torchscript, tiny_decoder_config
 
 B, P, E = 3, 5, 24
 
@@ -66,7 +66,7 @@ def test_step_api_matches_teacher_forcing(attention, fp16_weights, layers):
                 assert torch.allclose(alpha, forced_alpha[:, t], atol=1e-6)
 
 
-@pytest.mark.skipif(os.environ.get("PYTORCH_JIT") == "0", reason="TorchScript disabled")
+@needs_torchscript
 @pytest.mark.parametrize("products", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("images", [1, 6])  # 3 and 18 rows: bf16 takes its own product from 16 rows
 @pytest.mark.parametrize("fp16_weights, tie", [(True, True), (False, True), (True, False)])
@@ -90,7 +90,7 @@ def test_scripted_step_computes_the_python_step_exactly(products, images, fp16_w
             assert torch.equal(scripted.h, state.h) and torch.equal(scripted.c, state.c)
 
 
-@pytest.mark.skipif(os.environ.get("PYTORCH_JIT") == "0", reason="TorchScript disabled")
+@needs_torchscript
 @pytest.mark.parametrize("cell, layers, runtime", [("lstm", 1, "torchscript"), ("lstm", 2, "python"), ("gru", 1, "python")])
 def test_decoder_reports_how_its_step_runs(cell, layers, runtime):
     """`captioner info` says whether decoding takes the scripted step, which is about 20% faster."""

@@ -1,12 +1,10 @@
-import os
-
 import pytest
 import torch
 
 from captioner.products import Projection, fbgemm_available, product
 from captioner.scripting import scripted
+from tests.conftest import needs_torchscript
 
-needs_torchscript = pytest.mark.skipif(os.environ.get("PYTORCH_JIT") == "0", reason="TorchScript disabled")
 
 
 def _expected(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, products: str) -> torch.Tensor:

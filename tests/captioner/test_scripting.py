@@ -1,14 +1,13 @@
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 import torch
 
 from captioner.scripting import scripted
+from tests.conftest import needs_torchscript
 
 
-@pytest.mark.skipif(os.environ.get("PYTORCH_JIT") == "0", reason="TorchScript disabled")
+@needs_torchscript
 def test_threads_calling_first_get_one_compiled_function_and_keep_their_warning_filters():
     """The service's threads may decode their first caption together: one compile, and no
     thread left with another's temporary filter that hides every warning."""
@@ -24,6 +23,7 @@ def test_threads_calling_first_get_one_compiled_function_and_keep_their_warning_
     assert torch.equal(compiled[0](torch.ones(2)), torch.full((2,), 2.0))
 
 
+@needs_torchscript  # with TorchScript off nothing is compiled, so nothing fails to compile
 def test_a_function_torchscript_cannot_compile_runs_as_python(caplog):
     def joined(words: list) -> str:  # an untyped list: TorchScript refuses it
         return " ".join(str(w) for w in words)
