@@ -6,7 +6,6 @@ from captioner.scripting import scripted
 from tests.conftest import needs_torchscript
 
 
-
 def _expected(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, products: str) -> torch.Tensor:
     """What each path's product is meant to be, each operator called directly (eager)."""
     fp16_weights = torch.equal(weight, weight.half().float())
