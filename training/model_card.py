@@ -257,7 +257,7 @@ def _recipe(provenance: dict[str, Any], training_time: str) -> str:
             f"{decoder.get('dropout')}, doubly stochastic attention weight {optim.get('attention_reg')}, gradient "
             f"clipping {optim.get('grad_clip')}; best epoch {summary['epochs']:.0f}.")
     if training_time:
-        stages.append(f"- Training time, on this project's 2-core CPU: {training_time}.")
+        stages.append(f"- Training time, on this project's 2-core CPU: {training_time.rstrip('.')}.")
     return "\n".join(stages) + "\n"
 
 

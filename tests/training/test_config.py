@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +51,11 @@ def test_data_sets_as_a_mapping_or_a_list_with_indexed_overrides(tmp_path):
         load_config(config)
     with pytest.raises(ValueError, match="weight"):
         load_config(None, ["--data.train.weight=-1"])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "training" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    # a misspelt key in a recipe stage would otherwise surface only after an hour of earlier stages
+    config = load_config(path)
+    assert config.optim.epochs > 0 and config.data.train
