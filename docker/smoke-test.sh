@@ -34,7 +34,7 @@ IMAGE=localhost/captioner:smoke
 CONTAINER=captioner-smoke
 API_KEY=smoke-test-key
 PHOTO=$ROOT/examples/chelsea.jpg
-EXPECT_WORD=cat  # the bundled model says "a white cat is playing with ..." on every inference path
+EXPECT_WORD=cat  # the bundled model says "a little black cat is playing with ..." on every inference path
 KEEP=0 REUSE=0 REBUILD_BASE=0
 for arg in "$@"; do
     case $arg in

@@ -192,13 +192,19 @@ def _history_table(history: str | None) -> str:
 
 
 def _data_sets(provenance: dict[str, Any]) -> tuple[str, str]:
-    """-> (the training photo sets with their weights, the selection rule), from a run's config."""
+    """-> (the training photo sets, the selection rule), from a run's config."""
     data = config_from_dict(provenance.get("config", {})).data
-    trained = "; ".join(f"{d.label} ({d.format}, split {d.split or data.train_split}, seen {d.weight:g}x an epoch)"
+    trained = "; ".join(f"{d.label} ({d.format}, split {d.split or data.train_split})"
                         for d in data.train)
     total = sum(d.weight for d in data.val)
     selection = " + ".join(f"{d.weight / total:.2f} x {d.label} {d.split or data.val_split}" for d in data.val)
     return trained, f"beam-3 CIDEr-D (no guidance), {selection}"
+
+
+def _photos_per_epoch(provenance: dict[str, Any]) -> str:
+    """How often a stage saw each training photo set, from its own config (stages may differ)."""
+    data = config_from_dict(provenance.get("config", {})).data
+    return "photos seen per epoch: " + ", ".join(f"{d.label} {d.weight:g}x" for d in data.train)
 
 
 def _first_stage(provenance: dict[str, Any]) -> dict[str, Any]:
@@ -244,7 +250,8 @@ def _recipe(provenance: dict[str, Any], training_time: str) -> str:
     warmup = f" after {optim.get('warmup_steps')} warm-up steps" if optim.get("warmup_steps") else ""
     if optim.get("objective") == "scst":
         stages.append(
-            f"- Stage {_depth(provenance)}, self-critical fine-tuning from `{init['path'] if init else '?'}`: "
+            f"- Stage {_depth(provenance)}, self-critical fine-tuning from `{init['path'] if init else '?'}` "
+            f"({_photos_per_epoch(provenance)}): "
             f"{optim.get('scst_samples')} sampled "
             f"captions per image rewarded by CIDEr-D (document frequencies from the training captions), baseline "
             f"the mean of the image's other samples, dropout on with its masks replayed in the gradient pass; {inputs}"
@@ -252,7 +259,8 @@ def _recipe(provenance: dict[str, Any], training_time: str) -> str:
             f"best epoch {summary['epochs']:.0f}.")
     else:
         stages.append(
-            f"- {'Stage 1, c' if not init else 'C'}ross-entropy with teacher forcing: {inputs}AdamW lr {optim.get('lr')} "
+            f"- {'Stage 1, c' if not init else 'C'}ross-entropy with teacher forcing ({_photos_per_epoch(provenance)}): "
+            f"{inputs}AdamW lr {optim.get('lr')} "
             f"with warm-up and cosine decay, {optim.get('batch_images')} images x 5 captions per step, dropout "
             f"{decoder.get('dropout')}, doubly stochastic attention weight {optim.get('attention_reg')}, gradient "
             f"clipping {optim.get('grad_clip')}; best epoch {summary['epochs']:.0f}.")

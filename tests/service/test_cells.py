@@ -66,7 +66,7 @@ def test_the_cells_setting_names_the_default_models_file(make_app, tmp_path):
 
 
 def test_units_of_another_model_are_refused_not_served(make_app):
-    # The bundled model's units name unit 384 of 384-unit LSTM; the tiny model has 32 units.
+    # The bundled model's units reach unit 372 of its 384-unit LSTM; the tiny model has 32 units.
     client = make_app(cells=str(BUNDLED), warmup=False).test_client()
     body = assert_problem(client.get("/v1/models/default/cells"), 404)
     assert "ranked on another model" in body["detail"]
