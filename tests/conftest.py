@@ -27,6 +27,8 @@ from captioner.encoder import Encoder, EncoderConfig
 from captioner.preprocessing import Preprocessing
 from captioner.vocab import SPECIALS, Vocabulary
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # the photos the README captions
+
 # Tests of what TorchScript compiles; PYTORCH_JIT=0 turns TorchScript off (the code then runs as Python).
 needs_torchscript = pytest.mark.skipif(os.environ.get("PYTORCH_JIT") == "0", reason="TorchScript disabled")
 

@@ -248,10 +248,11 @@ def _recipe(provenance: dict[str, Any], training_time: str) -> str:
     inputs = language + (f"features from {views} cached views of each photo (the plain one and {views - 1} light "
               f"augmentation{'s' if views > 2 else ''}), one drawn at random per step; " if views > 1 else "")
     warmup = f" after {optim.get('warmup_steps')} warm-up steps" if optim.get("warmup_steps") else ""
+    photos = _photos_per_epoch(provenance)
     if optim.get("objective") == "scst":
         stages.append(
             f"- Stage {_depth(provenance)}, self-critical fine-tuning from `{init['path'] if init else '?'}` "
-            f"({_photos_per_epoch(provenance)}): "
+            f"({photos}): "
             f"{optim.get('scst_samples')} sampled "
             f"captions per image rewarded by CIDEr-D (document frequencies from the training captions), baseline "
             f"the mean of the image's other samples, dropout on with its masks replayed in the gradient pass; {inputs}"
@@ -259,7 +260,7 @@ def _recipe(provenance: dict[str, Any], training_time: str) -> str:
             f"best epoch {summary['epochs']:.0f}.")
     else:
         stages.append(
-            f"- {'Stage 1, c' if not init else 'C'}ross-entropy with teacher forcing ({_photos_per_epoch(provenance)}): "
+            f"- {'Stage 1, c' if not init else 'C'}ross-entropy with teacher forcing ({photos}): "
             f"{inputs}AdamW lr {optim.get('lr')} "
             f"with warm-up and cosine decay, {optim.get('batch_images')} images x 5 captions per step, dropout "
             f"{decoder.get('dropout')}, doubly stochastic attention weight {optim.get('attention_reg')}, gradient "
@@ -340,7 +341,6 @@ def main() -> None:
         stage1_curves = "\n## Stage-1 validation (beam 3 without tags)\n\n" + _history_table(args.stage1_history) + "\n"
     caption = attention_figure(model, ROOT / "examples" / "chelsea.jpg", Path(args.figure))
     examples = {photo: model.caption(ROOT / "examples" / photo) for photo in ("chelsea.jpg", "coffee.jpg")}
-    summary = _training_summary(model.provenance or {})
     described = model.describe()
     provenance = model.provenance or {}
     trained_on, selection = _data_sets(_first_stage(provenance))

@@ -1,13 +1,12 @@
 """What the README and the model card promise of the bundled model on the example photos: the cat
 is a cat, the coffee is coffee, and nobody is invented."""
 
-from pathlib import Path
 
 import pytest
 
 from captioner.api import Captioner
+from tests.conftest import EXAMPLES
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PERSON_WORDS = {"man", "men", "woman", "women", "person", "people", "child", "children", "boy", "boys",
                 "girl", "girls", "kid", "kids", "baby", "lady", "guy", "player", "someone"}
 

@@ -4,7 +4,6 @@ on the photos shipped in examples/ with the bundled model."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +11,9 @@ import torch
 from captioner.api import Captioner
 from captioner.runtime import cpu, precision
 from captioner.runtime.precision import QUALITY_TOLERANCE, choose_path
+from tests import conftest
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.jpg"))
+EXAMPLES = sorted(conftest.EXAMPLES.glob("*.jpg"))
 CPU = torch.device("cpu")
 
 

@@ -1,7 +1,6 @@
 """Required words through the library: force_words, their forms, and what the result says."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -10,9 +9,7 @@ from captioner.checkpoint import save_checkpoint
 from captioner.cli import main
 from captioner.tagger import Tagger
 from captioner.vocab import SPECIALS, Vocabulary
-from tests.conftest import make_photo
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+from tests.conftest import EXAMPLES, make_photo
 
 
 def test_force_words_appear_and_the_result_says_why(tiny_captioner):

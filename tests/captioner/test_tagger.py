@@ -6,7 +6,6 @@ import dataclasses
 import io
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,7 @@ import torch
 from captioner.encoder import Encoder, EncoderConfig, build_backbone
 from captioner.tagger import WORDS_FILE, Tag, Tagger
 from captioner.vocab import SPECIALS, Vocabulary
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+from tests.conftest import EXAMPLES
 
 
 @pytest.fixture(scope="module")
