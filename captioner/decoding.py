@@ -15,6 +15,7 @@ some required word (per image, padded).
 from __future__ import annotations
 
 import struct
+from array import array
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -249,8 +250,19 @@ class Bans:
         rows = [n for n, words in enumerate(bans) for _ in words]
         if not rows:
             return None
-        words = [w for ban in bans for w in ban]
-        return torch.tensor(rows, device=device), torch.tensor(words, device=device)
+        return _tensor(rows, torch.long, device), _tensor([w for ban in bans for w in ban], torch.long, device)
+
+
+_TYPECODES = {torch.long: "q", torch.float32: "f"}  # torch dtype -> array typecode
+
+
+def _tensor(values: Sequence, dtype: torch.dtype, device) -> torch.Tensor:
+    """A short list of numbers as a tensor (its length,): through a buffer, a third of the cost
+    of torch.tensor, which every beam step pays for a few small tensors."""
+    if not values:
+        return torch.empty(0, dtype=dtype, device=device)
+    t = torch.frombuffer(array(_TYPECODES[dtype], values), dtype=dtype)
+    return t if torch.device(device).type == "cpu" else t.to(device)
 
 
 def _hypothesis(tokens: list[int], logps: list[float], traces: dict[str, torch.Tensor], length: int,
@@ -420,7 +432,7 @@ class BeamState:
     guaranteed an equal share of the rows (the remainder to the banks with fewest met, whose
     beams carry the fluent prefixes), rows a bank cannot fill go to the best other candidates.
 
-    The decoder's inputs live in tensors: `tokens` (N,) the next words and `beam_logp` (N, 1) the
+    The decoder's inputs live in tensors: `tokens` (N,) the next words and `beam_logp` (N,) the
     rows' cumulative log-probs."""
 
     def __init__(self, images: int, config: DecodeConfig, bos: int, eos: int, guide: "_Constraints | None", device):
@@ -448,7 +460,7 @@ class BeamState:
         self.r = r = max(budget)
         self.beams = [_Beam(0.0 if row == 0 else NEG_INF, 0, [], [], []) for _ in range(images) for row in range(r)]
         self.tokens = torch.full((images * r,), bos, dtype=torch.long, device=device)  # (N,)
-        self.beam_logp = torch.tensor([[b.logp] for b in self.beams], device=device)  # (N, 1)
+        self.beam_logp = _tensor([b.logp for b in self.beams], torch.float32, device)  # (N,)
         self.steps: list[dict[str, torch.Tensor]] = []  # each step's traces (N, *X), as `_trace` records
         self._index()
 
@@ -485,7 +497,7 @@ class BeamState:
             # forbidden <eos>; its required words after them
             word_logp, word = logp.topk(min(k2 + self.said_rows.shape[1] + 1, logp.shape[1]), dim=1)
             word_logp = torch.cat([word_logp, logp.gather(1, self.said_rows)], dim=1)  # (N, 2K + 2W + 1)
-        cum, word_logp, word = (self.beam_logp + word_logp).tolist(), word_logp.tolist(), word.tolist()
+        cum, word_logp, word = (self.beam_logp[:, None] + word_logp).tolist(), word_logp.tolist(), word.tolist()
         candidates = []
         for image in range(b):
             each = []
@@ -500,9 +512,10 @@ class BeamState:
                 # only a row that met every required word may end
                 skip = self.required[image][met != self.goal[image]]
                 plain = word[n]
-                each += [(row_cum[j], row, w, row_logp[j], met) for j, w in enumerate(plain) if w not in skip][:k2]
-                each += [(row_cum[len(plain) + j], row, w, row_logp[len(plain) + j], met | bits)
-                         for j, (w, bits) in enumerate(self.said[image])]
+                each += [(c, row, w, lp, met) for c, w, lp in zip(row_cum, plain, row_logp) if w not in skip][:k2]
+                said = len(plain)
+                each += [(c, row, w, lp, met | bits)
+                         for c, lp, (w, bits) in zip(row_cum[said:], row_logp[said:], self.said[image])]
             if self.required is None:
                 each.sort(key=_by_logp, reverse=True)  # stable: on ties, the earlier row (then top-k's order)
                 del each[k2:]
@@ -540,7 +553,7 @@ class BeamState:
             first = image * r
             going = [NEG_INF if c[_WORD] == eos else c[_LOGP] for c in top]
             if self.required is None:  # ranked: the first K that do not end
-                live = sorted(range(len(top)), key=going.__getitem__, reverse=True)[:self.k]
+                live = [q for q, logp in enumerate(going) if logp > NEG_INF][:self.k]
             else:
                 live = _allocate(going, [c[_MET].bit_count() for c in top], self.quota[image], r)
             for slot in range(r):
@@ -554,10 +567,9 @@ class BeamState:
                     beams.append(_Beam(NEG_INF, 0, self.beams[first].tokens + [eos], [], []))
                     rows.append(first)
         self.beams = beams
-        rows = torch.tensor(rows, device=self.device)
-        self.tokens = torch.tensor([b.tokens[-1] for b in beams], device=self.device)
-        self.beam_logp = torch.tensor([[b.logp] for b in beams], device=self.device)
-        return rows
+        self.tokens = _tensor([b.tokens[-1] for b in beams], torch.long, self.device)
+        self.beam_logp = _tensor([b.logp for b in beams], torch.float32, self.device)
+        return _tensor(rows, torch.long, self.device)
 
     def done(self, pool: _Pool, length: int) -> list[bool]:
         """True for images whose search is over: with early_stopping as soon as their pool is
@@ -579,8 +591,8 @@ class BeamState:
         self.goal, self.said = [self.goal[i] for i in stay], [self.said[i] for i in stay]
         self.quota, self.budget = [self.quota[i] for i in stay], [self.budget[i] for i in stay]
         self.beams = [self.beams[n] for n in rows]
-        images, rows = torch.tensor(stay, device=self.device), torch.tensor(rows, device=self.device)
-        self.tokens, self.beam_logp = self.tokens[rows], self.beam_logp[rows]
+        images, rows = _tensor(stay, torch.long, self.device), _tensor(rows, torch.long, self.device)
+        self.tokens, self.beam_logp = self.tokens.index_select(0, rows), self.beam_logp.index_select(0, rows)
         if self.required is not None:
             self.required, self.said_ids = [self.required[i] for i in stay], self.said_ids[images]
         self._index()
@@ -611,16 +623,19 @@ def _bank_quotas(rows: int, banks: int) -> list[int]:
 def _allocate(logp: list[float], bank: list[int], quota: list[int], r: int) -> list[int]:
     """Dynamic beam allocation: logp (Q,) of an image's candidates (-inf: none), bank (Q,) how
     many required words each met, quota the rows guaranteed per bank -> the chosen candidates
-    (R,): each bank's best up to its quota first, then the best others, each part best first
-    (ties: the earlier candidate; rows past the image's budget, the sum of its quota, are to be
-    dropped)."""
+    (at most R): each bank's best up to its quota first, then the best others, each part best
+    first (ties: the earlier candidate). Rows past the image's budget, the sum of its quota, are
+    to be dropped, so once every bank has its quota no others follow."""
     taken = [0] * len(quota)
     guaranteed, others = [], []
+    budget = sum(quota)
     for q in sorted(range(len(logp)), key=logp.__getitem__, reverse=True):
         b = bank[q]
         if logp[q] > NEG_INF and taken[b] < quota[b]:
             taken[b] += 1
             guaranteed.append(q)
+            if len(guaranteed) == budget:
+                break  # every bank is full: the rows within the budget are chosen
         else:
             others.append(q)
     return (guaranteed + others)[:r]
