@@ -82,6 +82,9 @@ def main() -> None:
     parser.add_argument("--onnx", type=Path, default=None, help="an ONNX export of the checkpoint (default: export one)")
     parser.add_argument("--paths", default=",".join(PATHS), help=f"inference paths to time, of {', '.join(PATHS)}")
     args = parser.parse_args()
+    unknown = set(args.paths.split(",")) - set(PATHS) - {""}
+    if unknown:
+        parser.error(f"unknown paths {', '.join(sorted(unknown))}: the paths are {', '.join(PATHS)}")
     if args.threads:
         torch.set_num_threads(args.threads)  # before loading: ONNX Runtime sessions take this thread count
     model = Captioner.from_checkpoint(args.checkpoint, device=args.device, precision="fp32")
