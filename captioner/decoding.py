@@ -423,8 +423,9 @@ class _Pool:
 
 
 class BeamState:
-    """The live beams of the images still searching: R rows per image, N = B*R in all. Images
-    whose search is done leave, so an image's result never depends on the others.
+    """The live beams of the images still searching: R rows per image, N = B*R in all: one at
+    the first step (<bos>; the others would hold no beam), then the width. Images whose search
+    is done leave, so an image's result never depends on the others.
 
     Without required words R = K and each step keeps the best K candidates (plain beam search).
     With C required words an image keeps max(K, C + 1) rows, divided among the banks of beams
@@ -457,10 +458,11 @@ class BeamState:
                 budget[image] = max(self.k, banks)
                 self.quota[image] = _bank_quotas(budget[image], banks)
         self.budget = budget
-        self.r = r = max(budget)
-        self.beams = [_Beam(0.0 if row == 0 else NEG_INF, 0, [], [], []) for _ in range(images) for row in range(r)]
-        self.tokens = torch.full((images * r,), bos, dtype=torch.long, device=device)  # (N,)
-        self.beam_logp = _tensor([b.logp for b in self.beams], torch.float32, device)  # (N,)
+        self.width = max(budget)  # rows per image after the first step
+        self.r = 1
+        self.beams = [_Beam(0.0, 0, [], [], []) for _ in range(images)]
+        self.tokens = torch.full((images,), bos, dtype=torch.long, device=device)  # (N,)
+        self.beam_logp = torch.zeros(images, device=device)  # (N,)
         self.steps: list[dict[str, torch.Tensor]] = []  # each step's traces (N, *X), as `_trace` records
         self._index()
 
@@ -546,8 +548,8 @@ class BeamState:
 
     def advance(self, candidates: list[list[_Candidate]], eos: int) -> torch.Tensor:
         """The best other candidates continue (by bank with required words); rows left over
-        hold no beam -> the rows (N,) they extend."""
-        r = self.r
+        hold no beam -> the rows (N,) they extend, `width` per image."""
+        r, width = self.r, self.width
         beams, rows = [], []
         for image, top in enumerate(candidates):
             first = image * r
@@ -555,8 +557,8 @@ class BeamState:
             if self.required is None:  # ranked: the first K that do not end
                 live = [q for q, logp in enumerate(going) if logp > NEG_INF][:self.k]
             else:
-                live = _allocate(going, [c[_MET].bit_count() for c in top], self.quota[image], r)
-            for slot in range(r):
+                live = _allocate(going, [c[_MET].bit_count() for c in top], self.quota[image], width)
+            for slot in range(width):
                 if slot < len(live) and slot < self.budget[image] and going[live[slot]] > NEG_INF:
                     logp, origin, word, word_logp, met = top[live[slot]]
                     beam = self.beams[first + origin]
@@ -567,6 +569,9 @@ class BeamState:
                     beams.append(_Beam(NEG_INF, 0, self.beams[first].tokens + [eos], [], []))
                     rows.append(first)
         self.beams = beams
+        if r != width:
+            self.r = width
+            self._index()
         self.tokens = _tensor([b.tokens[-1] for b in beams], torch.long, self.device)
         self.beam_logp = _tensor([b.logp for b in beams], torch.float32, self.device)
         return _tensor(rows, torch.long, self.device)
@@ -656,7 +661,6 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, eos: int, rule
     if guide is not None and guide.excluded is not None:
         rules = rules + [ExcludeWords(guide.excluded)]
     bans = Bans(rules, b, device)
-    state = state.repeat(beams.r)
     for step in range(config.max_new_tokens):
         logits, state, alpha = decoder.step(beams.tokens, state)
         beams.record(_trace(config, state, alpha))

@@ -307,7 +307,8 @@ def test_excluded_words_never_appear(decoder):
 
 def test_guided_search_decodes_as_many_rows_as_plain_search(decoder):
     """Dynamic beam allocation: with fewer required words than beams, every step decodes K rows
-    per image, as plain beam search does (not K per subset of words met)."""
+    per image, as plain beam search does (not K per subset of words met); the first, <bos> only,
+    one."""
     regions, pooled = _images(4, seed=16)
     rows = []
     step = decoder.step
@@ -321,7 +322,8 @@ def test_guided_search_decodes_as_many_rows_as_plain_search(decoder):
         guided = rows[:]
         rows.clear()
         _run(decoder, regions, pooled, num_beams=3)
-    assert guided[0] == rows[0] == 4 * 3
+    assert guided[0] == rows[0] == 4
+    assert guided[1] == rows[1] == 4 * 3
     assert max(guided) == 12
 
 
