@@ -488,19 +488,17 @@ class BeamState:
 
     def select(self, logp: torch.Tensor) -> list[list[_Candidate]]:
         """logp (N, V) of the next word -> each image's candidates from its live rows: the best
-        2K of their best words, ranked, without required words; with them, each row's best words
-        besides its required words (so each bank has its own candidates) and every row's
-        required words, in row order; a row offers at most E words besides its required ones
-        (`_words_per_row`). One top-k pass over (N, V); the rest on a few numbers per row. Rows
-        that hold no beam (-inf) offer none."""
+        2K of their best words, ranked, without required words; with them, the best 2K of each
+        row besides its required words (so each bank has its own candidates) and every row's
+        required words, in row order. One top-k pass over (N, V); the rest on a few numbers per
+        row. Rows that hold no beam (-inf) offer none."""
         b, r, k2 = self.images, self.r, 2 * self.k
-        each_row = _words_per_row(self.k, self.width)  # E
         if self.required is None:
-            word_logp, word = logp.topk(min(each_row, logp.shape[1]), dim=1)  # (N, E)
-        else:  # each row's best E + W + 1 words hold its best E that are neither required nor a
+            word_logp, word = logp.topk(min(k2, logp.shape[1]), dim=1)  # (N, 2K)
+        else:  # each row's best 2K + W + 1 words hold its best 2K that are neither required nor a
             # forbidden <eos>; its required words after them
-            word_logp, word = logp.topk(min(each_row + self.said_rows.shape[1] + 1, logp.shape[1]), dim=1)
-            word_logp = torch.cat([word_logp, logp.gather(1, self.said_rows)], dim=1)  # (N, E + 2W + 1)
+            word_logp, word = logp.topk(min(k2 + self.said_rows.shape[1] + 1, logp.shape[1]), dim=1)
+            word_logp = torch.cat([word_logp, logp.gather(1, self.said_rows)], dim=1)  # (N, 2K + 2W + 1)
         cum, word_logp, word = (self.beam_logp[:, None] + word_logp).tolist(), word_logp.tolist(), word.tolist()
         candidates = []
         for image in range(b):
@@ -516,7 +514,7 @@ class BeamState:
                 # only a row that met every required word may end
                 skip = self.required[image][met != self.goal[image]]
                 plain = word[n]
-                each += [(c, row, w, lp, met) for c, w, lp in zip(row_cum, plain, row_logp) if w not in skip][:each_row]
+                each += [(c, row, w, lp, met) for c, w, lp in zip(row_cum, plain, row_logp) if w not in skip][:k2]
                 said = len(plain)
                 each += [(c, row, w, lp, met | bits)
                          for c, lp, (w, bits) in zip(row_cum[said:], row_logp[said:], self.said[image])]
@@ -615,13 +613,6 @@ class BeamState:
             for b in reached or beams:
                 pool.offer(image, _score32(b.logp, length, self.config.length_penalty), b.tokens, b.logps, b.path,
                            finished=False)
-
-
-def _words_per_row(k: int, width: int) -> int:
-    """E, the most words besides its required ones that a row need offer, for K beams and width
-    rows per image: a worse word has K better ones in its row (at most one of them <eos>) and
-    width better in its bank, so it could neither end among the K best nor continue."""
-    return min(2 * k, max(k, width) + 1)
 
 
 def _by_logp(candidate: _Candidate) -> float:

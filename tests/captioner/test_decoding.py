@@ -327,28 +327,6 @@ def test_guided_search_decodes_as_many_rows_as_plain_search(decoder):
     assert max(guided) == 12
 
 
-def test_rows_offer_only_words_that_could_be_chosen(decoder):
-    """Each row offers beam search its best E = min(2K, max(K, width) + 1) words besides its
-    required ones, not 2K: the same n-best lists and scores as when every row offers 2K, with and
-    without required words (where width rows per image exceed K), and without early stopping."""
-    from captioner import decoding
-
-    assert decoding._words_per_row(3, 3) == 4 and decoding._words_per_row(2, 4) == 4
-    regions, pooled = _images(6, seed=21)
-    required = [[(5,), (6,)], [(7,)], [], [(5,), (8,), (9,)], [(10,), (11,)], []]
-    for options in (dict(num_beams=3), dict(num_beams=4, num_return_sequences=4),
-                    dict(num_beams=2, early_stopping=False, length_penalty=0.0)):
-        for constraints in (None, required):
-            def decode():
-                results = generate(decoder, regions, pooled, DecodeConfig(**options), constraints=constraints,
-                                   **SPECIAL)
-                return [[(h.tokens, h.token_log_probs, h.score, h.finished) for h in hyps] for hyps in results]
-
-            with mock.patch.object(decoding, "_words_per_row", lambda k, width: 2 * k):
-                every_word = decode()
-            assert decode() == every_word, (options, constraints)
-
-
 def test_guided_search_keeps_the_best_caption_that_already_says_the_words(decoder):
     """Where plain beam search's best caption already says a required word, requiring it
     returns that caption."""
