@@ -7,9 +7,9 @@ written once. Beam search is a loop over the named steps of one `BeamState`: sel
 finish the ones that end, advance the others, drop the images that are done.
 
 Shapes: B images, K beams (or samples) per image, R rows per image (K, or more with required
-words; in beam search's first step 1), N = B*R rows, V vocabulary, T generated tokens, P regions, H hypotheses kept per image
-(the pool), Q candidates per image in one step, C required words per image, W words that meet
-some required word (per image, padded).
+words; 1 in beam search's first step), N = B*R rows, V vocabulary, T generated tokens, P regions,
+H hypotheses kept per image (the pool), Q candidates per image in one step, C required words per
+image, W words that meet some required word (per image, padded).
 """
 
 from __future__ import annotations

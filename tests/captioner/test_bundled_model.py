@@ -1,7 +1,6 @@
 """What the README and the model card promise of the bundled model on the example photos: the cat
 is a cat, the coffee is coffee, and nobody is invented."""
 
-
 import pytest
 
 from captioner.api import Captioner
