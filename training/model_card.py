@@ -254,7 +254,8 @@ def _recipe(provenance: dict[str, Any], training_time: str) -> str:
             f"- Stage {_depth(provenance)}, self-critical fine-tuning from `{init['path'] if init else '?'}` "
             f"({photos}): "
             f"{optim.get('scst_samples')} sampled "
-            f"captions per image rewarded by CIDEr-D (document frequencies from the training captions), baseline "
+            f"captions per image rewarded by CIDEr-D (document frequencies from the training captions)"
+            f"{_object_term(optim)}, baseline "
             f"the mean of the image's other samples, dropout on with its masks replayed in the gradient pass; {inputs}"
             f"AdamW lr {optim.get('lr')}, cosine decay{warmup}, {optim.get('batch_images')} images per step; "
             f"best epoch {summary['epochs']:.0f}.")
@@ -268,6 +269,12 @@ def _recipe(provenance: dict[str, Any], training_time: str) -> str:
     if training_time:
         stages.append(f"- Training time, on this project's 2-core CPU: {training_time.rstrip('.')}.")
     return "\n".join(stages) + "\n"
+
+
+def _object_term(optim: dict[str, Any]) -> str:
+    weight = optim.get("scst_object_weight") or 0
+    return (f" plus {weight} x (the share of the photo's salient objects, those at least 3 references name, "
+            f"that the caption names, minus the objects it names that no reference names)" if weight else "")
 
 
 def _tagger_text(tagger: dict[str, Any], report: dict[str, Any] | None) -> str:

@@ -7,6 +7,12 @@ As in Luo's reference code, `<eos>` counts as a word of the finished samples and
 so the reward sees how a caption ends: one cut off by the length limit ("a man in a") misses the
 references' final n-grams ("grass <eos>").
 
+With `object_weight` w the reward also counts the objects the caption names (`training.objects`,
+the lexicon of the object metrics): w x (the share of the image's salient objects it names, those
+that at least 3 of its references name, minus the number it names that no reference names). CIDEr-D
+rewards a named object only through its n-grams, and a caption that names the main object with
+other words can score as well as one that misses it.
+
 The decoder samples in training mode: dropout keeps the model from simply sharpening onto the
 captions it has memorised for the training images (in eval mode the reward of its samples rises
 while its beam-search captions do not change). The training loop replays the sampling's dropout
@@ -25,17 +31,21 @@ from captioner.vocab import Vocabulary
 from .batches import pad_sequences
 from .cider import CiderD
 from .losses import token_cross_entropy
+from .objects import mentioned_objects
 
 EOS_WORD = "<eos>"  # never a word of a tokenised caption
 
 
 class SelfCritical:
-    def __init__(self, vocab: Vocabulary, references: list[list[list[str]]], *, samples: int, max_new_tokens: int):
+    def __init__(self, vocab: Vocabulary, references: list[list[list[str]]], *, samples: int, max_new_tokens: int,
+                 object_weight: float = 0.0):
         """references: per training image (indexed as in the batches), its tokenised captions."""
         if samples < 2:
             raise ValueError("self-critical training needs at least 2 samples per image for its baseline")
         self.vocab = vocab
         self.cider = CiderD([[[*ref, EOS_WORD] for ref in refs] for refs in references])
+        self.object_weight = object_weight
+        self.objects = [_reference_objects(refs) for refs in references] if object_weight else []
         self.decode = DecodeConfig(num_beams=1, do_sample=True, num_return_sequences=samples,
                                    max_new_tokens=max_new_tokens, no_repeat_ngram_size=0)
 
@@ -47,11 +57,21 @@ class SelfCritical:
 
     def advantages(self, images: list[int], hypotheses: list[list[Hypothesis]]) -> tuple[torch.Tensor, float]:
         """-> (advantage per sequence (B*K,), mean reward)."""
-        rewards = torch.tensor([[self.cider.score(image, self._words(h)) for h in hyps]
+        rewards = torch.tensor([[self.reward(image, self._words(h)) for h in hyps]
                                 for image, hyps in zip(images, hypotheses)])  # (B, K)
         k = rewards.shape[1]
         baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
         return (rewards - baseline).flatten(), float(rewards.mean())
+
+    def reward(self, image: int, words: list[str]) -> float:
+        """CIDEr-D of the caption's words (with `<eos>` where it finished), plus the object term."""
+        reward = self.cider.score(image, words)
+        if self.object_weight:
+            salient, named_anywhere = self.objects[image]
+            named = mentioned_objects(" ".join(w for w in words if w != EOS_WORD))
+            recall = len(named & salient) / len(salient) if salient else 0.0
+            reward += self.object_weight * (recall - len(named - named_anywhere))
+        return reward
 
     def _words(self, hypothesis: Hypothesis) -> list[str]:
         words = [self.vocab.words[t] for t in hypothesis.tokens]
@@ -81,3 +101,12 @@ class SelfCritical:
         weights = advantages.to(logits.device, torch.float32)[:, None].expand(n, t).flatten()
         return token_cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=self.vocab.pad_id,
                                    weights=weights, exclude=exclude)
+
+
+def _reference_objects(references: list[list[str]], min_refs: int = 3) -> tuple[set[str], set[str]]:
+    """An image's tokenised references -> (its salient objects, named by at least `min_refs` of them
+    or by all where it has fewer, as `metrics.object_metrics` counts them; every object any names)."""
+    per_reference = [mentioned_objects(" ".join(ref)) for ref in references]
+    anywhere = set().union(*per_reference)
+    needed = min(min_refs, len(per_reference))
+    return {o for o in anywhere if sum(o in named for named in per_reference) >= needed}, anywhere

@@ -63,6 +63,20 @@ def test_advantages_use_the_other_samples_as_baseline_and_the_loss_follows_them(
     assert logits.grad[0, 0, first_word] < 0 < logits.grad[1, 0, targets[1, 0]]
 
 
+def test_the_object_term_rewards_salient_objects_and_penalises_unsupported_ones():
+    """With object_weight w: + w x the share of the objects at least 3 references name, - w per
+    object no reference names; the CIDEr-D part is unchanged, and w = 0 is plain CIDEr-D."""
+    references = {"cat": ["a cat sitting on a laptop", "a cat on a laptop keyboard", "a kitten lying on a laptop",
+                          "a grey cat", "a cat and a laptop on a desk"]}
+    vocab = Vocabulary.build((c for refs in references.values() for c in refs), min_count=1)
+    tokens = [[tokenize(r) for r in references["cat"]]]
+    plain = SelfCritical(vocab, tokens, samples=2, max_new_tokens=8)
+    critic = SelfCritical(vocab, tokens, samples=2, max_new_tokens=8, object_weight=0.5)
+    for words, objects in ((["a", "cat", "on", "a", "laptop"], 1.0), (["a", "cat", "on", "a", "desk"], 0.5),
+                           (["a", "dog", "on", "a", "laptop"], 0.5 - 1), (["a", "grey", "desk"], 0.0)):
+        assert critic.reward(0, [*words, "<eos>"]) == pytest.approx(plain.reward(0, [*words, "<eos>"]) + 0.5 * objects)
+
+
 def test_self_critical_steps_raise_the_reward():
     """REINFORCE on a fixed batch: the sampled captions' CIDEr-D against each image's own
     references must climb well above where it starts."""
