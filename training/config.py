@@ -103,7 +103,8 @@ class OptimSettings:
     finetune_from_epoch: int = -1  # >= 0: unfreeze model.encoder.trainable_stages from that epoch
     objective: str = "xe"  # "xe": teacher-forced cross-entropy; "scst": self-critical CIDEr-D
     scst_samples: int = 5  # captions sampled per image; each one's baseline is the others' mean
-    scst_object_weight: float = 0.0  # reward += w * (share of salient objects named - unsupported objects named)
+    scst_object_weight: float = 0.0  # reward += w * share of the salient objects named
+    scst_object_penalty: float | None = None  # reward -= this * objects named that no reference names (None: w)
     text_batch: int = 80  # captions without photos per step (with data.text)
     text_weight: float = 0.5  # weight of their language-model cross-entropy in the loss
 

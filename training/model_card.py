@@ -273,8 +273,11 @@ def _recipe(provenance: dict[str, Any], training_time: str) -> str:
 
 def _object_term(optim: dict[str, Any]) -> str:
     weight = optim.get("scst_object_weight") or 0
-    return (f" plus {weight} x (the share of the photo's salient objects, those at least 3 references name, "
-            f"that the caption names, minus the objects it names that no reference names)" if weight else "")
+    penalty = weight if optim.get("scst_object_penalty") is None else optim["scst_object_penalty"]
+    if not (weight or penalty):
+        return ""
+    return (f" plus {weight} x the share of the photo's salient objects (those at least 3 references name) that "
+            f"the caption names, minus {penalty} x the objects it names that no reference names")
 
 
 def _tagger_text(tagger: dict[str, Any], report: dict[str, Any] | None) -> str:

@@ -9,7 +9,8 @@ references' final n-grams ("grass <eos>").
 
 With `object_weight` w the reward also counts the objects the caption names (`training.objects`,
 the lexicon of the object metrics): w x (the share of the image's salient objects it names, those
-that at least 3 of its references name, minus the number it names that no reference names). CIDEr-D
+that at least 3 of its references name) minus `object_penalty` (default w) x the number it names
+that no reference names. CIDEr-D
 rewards a named object only through its n-grams, and a caption that names the main object with
 other words can score as well as one that misses it.
 
@@ -38,14 +39,15 @@ EOS_WORD = "<eos>"  # never a word of a tokenised caption
 
 class SelfCritical:
     def __init__(self, vocab: Vocabulary, references: list[list[list[str]]], *, samples: int, max_new_tokens: int,
-                 object_weight: float = 0.0):
+                 object_weight: float = 0.0, object_penalty: float | None = None):
         """references: per training image (indexed as in the batches), its tokenised captions."""
         if samples < 2:
             raise ValueError("self-critical training needs at least 2 samples per image for its baseline")
         self.vocab = vocab
         self.cider = CiderD([[[*ref, EOS_WORD] for ref in refs] for refs in references])
         self.object_weight = object_weight
-        self.objects = [_reference_objects(refs) for refs in references] if object_weight else []
+        self.object_penalty = object_weight if object_penalty is None else object_penalty
+        self.objects = [_reference_objects(refs) for refs in references] if object_weight or object_penalty else []
         self.decode = DecodeConfig(num_beams=1, do_sample=True, num_return_sequences=samples,
                                    max_new_tokens=max_new_tokens, no_repeat_ngram_size=0)
 
@@ -66,11 +68,11 @@ class SelfCritical:
     def reward(self, image: int, words: list[str]) -> float:
         """CIDEr-D of the caption's words (with `<eos>` where it finished), plus the object term."""
         reward = self.cider.score(image, words)
-        if self.object_weight:
+        if self.object_weight or self.object_penalty:
             salient, named_anywhere = self.objects[image]
             named = mentioned_objects(" ".join(w for w in words if w != EOS_WORD))
             recall = len(named & salient) / len(salient) if salient else 0.0
-            reward += self.object_weight * (recall - len(named - named_anywhere))
+            reward += self.object_weight * recall - self.object_penalty * len(named - named_anywhere)
         return reward
 
     def _words(self, hypothesis: Hypothesis) -> list[str]:

@@ -413,7 +413,8 @@ class Context:
         if cfg.optim.objective == "scst":
             self.self_critical = SelfCritical(self.vocab, self.items.references, samples=cfg.optim.scst_samples,
                                               max_new_tokens=cfg.eval.decode.max_new_tokens,
-                                              object_weight=cfg.optim.scst_object_weight)
+                                              object_weight=cfg.optim.scst_object_weight,
+                                              object_penalty=cfg.optim.scst_object_penalty)
         self.network = CaptionModel(self.encoder, self.decoder, self.preprocessing, split=self.split)
         self.model = self._wrap()
         encoder_params = [p for stage in self.encoder.stages[len(self.encoder.stages) - stages:]

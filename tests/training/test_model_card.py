@@ -25,5 +25,5 @@ def test_the_recipe_names_each_stage_with_its_own_photo_weights_and_samples(tmp_
     assert "(photos seen per epoch: f8k 1x, coco 2x)" in lines[1] and "5 sampled" in lines[1]
     assert "from `runs/scst/best.pt` (photos seen per epoch: f8k 1x, coco 1x): 10 sampled" in lines[2]
     assert "CIDEr-D (document frequencies from the training captions), baseline" in lines[1]  # no object term
-    assert "plus 0.3 x (the share of the photo's salient objects" in lines[2]
+    assert "plus 0.3 x the share of the photo's salient objects" in lines[2] and "minus 0.3 x the objects" in lines[2]
     assert lines[3].endswith("2-core CPU: 12 min.")

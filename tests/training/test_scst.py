@@ -64,8 +64,8 @@ def test_advantages_use_the_other_samples_as_baseline_and_the_loss_follows_them(
 
 
 def test_the_object_term_rewards_salient_objects_and_penalises_unsupported_ones():
-    """With object_weight w: + w x the share of the objects at least 3 references name, - w per
-    object no reference names; the CIDEr-D part is unchanged, and w = 0 is plain CIDEr-D."""
+    """With object_weight w: + w x the share of the objects at least 3 references name, - w (or
+    object_penalty) per object no reference names; the CIDEr-D part is unchanged."""
     references = {"cat": ["a cat sitting on a laptop", "a cat on a laptop keyboard", "a kitten lying on a laptop",
                           "a grey cat", "a cat and a laptop on a desk"]}
     vocab = Vocabulary.build((c for refs in references.values() for c in refs), min_count=1)
@@ -75,6 +75,10 @@ def test_the_object_term_rewards_salient_objects_and_penalises_unsupported_ones(
     for words, objects in ((["a", "cat", "on", "a", "laptop"], 1.0), (["a", "cat", "on", "a", "desk"], 0.5),
                            (["a", "dog", "on", "a", "laptop"], 0.5 - 1), (["a", "grey", "desk"], 0.0)):
         assert critic.reward(0, [*words, "<eos>"]) == pytest.approx(plain.reward(0, [*words, "<eos>"]) + 0.5 * objects)
+    # a penalty of its own: + 1 x the salient share, - 0.25 per unsupported object
+    weighed = SelfCritical(vocab, tokens, samples=2, max_new_tokens=8, object_weight=1.0, object_penalty=0.25)
+    words = ["a", "dog", "on", "a", "laptop", "<eos>"]
+    assert weighed.reward(0, words) == pytest.approx(plain.reward(0, words) + 0.5 - 0.25)
 
 
 def test_self_critical_steps_raise_the_reward():
