@@ -21,7 +21,7 @@ import numpy as np
 
 from captioner.vocab import tokenize
 
-from .objects import mentioned_objects
+from .objects import mentioned_objects, reference_objects
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,7 @@ def _object_counts(predictions: Mapping[str, str], references: Mapping[str, list
             columns[c] = []
     for i in ids:
         named = mentioned_objects(predictions[i])
-        per_reference = [mentioned_objects(r) for r in references[i]]
-        in_references = set().union(*per_reference)
-        needed = min(min_refs, len(per_reference))
-        salient = {o for o in in_references if sum(o in r for r in per_reference) >= needed}
+        salient, in_references = reference_objects(references[i], min_refs)
         columns["recalled"].append(len(named & salient))
         columns["salient"].append(len(salient))
         columns["supported"].append(len(named & in_references))

@@ -251,7 +251,7 @@ def _recipe(provenance: dict[str, Any], training_time: str) -> str:
     photos = _photos_per_epoch(provenance)
     if optim.get("objective") == "scst":
         stages.append(
-            f"- Stage {_depth(provenance)}, self-critical fine-tuning from `{init['path'] if init else '?'}` "
+            f"- Stage {_depth(provenance)}, self-critical fine-tuning from {_start(init)} "
             f"({photos}): "
             f"{optim.get('scst_samples')} sampled "
             f"captions per image rewarded by CIDEr-D (document frequencies from the training captions)"
@@ -271,13 +271,24 @@ def _recipe(provenance: dict[str, Any], training_time: str) -> str:
     return "\n".join(stages) + "\n"
 
 
+def _start(init: dict[str, Any] | None) -> str:
+    """The checkpoint a stage started from; the bundled weights' path names the model bundled then,
+    since the file there now holds a later one."""
+    if not init:
+        return "`?`"
+    path = str(init["path"])
+    return f"`{path}` (the model bundled before it)" if path.endswith("captioner/weights/default.pt") else f"`{path}`"
+
+
 def _object_term(optim: dict[str, Any]) -> str:
     weight = optim.get("scst_object_weight") or 0
     penalty = weight if optim.get("scst_object_penalty") is None else optim["scst_object_penalty"]
     if not (weight or penalty):
         return ""
-    return (f" plus {weight} x the share of the photo's salient objects (those at least 3 references name) that "
-            f"the caption names, minus {penalty} x the objects it names that no reference names")
+    parts = [f" plus {weight} x the share of the photo's salient objects (those at least 3 references name) that "
+             f"the caption names" if weight else "",
+             f" minus {penalty} x the number of objects it names that no reference names" if penalty else ""]
+    return ",".join(p for p in parts if p)
 
 
 def _tagger_text(tagger: dict[str, Any], report: dict[str, Any] | None) -> str:

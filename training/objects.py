@@ -257,3 +257,12 @@ def load_instances(path: str | os.PathLike) -> dict[str, set[str]]:
     except (KeyError, TypeError) as error:
         raise ValueError(f"{path}: not a COCO instances file ({error!r} missing)") from error
     return present
+
+
+def reference_objects(references: list[str], min_refs: int = 3) -> tuple[set[str], set[str]]:
+    """A photo's reference captions -> (its salient objects, those at least `min_refs` of them name,
+    or all of them where it has fewer; every object some reference names)."""
+    per_reference = [mentioned_objects(r) for r in references]
+    in_references = set().union(*per_reference)
+    needed = min(min_refs, len(per_reference))
+    return {o for o in in_references if sum(o in r for r in per_reference) >= needed}, in_references

@@ -8,11 +8,12 @@ so the reward sees how a caption ends: one cut off by the length limit ("a man i
 references' final n-grams ("grass <eos>").
 
 With `object_weight` w the reward also counts the objects the caption names (`training.objects`,
-the lexicon of the object metrics): w x (the share of the image's salient objects it names, those
-that at least 3 of its references name) minus `object_penalty` (default w) x the number it names
-that no reference names. CIDEr-D
-rewards a named object only through its n-grams, and a caption that names the main object with
-other words can score as well as one that misses it.
+the lexicon of the object metrics): w x the share of the image's salient objects it names (those
+at least 3 of its references name; 0 for an image without any), minus `object_penalty` (default
+w) x the number of objects it names that no reference names. CIDEr-D rewards a named object only
+through its n-grams, and a caption that names the main object with other words can score as well
+as one that misses it. The share is per image, where the reported `object_recall` counts over all
+objects of a split.
 
 The decoder samples in training mode: dropout keeps the model from simply sharpening onto the
 captions it has memorised for the training images (in eval mode the reward of its samples rises
@@ -32,7 +33,7 @@ from captioner.vocab import Vocabulary
 from .batches import pad_sequences
 from .cider import CiderD
 from .losses import token_cross_entropy
-from .objects import mentioned_objects
+from .objects import mentioned_objects, reference_objects
 
 EOS_WORD = "<eos>"  # never a word of a tokenised caption
 
@@ -47,7 +48,8 @@ class SelfCritical:
         self.cider = CiderD([[[*ref, EOS_WORD] for ref in refs] for refs in references])
         self.object_weight = object_weight
         self.object_penalty = object_weight if object_penalty is None else object_penalty
-        self.objects = [_reference_objects(refs) for refs in references] if object_weight or object_penalty else []
+        self.objects = ([reference_objects([" ".join(ref) for ref in refs]) for refs in references]
+                        if object_weight or object_penalty else [])
         self.decode = DecodeConfig(num_beams=1, do_sample=True, num_return_sequences=samples,
                                    max_new_tokens=max_new_tokens, no_repeat_ngram_size=0)
 
@@ -69,10 +71,10 @@ class SelfCritical:
         """CIDEr-D of the caption's words (with `<eos>` where it finished), plus the object term."""
         reward = self.cider.score(image, words)
         if self.object_weight or self.object_penalty:
-            salient, named_anywhere = self.objects[image]
+            salient, in_references = self.objects[image]
             named = mentioned_objects(" ".join(w for w in words if w != EOS_WORD))
             recall = len(named & salient) / len(salient) if salient else 0.0
-            reward += self.object_weight * recall - self.object_penalty * len(named - named_anywhere)
+            reward += self.object_weight * recall - self.object_penalty * len(named - in_references)
         return reward
 
     def _words(self, hypothesis: Hypothesis) -> list[str]:
@@ -104,11 +106,3 @@ class SelfCritical:
         return token_cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=self.vocab.pad_id,
                                    weights=weights, exclude=exclude)
 
-
-def _reference_objects(references: list[list[str]], min_refs: int = 3) -> tuple[set[str], set[str]]:
-    """An image's tokenised references -> (its salient objects, named by at least `min_refs` of them
-    or by all where it has fewer, as `metrics.object_metrics` counts them; every object any names)."""
-    per_reference = [mentioned_objects(" ".join(ref)) for ref in references]
-    anywhere = set().union(*per_reference)
-    needed = min(min_refs, len(per_reference))
-    return {o for o in anywhere if sum(o in named for named in per_reference) >= needed}, anywhere

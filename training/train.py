@@ -409,6 +409,8 @@ class Context:
                                         preprocessing=self.preprocessing)
         if cfg.optim.objective not in ("xe", "scst"):
             raise ValueError(f"optim.objective must be 'xe' or 'scst', not {cfg.optim.objective!r}")
+        if cfg.optim.objective != "scst" and (cfg.optim.scst_object_weight or cfg.optim.scst_object_penalty):
+            raise ValueError("optim.scst_object_weight and optim.scst_object_penalty need optim.objective=scst")
         self.self_critical = None
         if cfg.optim.objective == "scst":
             self.self_critical = SelfCritical(self.vocab, self.items.references, samples=cfg.optim.scst_samples,

@@ -25,5 +25,18 @@ def test_the_recipe_names_each_stage_with_its_own_photo_weights_and_samples(tmp_
     assert "(photos seen per epoch: f8k 1x, coco 2x)" in lines[1] and "5 sampled" in lines[1]
     assert "from `runs/scst/best.pt` (photos seen per epoch: f8k 1x, coco 1x): 10 sampled" in lines[2]
     assert "CIDEr-D (document frequencies from the training captions), baseline" in lines[1]  # no object term
-    assert "plus 0.3 x the share of the photo's salient objects" in lines[2] and "minus 0.3 x the objects" in lines[2]
+    assert "plus 0.3 x the share of the photo's salient objects" in lines[2]
+    assert "minus 0.3 x the number of objects it names that no reference names" in lines[2]
     assert lines[3].endswith("2-core CPU: 12 min.")
+
+
+def test_a_stage_started_from_the_bundled_weights_says_it_was_the_model_bundled_then(tmp_path):
+    # the file at that path now holds the card's own model: the card must not read as circular
+    sets = "data: {train: [{name: f8k, format: flickr, path: a}]}\n"
+    first = _stage(tmp_path, "ce", sets)
+    name, provenance = _stage(tmp_path, "scst", sets + "optim: {objective: scst, scst_object_weight: 0, "
+                              "scst_object_penalty: 0.5}\n", first)
+    provenance["init_from"]["path"] = "captioner/weights/default.pt"
+    stage = _recipe(provenance, "").splitlines()[1]
+    assert "from `captioner/weights/default.pt` (the model bundled before it)" in stage
+    assert "minus 0.5 x the number of objects" in stage and "salient" not in stage  # no "plus 0 x"

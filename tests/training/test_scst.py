@@ -67,18 +67,38 @@ def test_the_object_term_rewards_salient_objects_and_penalises_unsupported_ones(
     """With object_weight w: + w x the share of the objects at least 3 references name, - w (or
     object_penalty) per object no reference names; the CIDEr-D part is unchanged."""
     references = {"cat": ["a cat sitting on a laptop", "a cat on a laptop keyboard", "a kitten lying on a laptop",
-                          "a grey cat", "a cat and a laptop on a desk"]}
+                          "a grey cat near a phone", "a cat and a laptop and a phone on a desk"],
+                  "sky": ["the blue sky", "clouds in a blue sky", "a clear sky", "a dog under the sky", "blue sky above"]}
     vocab = Vocabulary.build((c for refs in references.values() for c in refs), min_count=1)
-    tokens = [[tokenize(r) for r in references["cat"]]]
+    tokens = [[tokenize(r) for r in refs] for refs in references.values()]
     plain = SelfCritical(vocab, tokens, samples=2, max_new_tokens=8)
     critic = SelfCritical(vocab, tokens, samples=2, max_new_tokens=8, object_weight=0.5)
+    # cat and laptop are salient (3+ references); the phone (2 references) and the desk (dining
+    # table, 1) are only supported: naming them earns nothing and costs nothing
     for words, objects in ((["a", "cat", "on", "a", "laptop"], 1.0), (["a", "cat", "on", "a", "desk"], 0.5),
-                           (["a", "dog", "on", "a", "laptop"], 0.5 - 1), (["a", "grey", "desk"], 0.0)):
+                           (["a", "cat", "near", "a", "phone"], 0.5), (["a", "dog", "on", "a", "laptop"], 0.5 - 1),
+                           (["a", "grey", "desk"], 0.0)):
         assert critic.reward(0, [*words, "<eos>"]) == pytest.approx(plain.reward(0, [*words, "<eos>"]) + 0.5 * objects)
-    # a penalty of its own: + 1 x the salient share, - 0.25 per unsupported object
-    weighed = SelfCritical(vocab, tokens, samples=2, max_new_tokens=8, object_weight=1.0, object_penalty=0.25)
-    words = ["a", "dog", "on", "a", "laptop", "<eos>"]
-    assert weighed.reward(0, words) == pytest.approx(plain.reward(0, words) + 0.5 - 0.25)
+    # a photo without salient objects: no share to earn, the penalty still applies
+    assert critic.reward(1, ["a", "blue", "sky", "<eos>"]) == pytest.approx(plain.reward(1, ["a", "blue", "sky", "<eos>"]))
+    assert critic.reward(1, ["a", "cat", "<eos>"]) == pytest.approx(plain.reward(1, ["a", "cat", "<eos>"]) - 0.5)
+    assert critic.reward(1, ["a", "dog", "<eos>"]) == pytest.approx(plain.reward(1, ["a", "dog", "<eos>"]))  # supported
+    # a penalty of its own, also without the share
+    for weight, penalty, change in ((1.0, 0.25, 0.5 - 0.25), (0.0, 0.5, -0.5)):
+        weighed = SelfCritical(vocab, tokens, samples=2, max_new_tokens=8, object_weight=weight, object_penalty=penalty)
+        words = ["a", "dog", "on", "a", "laptop", "<eos>"]
+        assert weighed.reward(0, words) == pytest.approx(plain.reward(0, words) + change)
+
+    # and the advantages follow it: two samples with the same words but one object apart
+    class H:
+        def __init__(self, text):
+            self.tokens, self.finished = vocab.encode(text, add_special=False), True
+
+    samples = [[H("a cat on a laptop"), H("a dog on a laptop")]]
+    (first, second), _ = critic.advantages([0], samples)
+    (plain_first, plain_second), _ = plain.advantages([0], samples)
+    # each advantage is the reward less the other's: the gap doubles the rewards' object difference
+    assert float(first - second) == pytest.approx(float(plain_first - plain_second) + 2 * 0.5 * 1.5, abs=1e-5)
 
 
 def test_self_critical_steps_raise_the_reward():
@@ -148,3 +168,9 @@ def test_self_critical_fine_tuning_runs_from_a_checkpoint(flickr_dir, tmp_path):
     assert payload["provenance"]["init_from"]["path"] == str(base / "best.pt")
     assert payload["vocabulary"] == xe["vocabulary"] and payload["decoder"] == xe["decoder"]
     assert not torch.equal(payload["state_dict"]["decoder.word_gates.weight"], xe["state_dict"]["decoder.word_gates.weight"])
+
+
+def test_object_weights_need_the_self_critical_objective(flickr_dir, tmp_path):
+    cfg = load_config(None, tiny_train_overrides(flickr_dir, tmp_path / "xe", **{"optim.scst_object_weight": 0.3}))
+    with pytest.raises(ValueError, match="need optim.objective=scst"):
+        main(cfg)
