@@ -31,6 +31,7 @@ from .config import config_from_dict
 from .data import DataSpec, load_dataset
 from .evaluate import evaluate_checkpoint
 from .features import build_or_load
+from .scst import resolved_penalty
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "object_recall", "object_precision", "CHAIR_i",
@@ -282,7 +283,7 @@ def _start(init: dict[str, Any] | None) -> str:
 
 def _object_term(optim: dict[str, Any]) -> str:
     weight = optim.get("scst_object_weight") or 0
-    penalty = weight if optim.get("scst_object_penalty") is None else optim["scst_object_penalty"]
+    penalty = resolved_penalty(weight, optim.get("scst_object_penalty"))
     if not (weight or penalty):
         return ""
     parts = [f" plus {weight} x the share of the photo's salient objects (those at least 3 references name) that "

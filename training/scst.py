@@ -38,6 +38,11 @@ from .objects import mentioned_objects, reference_objects
 EOS_WORD = "<eos>"  # never a word of a tokenised caption
 
 
+def resolved_penalty(object_weight: float, object_penalty: float | None) -> float:
+    """The penalty per unsupported object: the object weight unless given on its own."""
+    return object_weight if object_penalty is None else object_penalty
+
+
 class SelfCritical:
     def __init__(self, vocab: Vocabulary, references: list[list[list[str]]], *, samples: int, max_new_tokens: int,
                  object_weight: float = 0.0, object_penalty: float | None = None):
@@ -47,7 +52,7 @@ class SelfCritical:
         self.vocab = vocab
         self.cider = CiderD([[[*ref, EOS_WORD] for ref in refs] for refs in references])
         self.object_weight = object_weight
-        self.object_penalty = object_weight if object_penalty is None else object_penalty
+        self.object_penalty = resolved_penalty(object_weight, object_penalty)
         self.objects = ([reference_objects([" ".join(ref) for ref in refs]) for refs in references]
                         if object_weight or object_penalty else [])
         self.decode = DecodeConfig(num_beams=1, do_sample=True, num_return_sequences=samples,
@@ -105,4 +110,3 @@ class SelfCritical:
         weights = advantages.to(logits.device, torch.float32)[:, None].expand(n, t).flatten()
         return token_cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=self.vocab.pad_id,
                                    weights=weights, exclude=exclude)
-
