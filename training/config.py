@@ -105,6 +105,7 @@ class OptimSettings:
     scst_samples: int = 5  # captions sampled per image; each one's baseline is the others' mean
     scst_object_weight: float = 0.0  # reward += w * share of the salient objects named
     scst_object_penalty: float | None = None  # reward -= this * objects named that no reference names (None: w)
+    scst_scene_penalty: float = 0.0  # reward -= this * scenes (food, kitchen, street, water, grass) named that no reference names
     text_batch: int = 80  # captions without photos per step (with data.text)
     text_weight: float = 0.5  # weight of their language-model cross-entropy in the loss
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from captioner.vocab import tokenize
 
-from .objects import mentioned_objects, reference_objects
+from .objects import mentioned_objects, mentioned_scenes, reference_objects
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,9 @@ def object_metrics(predictions: dict[str, str], references: dict[str, list[str]]
                       names; micro-averaged over all photos.
     object_precision  of the objects the captions name (each at most once per caption), the share
                       that at least one reference caption of that photo names.
+    object_scene_recall, object_scene_precision
+                      the same over the objects and the scenes of `objects.SCENES` (food, kitchen,
+                      street, water, grass) together, as issue #27 measures its hidden photos.
 
     With `annotations` (image id -> the categories annotated in it, `objects.load_instances`),
     over the photos it covers, CHAIR (Rohrbach et al. 2018):
@@ -138,6 +141,8 @@ def object_metrics(predictions: dict[str, str], references: dict[str, list[str]]
 _OBJECT_RATIOS = {
     "object_recall": ("recalled", "salient"),
     "object_precision": ("supported", "mentioned"),
+    "object_scene_recall": ("recalled_with_scenes", "salient_with_scenes"),
+    "object_scene_precision": ("supported_with_scenes", "mentioned_with_scenes"),
     "CHAIR_i": ("hallucinated", "mentioned_annotated"),
     "CHAIR_s": ("hallucinating", "captions_annotated"),
     "annotation_recall": ("named_annotated", "annotated"),
@@ -152,7 +157,8 @@ def _object_counts(predictions: Mapping[str, str], references: Mapping[str, list
                    annotations: Mapping[str, set[str]] | None, min_refs: int) -> dict[str, np.ndarray]:
     """Per photo (in sorted id order) the counts the object metrics are ratios of."""
     ids = _ids_with_references(predictions, references)
-    columns: dict[str, list[int]] = {c: [] for c in ("recalled", "salient", "supported", "mentioned")}
+    columns: dict[str, list[int]] = {c: [] for base in ("recalled", "salient", "supported", "mentioned")
+                                     for c in (base, f"{base}_with_scenes")}
     covered = annotations is not None and any(i in annotations for i in ids)
     if covered:
         for c in ("hallucinated", "mentioned_annotated", "hallucinating", "captions_annotated",
@@ -165,6 +171,12 @@ def _object_counts(predictions: Mapping[str, str], references: Mapping[str, list
         columns["salient"].append(len(salient))
         columns["supported"].append(len(named & in_references))
         columns["mentioned"].append(len(named))
+        scenes = mentioned_scenes(predictions[i])
+        salient_scenes, scenes_in_references = reference_objects(references[i], min_refs, mentioned=mentioned_scenes)
+        columns["recalled_with_scenes"].append(len(named & salient) + len(scenes & salient_scenes))
+        columns["salient_with_scenes"].append(len(salient) + len(salient_scenes))
+        columns["supported_with_scenes"].append(len(named & in_references) + len(scenes & scenes_in_references))
+        columns["mentioned_with_scenes"].append(len(named) + len(scenes))
         if covered:
             truth = annotations.get(i)
             known = truth is not None  # photos the annotations do not cover count nowhere here

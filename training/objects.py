@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 from captioner.vocab import tokenize
 
@@ -259,10 +260,29 @@ def load_instances(path: str | os.PathLike) -> dict[str, set[str]]:
     return present
 
 
-def reference_objects(references: list[str], min_refs: int = 3) -> tuple[set[str], set[str]]:
+# Scenes that captions name as often as objects, which issue #27's object metrics count beside the
+# 80 categories: scene -> the words that name it (plurals derived, as for objects).
+SCENES: dict[str, tuple[str, ...]] = {
+    "food": ("food", "meal", "dish"),
+    "kitchen": ("kitchen",),
+    "street": ("street", "road"),
+    "water": ("water", "ocean", "lake", "river", "sea", "pool"),
+    "grass": ("grass", "grassy", "lawn", "field"),
+}
+_SCENE_WORDS = {form: scene for scene, names in SCENES.items() for name in names for form in (name, _plural(name))}
+
+
+def mentioned_scenes(caption: str) -> set[str]:
+    """The `SCENES` that `caption` names ("two dogs on the lawn" -> {"grass"})."""
+    return {_SCENE_WORDS[t] for t in (_normalise(t) for t in tokenize(caption)) if t in _SCENE_WORDS}
+
+
+def reference_objects(references: list[str], min_refs: int = 3,
+                      mentioned: Callable[[str], set[str]] = mentioned_objects) -> tuple[set[str], set[str]]:
     """A photo's reference captions -> (its salient objects, those at least `min_refs` of them name,
-    or all of them where it has fewer; every object some reference names)."""
-    per_reference = [mentioned_objects(r) for r in references]
+    or all of them where it has fewer; every object some reference names). `mentioned`: what a
+    caption names (`mentioned_scenes` for scenes)."""
+    per_reference = [mentioned(r) for r in references]
     in_references = set().union(*per_reference)
     needed = min(min_refs, len(per_reference))
     return {o for o in in_references if sum(o in r for r in per_reference) >= needed}, in_references

@@ -13,7 +13,9 @@ at least 3 of its references name; 0 for an image without any), minus `object_pe
 w) x the number of objects it names that no reference names. CIDEr-D rewards a named object only
 through its n-grams, and a caption that names the main object with other words can score as well
 as one that misses it. The share is per image, where the reported `object_recall` counts over all
-objects of a split.
+objects of a split. `scene_penalty` q subtracts q per scene (`training.objects.SCENES`: food,
+kitchen, street, water, grass) the caption names that no reference names: the scene a Flickr-trained
+decoder adds by habit ("... in the grass").
 
 The decoder samples in training mode: dropout keeps the model from simply sharpening onto the
 captions it has memorised for the training images (in eval mode the reward of its samples rises
@@ -33,7 +35,7 @@ from captioner.vocab import Vocabulary
 from .batches import pad_sequences
 from .cider import CiderD
 from .losses import token_cross_entropy
-from .objects import mentioned_objects, reference_objects
+from .objects import mentioned_objects, mentioned_scenes, reference_objects
 
 EOS_WORD = "<eos>"  # never a word of a tokenised caption
 
@@ -45,7 +47,7 @@ def resolved_penalty(object_weight: float, object_penalty: float | None) -> floa
 
 class SelfCritical:
     def __init__(self, vocab: Vocabulary, references: list[list[list[str]]], *, samples: int, max_new_tokens: int,
-                 object_weight: float = 0.0, object_penalty: float | None = None):
+                 object_weight: float = 0.0, object_penalty: float | None = None, scene_penalty: float = 0.0):
         """references: per training image (indexed as in the batches), its tokenised captions."""
         if samples < 2:
             raise ValueError("self-critical training needs at least 2 samples per image for its baseline")
@@ -55,6 +57,9 @@ class SelfCritical:
         self.object_penalty = resolved_penalty(object_weight, object_penalty)
         self.objects = ([reference_objects([" ".join(ref) for ref in refs]) for refs in references]
                         if object_weight or object_penalty else [])
+        self.scene_penalty = scene_penalty
+        self.scenes = ([reference_objects([" ".join(ref) for ref in refs], mentioned=mentioned_scenes)[1]
+                        for refs in references] if scene_penalty else [])
         self.decode = DecodeConfig(num_beams=1, do_sample=True, num_return_sequences=samples,
                                    max_new_tokens=max_new_tokens, no_repeat_ngram_size=0)
 
@@ -75,11 +80,14 @@ class SelfCritical:
     def reward(self, image: int, words: list[str]) -> float:
         """CIDEr-D of the caption's words (with `<eos>` where it finished), plus the object term."""
         reward = self.cider.score(image, words)
+        caption = " ".join(w for w in words if w != EOS_WORD)
         if self.object_weight or self.object_penalty:
             salient, in_references = self.objects[image]
-            named = mentioned_objects(" ".join(w for w in words if w != EOS_WORD))
+            named = mentioned_objects(caption)
             recall = len(named & salient) / len(salient) if salient else 0.0
             reward += self.object_weight * recall - self.object_penalty * len(named - in_references)
+        if self.scene_penalty:
+            reward -= self.scene_penalty * len(mentioned_scenes(caption) - self.scenes[image])
         return reward
 
     def _words(self, hypothesis: Hypothesis) -> list[str]:

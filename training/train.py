@@ -409,14 +409,17 @@ class Context:
                                         preprocessing=self.preprocessing)
         if cfg.optim.objective not in ("xe", "scst"):
             raise ValueError(f"optim.objective must be 'xe' or 'scst', not {cfg.optim.objective!r}")
-        if cfg.optim.objective != "scst" and (cfg.optim.scst_object_weight or cfg.optim.scst_object_penalty):
-            raise ValueError("optim.scst_object_weight and optim.scst_object_penalty need optim.objective=scst")
+        if cfg.optim.objective != "scst" and (cfg.optim.scst_object_weight or cfg.optim.scst_object_penalty
+                                              or cfg.optim.scst_scene_penalty):
+            raise ValueError("optim.scst_object_weight, optim.scst_object_penalty and optim.scst_scene_penalty "
+                             "need optim.objective=scst")
         self.self_critical = None
         if cfg.optim.objective == "scst":
             self.self_critical = SelfCritical(self.vocab, self.items.references, samples=cfg.optim.scst_samples,
                                               max_new_tokens=cfg.eval.decode.max_new_tokens,
                                               object_weight=cfg.optim.scst_object_weight,
-                                              object_penalty=cfg.optim.scst_object_penalty)
+                                              object_penalty=cfg.optim.scst_object_penalty,
+                                              scene_penalty=cfg.optim.scst_scene_penalty)
         self.network = CaptionModel(self.encoder, self.decoder, self.preprocessing, split=self.split)
         self.model = self._wrap()
         encoder_params = [p for stage in self.encoder.stages[len(self.encoder.stages) - stages:]

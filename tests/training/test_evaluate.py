@@ -51,7 +51,8 @@ def test_evaluate_checkpoint_adds_object_figures_chair_and_intervals(tiny_captio
     for name in ("object_recall", "object_precision", "CHAIR_i", "CHAIR_s", "annotation_recall"):
         assert 0.0 <= metrics[name] <= 1.0, name
     intervals = metrics["intervals"]
-    assert set(intervals) == {"CIDEr-D", "object_recall", "object_precision", "CHAIR_i", "CHAIR_s", "annotation_recall"}
+    assert set(intervals) == {"CIDEr-D", "object_recall", "object_precision", "object_scene_recall", "object_scene_precision",
+                              "CHAIR_i", "CHAIR_s", "annotation_recall"}
     for name, (low, high) in intervals.items():
         assert low <= metrics[name] <= high, name
     assert json.loads(json.dumps(metrics)) == metrics  # the CLI's --json output

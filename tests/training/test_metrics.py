@@ -24,7 +24,12 @@ ANNOTATIONS = {"a": {"person", "bicycle"}, "b": {"cat", "couch", "tv"}}  # c: no
 def test_object_recall_and_precision_by_hand():
     # Named by >= 3 references: a {person, bicycle}, b {cat}, c {dog}; the captions get person,
     # cat, dog: 3 of 4. Named objects 3 + 2 + 1, of them in some reference 2 (not the cat) + 2 + 1.
-    assert object_metrics(PREDICTIONS, REFERENCES) == pytest.approx({"object_recall": 3 / 4, "object_precision": 5 / 6})
+    # With the scenes too: c's grass is named by no reference (recall: no scene is salient).
+    assert object_metrics(PREDICTIONS, REFERENCES) == pytest.approx({
+        "object_recall": 3 / 4, "object_precision": 5 / 6, "object_scene_recall": 3 / 4, "object_scene_precision": 5 / 7})
+    on_grass = {**REFERENCES, "c": ["a dog on the grass", "a dog on a lawn", "two dogs in a field"]}
+    assert object_metrics(PREDICTIONS, on_grass)["object_scene_recall"] == pytest.approx(4 / 5)
+    assert object_metrics(PREDICTIONS, on_grass)["object_scene_precision"] == pytest.approx(6 / 7)
     # With 2 references enough, b's couch counts too: 4 of 5.
     assert object_metrics(PREDICTIONS, REFERENCES, min_refs=2)["object_recall"] == pytest.approx(4 / 5)
 
@@ -78,7 +83,8 @@ def test_bootstrap_intervals_hold_the_estimate_repeat_for_a_seed_and_narrow_with
     point = {**caption_metrics(predictions, references, meteor=False),
              **object_metrics(predictions, references, annotations=annotations)}
     intervals = bootstrap_intervals(predictions, references, annotations=annotations, resamples=500)
-    assert set(intervals) == {"CIDEr-D", "object_recall", "object_precision", "CHAIR_i", "CHAIR_s", "annotation_recall"}
+    assert set(intervals) == {"CIDEr-D", "object_recall", "object_precision", "object_scene_recall", "object_scene_precision",
+                              "CHAIR_i", "CHAIR_s", "annotation_recall"}
     for name, (low, high) in intervals.items():
         assert low < point[name] < high, name
     again = bootstrap_intervals(predictions, references, annotations=annotations, resamples=500)

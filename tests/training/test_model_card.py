@@ -18,8 +18,8 @@ def test_the_recipe_names_each_stage_with_its_own_photo_weights_and_samples(tmp_
     sets = "data: {train: [{name: f8k, format: flickr, path: a}, {name: coco, format: karpathy, path: b, weight: %s}]}\n"
     first = _stage(tmp_path, "ce", sets % 2)
     second = _stage(tmp_path, "scst", sets % 2 + "optim: {objective: scst, scst_samples: 5}\n", first)
-    third = _stage(tmp_path, "scst2", sets % 1 + "optim: {objective: scst, scst_samples: 10, scst_object_weight: 0.3}\n",
-                   second)
+    third = _stage(tmp_path, "scst2", sets % 1 + "optim: {objective: scst, scst_samples: 10, scst_object_weight: 0.3, "
+                   "scst_scene_penalty: 0.15}\n", second)
     lines = _recipe(third[1], "12 min.").splitlines()
     assert [line.split(",")[0] for line in lines[:3]] == ["- Stage 1", "- Stage 2", "- Stage 3"]
     assert "(photos seen per epoch: f8k 1x, coco 2x)" in lines[1] and "5 sampled" in lines[1]
@@ -27,6 +27,8 @@ def test_the_recipe_names_each_stage_with_its_own_photo_weights_and_samples(tmp_
     assert "CIDEr-D (document frequencies from the training captions), baseline" in lines[1]  # no object term
     assert "plus 0.3 x the share of the photo's salient objects" in lines[2]
     assert "minus 0.3 x the number of objects it names that no reference names" in lines[2]
+    assert "minus 0.15 x the number of scenes (food, kitchen, street, water, grass) it names" in lines[2]
+    assert "scenes" not in lines[1]
     assert lines[3].endswith("2-core CPU: 12 min.")
 
 

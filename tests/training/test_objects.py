@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from training.objects import CATEGORIES, load_instances, mentioned_objects
+from training.objects import CATEGORIES, load_instances, mentioned_objects, mentioned_scenes, reference_objects
 
 
 @pytest.mark.parametrize("caption, objects", [
@@ -62,3 +62,21 @@ def test_load_instances_rejects_a_captions_file(tmp_path):
     path.write_text(json.dumps({"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": "a dog"}]}))
     with pytest.raises(ValueError, match="not a COCO instances file"):
         load_instances(path)
+
+
+@pytest.mark.parametrize("caption, scenes", [
+    ("two dogs play on the lawn", {"grass"}),
+    ("a grassy field by a lake", {"grass", "water"}),
+    ("cars on the streets of a city", {"street"}),
+    ("a plate of food in a kitchen", {"food", "kitchen"}),
+    ("a man swims in the pool", {"water"}),
+    ("a cat on a laptop", set()),
+])
+def test_mentioned_scenes_maps_words_and_plurals(caption, scenes):
+    assert mentioned_scenes(caption) == scenes
+
+
+def test_reference_objects_takes_scenes_too():
+    references = ["a dog on the grass", "a dog in a field", "a dog on a lawn by the road", "a dog", "a dog outside"]
+    assert reference_objects(references) == ({"dog"}, {"dog"})
+    assert reference_objects(references, mentioned=mentioned_scenes) == ({"grass"}, {"grass", "street"})

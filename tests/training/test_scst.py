@@ -101,6 +101,19 @@ def test_the_object_term_rewards_salient_objects_and_penalises_unsupported_ones(
     assert float(first - second) == pytest.approx(float(plain_first - plain_second) + 2 * 0.5 * 1.5, abs=1e-5)
 
 
+def test_the_scene_penalty_counts_scenes_no_reference_names():
+    """With scene_penalty q: - q per scene (food, kitchen, street, water, grass) the caption names
+    that no reference names, whatever words name it; scenes the references name cost nothing."""
+    references = [["a dog runs on the grass", "a dog in a field", "a brown dog", "a dog running", "a dog playing"]]
+    vocab = Vocabulary.build((c for refs in references for c in refs), min_count=1)
+    tokens = [[tokenize(r) for r in refs] for refs in references]
+    plain = SelfCritical(vocab, tokens, samples=2, max_new_tokens=8)
+    critic = SelfCritical(vocab, tokens, samples=2, max_new_tokens=8, scene_penalty=0.25)
+    for words, scenes in ((["a", "dog", "on", "the", "lawn"], 0), (["a", "dog", "in", "the", "lake"], 1),
+                          (["a", "dog", "on", "a", "street", "by", "the", "sea"], 2), (["a", "dog"], 0)):
+        assert critic.reward(0, [*words, "<eos>"]) == pytest.approx(plain.reward(0, [*words, "<eos>"]) - 0.25 * scenes)
+
+
 def test_self_critical_steps_raise_the_reward():
     """REINFORCE on a fixed batch: the sampled captions' CIDEr-D against each image's own
     references must climb well above where it starts."""
@@ -170,7 +183,8 @@ def test_self_critical_fine_tuning_runs_from_a_checkpoint(flickr_dir, tmp_path):
     assert not torch.equal(payload["state_dict"]["decoder.word_gates.weight"], xe["state_dict"]["decoder.word_gates.weight"])
 
 
-def test_object_weights_need_the_self_critical_objective(flickr_dir, tmp_path):
-    cfg = load_config(None, tiny_train_overrides(flickr_dir, tmp_path / "xe", **{"optim.scst_object_weight": 0.3}))
+@pytest.mark.parametrize("option", ["optim.scst_object_weight", "optim.scst_scene_penalty"])
+def test_reward_terms_need_the_self_critical_objective(flickr_dir, tmp_path, option):
+    cfg = load_config(None, tiny_train_overrides(flickr_dir, tmp_path / "xe", **{option: 0.3}))
     with pytest.raises(ValueError, match="need optim.objective=scst"):
         main(cfg)
