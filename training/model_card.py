@@ -444,7 +444,9 @@ the share some reference names; `object_scene_recall` and `object_scene_precisio
 the objects and five scenes together (food, kitchen, street, water, grass, with their synonyms), the
 lexicon issue #27 measures with; `CHAIR_i`: of the objects the caption names, the share neither
 annotated nor in any reference. `top_caption_share` is the share of photos given the single most
-frequent caption. 200 and 80 photos give wide intervals: read the COCO rows as a direction.
+frequent caption. 200 and 80 photos give wide intervals: read the COCO rows as a direction. The
+validation sets of the model selection above chose each stage's epoch, so their rows are optimistic
+for unseen photos like them (how far seeds of one stage spread: `docs/out-of-domain.md`).
 {encoders}
 ## Photos it never trained on, without and with guidance
 
