@@ -55,11 +55,10 @@ class SelfCritical:
         self.cider = CiderD([[[*ref, EOS_WORD] for ref in refs] for refs in references])
         self.object_weight = object_weight
         self.object_penalty = resolved_penalty(object_weight, object_penalty)
-        self.objects = ([reference_objects([" ".join(ref) for ref in refs]) for refs in references]
-                        if object_weight or object_penalty else [])
         self.scene_penalty = scene_penalty
-        self.scenes = ([reference_objects([" ".join(ref) for ref in refs], mentioned=mentioned_scenes)[1]
-                        for refs in references] if scene_penalty else [])
+        texts = [[" ".join(ref) for ref in refs] for refs in references]
+        self.objects = [reference_objects(refs) for refs in texts] if object_weight or self.object_penalty else []
+        self.scenes = [reference_objects(refs, mentioned=mentioned_scenes)[1] for refs in texts] if scene_penalty else []
         self.decode = DecodeConfig(num_beams=1, do_sample=True, num_return_sequences=samples,
                                    max_new_tokens=max_new_tokens, no_repeat_ngram_size=0)
 
@@ -78,7 +77,7 @@ class SelfCritical:
         return (rewards - baseline).flatten(), float(rewards.mean())
 
     def reward(self, image: int, words: list[str]) -> float:
-        """CIDEr-D of the caption's words (with `<eos>` where it finished), plus the object term."""
+        """CIDEr-D of the caption's words (with `<eos>` where it finished), plus the object and scene terms."""
         reward = self.cider.score(image, words)
         caption = " ".join(w for w in words if w != EOS_WORD)
         if self.object_weight or self.object_penalty:
