@@ -162,6 +162,8 @@ class Captioner:
                                      backbone=encoder.config.backbone, int8_unavailable=self._int8_unavailable)
         # The decoder's products follow the path: its quality is measured with them (evaluate_paths).
         self.decoder.products = self.inference.precision if self.device.type == "cpu" else "fp32"
+        if self.tagger is not None:  # its guidance is measured with the path's products too
+            self.tagger.products = self.decoder.products
         if self.inference.precision == "int8":
             self._encode = onnx_export.int8_encoder(self, self._int8_calibration())
         else:

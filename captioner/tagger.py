@@ -95,6 +95,7 @@ class Tagger:
         self.activation = activation
         self.weight = weight.detach().float()  # (C, E)
         self._packed: Projection | None = None  # the head for inference, made at its first use
+        self._products = "fp32"
         self.bias = bias.detach().float()  # (C,)
         self.class_names = list(class_names)
         self.class_ids = list(class_ids) if class_ids is not None else None
@@ -206,12 +207,23 @@ class Tagger:
             return torch.addmm(self.bias, pooled.to(self.weight), self.weight.t())  # (B, C)
         return self._head()(pooled.to(self.weight))  # (B, C)
 
+    @property
+    def products(self) -> str:
+        """The precision of the head's product in inference (`products.PRODUCTS`): the inference
+        path sets it, as it sets the decoder's."""
+        return self._products
+
+    @products.setter
+    def products(self, products: str) -> None:
+        if products != self._products:
+            self._products, self._packed = products, None
+
     def _head(self) -> Projection:
-        """The head's product for inference (fp16-packed weights where they are fp16's, as
-        stored: the same scores up to summation order, from half the bytes), rebuilt if the
-        weights move."""
+        """The head's product for inference in `products` (fp32: fp16-packed weights where they
+        are fp16's, as stored: the same scores up to summation order, from half the bytes),
+        rebuilt if the weights move."""
         if self._packed is None:
-            self._packed = Projection(self.weight, self.bias)
+            self._packed = Projection(self.weight, self.bias, self._products)
         return self._packed
 
     def raw_scores(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -126,6 +126,7 @@ def test_bf16_agrees_with_fp32_on_real_photos(bundled_fp32):
     assert torch.allclose(pooled16, regions16.mean(dim=1))
     assert ((pooled16 - pooled).norm(dim=1) / pooled.norm(dim=1)).max() < 0.05
     assert torch.nn.functional.cosine_similarity(pooled16, pooled).min() > 0.999
+    assert bf16.decoder.products == bf16.tagger.products == "bf16"  # guidance in the path's products too
     ours, theirs = bundled_fp32.caption_pixels(pixels), bf16.caption_pixels(pixels)
     for a, b in zip(ours, theirs):  # the tagger keeps working: the same required words, said
         assert [r.word for r in a.required] == [r.word for r in b.required] and a.required

@@ -49,6 +49,27 @@ def test_head_on_pooled_trunk_features_reproduces_timm_classifier(encoder: Encod
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("products", ["bf16", "int8"])
+def test_the_head_computes_in_the_products_it_is_given(encoder: Encoder, products: str):
+    """The path's products (as the decoder's): int8 and bf16 scores near fp32's, the same tag for
+    the cat, and scores that are not fp32's bit for bit where the CPU computes int8 (fbgemm)."""
+    from captioner.products import Projection, fbgemm_available
+
+    tagger = Tagger.imagenet()
+    preprocessing = encoder.native_preprocessing
+    _, pooled = encoder.eval().extract(preprocessing.normalize(preprocessing.load(EXAMPLES / "chelsea.jpg")[None]))
+    with torch.inference_mode():
+        fp32 = tagger.logits(pooled)
+        tagger.products = products
+        assert tagger.products == products
+        ours = tagger.logits(pooled)
+        torch.testing.assert_close(ours, Projection(tagger.weight, tagger.bias, products)(pooled))
+        assert tagger.tags(pooled)[0][0].word == "cat"
+    assert (ours - fp32).abs().max() < 0.05 * fp32.abs().max()
+    if products == "int8" and fbgemm_available(tagger.weight):
+        assert not torch.equal(ours, fp32)
+
+
 @pytest.mark.parametrize("resize", ["squash", "crop"])
 def test_chelsea_is_tagged_cat(encoder: Encoder, imagenet: Tagger, resize: str):
     preprocessing = dataclasses.replace(encoder.native_preprocessing, resize=resize)
