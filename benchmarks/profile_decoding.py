@@ -1,11 +1,13 @@
 """Where a caption's time goes: the encoder, the decoder's per-image start (`init_state`), its
-word steps (`Decoder.step`), and beam search's own work (token rules, candidate selection, ending
-hypotheses, advancing beams, checking for done images), per image at batch 1 and 16.
+word steps (`Decoder.step`), beam search's own work (token rules, candidate selection, ending
+hypotheses, advancing beams, reordering the decoder's state, checking for done images) and the
+tagger's guidance, per image at batch 1 and 16.
 
     python benchmarks/profile_decoding.py [--precision auto] [--images DIR] [--count 32] [--no-tags] [--batches 1,16]
 
 Each phase is timed by wrapping the function that does it (wall clock, so the phases add up to
-the whole less the result building and the tagger's guidance, reported as "other"); best of
+the whole less the rest: setting up the search, the loop itself, building the results, reported
+as "other"); best of
 `--repeats` passes over the same photos. One more pass counts the tensor operations that
 decoding dispatches per photo (views included; the encoder's not): on a shared machine, where
 times wander, a figure that does not. Photos: as bench_inference.py. The last line is one JSON
@@ -31,7 +33,9 @@ from bench_inference import load_photos  # noqa: E402
 
 import captioner.decoding as decoding  # noqa: E402
 from captioner.api import DEFAULT_CHECKPOINT, Captioner  # noqa: E402
+from captioner.decoder import DecoderState  # noqa: E402
 from captioner.decoding import DecodeConfig  # noqa: E402
+from captioner.tagger import Tagger  # noqa: E402
 from captioner.runtime import cpu  # noqa: E402
 
 
@@ -49,7 +53,7 @@ class CountOperations(TorchDispatchMode):
 PHASES = {  # phase -> (object, attribute) whose calls it times
     "rules": (decoding.Bans, "log_probs"), "select": (decoding.BeamState, "select"),
     "finish": (decoding.BeamState, "finish"), "advance": (decoding.BeamState, "advance"),
-    "done": (decoding.BeamState, "done"),
+    "reorder": (DecoderState, "reorder"), "done": (decoding.BeamState, "done"), "tagger": (Tagger, "guide"),
 }
 
 
