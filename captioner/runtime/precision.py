@@ -34,8 +34,9 @@ ONNX_EXTRA = "pip install 'captioner[onnx]'"
 # What training/evaluate_paths.py measured on the Flickr8k dev split (1,000 photos, beam 3, tags on)
 # with the bundled model against fp32 eager (CIDEr-D 0.5393 [0.5054, 0.5756]), each path's decoder
 # products and tagger head in its own precision (`captioner/products.py`; 2026-12-07, an Intel Xeon
-# without AMX): the change in CIDEr-D and the share of identical top captions; and what benchmarks/bench_inference.py measured end to end (beam 3, tags
-# on, batch 16) against fp32 on the same runtime: fp32 eager for a .pt checkpoint ("pytorch"), the
+# without AMX): the change in CIDEr-D and the share of identical top captions; and what
+# benchmarks/bench_inference.py measured end to end (beam 3, tags on, batch 16) against fp32 on the
+# same runtime: fp32 eager for a .pt checkpoint ("pytorch"), the
 # ONNX export's fp32 graphs for an ONNX model ("onnxruntime"), with the model bundled before it (the
 # same architecture and vocabulary, so the same speed). CPU: 2 cores of an AMD EPYC with
 # AVX-512 BF16 and VNNI, no AMX (2026-12-06, a shared machine: one run; runs vary by about 10%).
