@@ -36,10 +36,10 @@ ONNX_EXTRA = "pip install 'captioner[onnx]'"
 # products and tagger head in its own precision (`captioner/products.py`; 2026-12-07, an Intel Xeon
 # without AMX): the change in CIDEr-D and the share of identical top captions; and what
 # benchmarks/bench_inference.py measured end to end (beam 3, tags on, batch 16) against fp32 on the
-# same runtime: fp32 eager for a .pt checkpoint ("pytorch"), the
-# ONNX export's fp32 graphs for an ONNX model ("onnxruntime"), with the model bundled before it (the
-# same architecture and vocabulary, so the same speed). CPU: 2 cores of an AMD EPYC with
-# AVX-512 BF16 and VNNI, no AMX (2026-12-06, a shared machine: one run; runs vary by about 10%).
+# same runtime: fp32 eager for a .pt checkpoint ("pytorch"), the ONNX export's fp32 graphs for an
+# ONNX model ("onnxruntime"), with the model bundled before it (the same architecture and
+# vocabulary, so the same speed). CPU: 2 cores of an AMD EPYC with AVX-512 BF16 and VNNI, no AMX
+# (2026-12-06, a shared machine: one run; runs vary by about 10%).
 # `auto` trusts a path only on the backbone it was measured with.
 MEASURED: dict[str, dict[str, Any]] = {
     "bf16": {"backbone": "efficientnet_lite0", "cider_delta": -0.0032, "identical": 0.902,
