@@ -292,19 +292,23 @@ class Tagger:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         if max_tags < 0:
             raise ValueError(f"max_tags must be >= 0, got {max_tags}")
-        results: list[list[Tag]] = []
         threshold = float(torch.tensor(threshold, dtype=confidence.dtype))  # compared as the confidences are
-        # Python lists: reading tensors element by element costs a dispatch per element
-        for row, image_probs in zip(confidence.tolist(), probs.tolist()):
+        confident: list[list[tuple[int, float]]] = [[] for _ in range(confidence.shape[0])]
+        # only the confident entries become Python numbers: most photos have none or one
+        found = (confidence >= threshold).nonzero()  # (n, 2) image, column, row-major
+        for (image, column), value in zip(found.tolist(), confidence[found[:, 0], found[:, 1]].tolist()):
+            confident[image].append((column, value))
+        results: list[list[Tag]] = []
+        for image, entries in enumerate(confident):
             tags: list[Tag] = []
-            confident = [c for c, value in enumerate(row) if value >= threshold]
-            for column in sorted(confident, key=lambda c: -row[c]):  # stable: ties in column order
+            image_probs = probs[image].tolist() if entries and max_tags else []
+            for column, value in sorted(entries, key=lambda e: -e[1]):  # stable: ties in column order
                 if len(tags) >= max_tags:
                     break
                 word = self.words[column]
                 forms = self._forms(word, vocabulary)
                 if forms:
-                    tags.append(Tag(word, forms, row[column], self._behind(word, image_probs)))
+                    tags.append(Tag(word, forms, value, self._behind(word, image_probs)))
             results.append(tags)
         return results
 
