@@ -82,9 +82,11 @@ def keep_freed_memory() -> bool:
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library the process already runs on
     if mallopt is None:  # not glibc (macOS): nothing to set
         return False
-    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's malloc.h
-    # One arena: other threads' arenas are 64 MB heaps of their own, and the service computes its
-    # batches in a thread (2 AVX2 cores, 16 clients: 23.5 and 23.9 req/s with MALLOC_ARENA_MAX=1,
-    # 25.3 with this call, against 18.6 to 22.8 without).
-    return (bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
-            and bool(mallopt(m_arena_max, 1)))
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    # The number of arenas stays glibc's: with one arena for all threads, the OpenMP worker that
+    # computes half of each small product (fbgemm allocates per call) waits on the caller's malloc
+    # lock, and a decoder step of 3 rows took 2x as long (AMX Xeon, int8). Threads other than the
+    # main one then allocate from arenas of their own, which do not keep freed blocks: the
+    # service's batching thread faults its encoder activations in per batch (bf16 there: 3% fewer
+    # requests/s at 16 clients; int8, whose encoder ONNX Runtime allocates: 6-10% more).
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
