@@ -88,5 +88,6 @@ def keep_freed_memory() -> bool:
     # lock, and a decoder step of 3 rows took 2x as long (AMX Xeon, int8). Threads other than the
     # main one then allocate from arenas of their own, which do not keep freed blocks: the
     # service's batching thread faults its encoder activations in per batch (bf16 there: 3% fewer
-    # requests/s at 16 clients; int8, whose encoder ONNX Runtime allocates: 6-10% more).
+    # requests/s at 16 clients; int8, whose encoder ONNX Runtime allocates: 6-10% more), and
+    # training's cached steps ran 2-3% slower.
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
