@@ -75,19 +75,18 @@ def keep_freed_memory() -> bool:
     allocates its (tokens, vocabulary) logits and their gradient, 48 MB each, page-faults them
     in anew every step, and the encoder its 25 MB activations every batch. On 2 AVX2 cores
     `torch.exp` of such a tensor takes 92 ms into fresh pages and 28 ms into reused ones, and the
-    encoder at batch 16 30 to 35 ms per photo against 19 to 20. After this call the heap serves
-    all blocks and is never trimmed, so the process keeps its peak memory (as a GPU caching
-    allocator does). Called by the processes that compute: the CLI, the service, Ray's caption
+    encoder at batch 16 30 to 35 ms per photo against 19 to 20. After this call the main thread's
+    heap serves all blocks and is never trimmed, so the process keeps its peak memory (as a GPU
+    caching allocator does); other threads' arenas may still hand freed blocks back. Called by the processes that compute: the CLI, the service, Ray's caption
     actors, training; once per process. Returns whether it applied (glibc only)."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library the process already runs on
     if mallopt is None:  # not glibc (macOS): nothing to set
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
-    # The number of arenas stays glibc's: with one arena for all threads, the OpenMP worker that
-    # computes half of each small product (fbgemm allocates per call) waits on the caller's malloc
-    # lock, and a decoder step of 3 rows took 2x as long (AMX Xeon, int8). Threads other than the
-    # main one then allocate from arenas of their own, which do not keep freed blocks: the
-    # service's batching thread faults its encoder activations in per batch (bf16 there: 3% fewer
-    # requests/s at 16 clients; int8, whose encoder ONNX Runtime allocates: 6-10% more), and
-    # training's cached steps ran 2-3% slower.
+    # The number of arenas stays glibc's. With one arena for all threads, the OpenMP workers that
+    # compute each small product with the caller (fbgemm allocates per call) wait on its malloc
+    # lock: a decoder step of 3 rows took 2x as long (AMX Xeon, int8), the service 6-14% fewer
+    # requests/s on int8. The cost: other threads' arenas fault large blocks in again, so the
+    # service's batching thread its encoder activations on bf16 and fp32 (3% fewer requests/s at
+    # 16 clients on bf16), and training's cached steps ran 2-3% slower.
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
