@@ -328,7 +328,7 @@ class Context:
         # bf16 autocast where the hardware computes bf16 natively (on other CPUs it is emulated, slower).
         self.amp = cfg.run.amp and (self.device.type == "cuda" or (self.device.type == "cpu" and native_bf16()))
         if self.device.type == "cpu":
-            keep_freed_memory()  # the step's large tensors reuse pages instead of faulting them in anew
+            keep_freed_memory(one_arena=True)  # the step's large tensors reuse pages instead of faulting them in anew
         self.out = Path(cfg.run.out_dir)
 
         train_sets = [(spec, load_dataset(spec, cfg.data.train_split)) for spec in cfg.data.train]

@@ -67,7 +67,7 @@ def capabilities() -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=1)
-def keep_freed_memory() -> bool:
+def keep_freed_memory(one_arena: bool = False) -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of handing it back to the system.
 
     PyTorch's CPU allocator has no cache of its own, and glibc serves every block above its mmap
@@ -75,18 +75,23 @@ def keep_freed_memory() -> bool:
     allocates its (tokens, vocabulary) logits and their gradient, 48 MB each, page-faults them
     in anew every step, and the encoder its 25 MB activations every batch. On 2 AVX2 cores
     `torch.exp` of such a tensor takes 92 ms into fresh pages and 28 ms into reused ones, and the
-    encoder at batch 16 30 to 35 ms per photo against 19 to 20. After this call the main thread's
-    heap serves all blocks and is never trimmed, so the process keeps its peak memory (as a GPU
-    caching allocator does); other threads' arenas may still hand freed blocks back. Called by the processes that compute: the CLI, the service, Ray's caption
-    actors, training; once per process. Returns whether it applied (glibc only)."""
+    encoder at batch 16 30 to 35 ms per photo against 19 to 20. After this call the main arena
+    serves all blocks and is never trimmed, so the process keeps its peak memory (as a GPU
+    caching allocator does).
+
+    `one_arena` makes every thread allocate from the main arena. The arenas glibc gives other
+    threads hand large freed blocks back (a thread's 24 MB tensor faulted in anew each time), so
+    a process that computes in another thread is faster with it (the service's batching thread,
+    fp32: 10-20% more requests/s at batch 1), and training measured 2-3% faster. Without it each
+    thread keeps its own arena, so the OpenMP workers that compute a small product with the
+    calling thread (fbgemm allocates per call) do not wait on its malloc lock: an int8 decoder
+    step of 3 rows took 2x as long with one arena (AMX Xeon), the service 6-14% fewer requests/s
+    on int8. Called once per process, before it starts threads (glibc reads the limit when a
+    thread first needs an arena), by the processes that compute: the CLI, the service, Ray's
+    caption actors, training. Returns whether it applied (glibc only)."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library the process already runs on
     if mallopt is None:  # not glibc (macOS): nothing to set
         return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
-    # The number of arenas stays glibc's. With one arena for all threads, the OpenMP workers that
-    # compute each small product with the caller (fbgemm allocates per call) wait on its malloc
-    # lock: a decoder step of 3 rows took 2x as long (AMX Xeon, int8), the service 6-14% fewer
-    # requests/s on int8. The cost: other threads' arenas fault large blocks in again, so the
-    # service's batching thread its encoder activations on bf16 and fp32 (3% fewer requests/s at
-    # 16 clients on bf16), and training's cached steps ran 2-3% slower.
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's malloc.h
+    return (bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
+            and (not one_arena or bool(mallopt(m_arena_max, 1))))
