@@ -115,7 +115,7 @@ def _list(values: list[float]) -> str:
 def main() -> None:
     from captioner.runtime.cpu import keep_freed_memory
 
-    keep_freed_memory()  # the library here under the allocator settings the CLI and the service use
+    keep_freed_memory()  # the library here under the allocator settings the CLI uses
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=None, help="photos (default: 256; 1024 with --engine ray)")
     parser.add_argument("--data", type=Path, default=None, help="another folder of images to cycle")

@@ -70,7 +70,7 @@ def time_per_image(function, pixels: torch.Tensor, batch: int) -> float:
 
 
 def main() -> None:
-    cpu.keep_freed_memory()  # the library here under the allocator settings the CLI and the service use
+    cpu.keep_freed_memory()  # the library here under the allocator settings the CLI uses
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     parser.add_argument("--images", type=Path, default=None,

@@ -174,7 +174,7 @@ def drive(url: str, images: list[bytes], clients: int, duration: float, warmup: 
 def main() -> None:
     from captioner.runtime.cpu import keep_freed_memory
 
-    keep_freed_memory()  # the library here under the allocator settings the CLI and the service use
+    keep_freed_memory()  # the library here under the allocator settings the CLI uses
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--images", type=int, default=32)

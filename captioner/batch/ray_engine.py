@@ -299,7 +299,7 @@ class CaptionActor:
         from ..runtime.cpu import keep_freed_memory
 
         torch.set_num_threads(1)
-        keep_freed_memory()  # as the local engine's process does (cli.main)
+        keep_freed_memory(one_arena=True)  # it computes in a thread other than the main one, as the service does
         with tempfile.NamedTemporaryFile(prefix="captioner-", suffix=suffix) as handle:
             handle.write(ray.get(checkpoint[0]))
             handle.flush()

@@ -82,7 +82,8 @@ def keep_freed_memory(one_arena: bool = False) -> bool:
     `one_arena` makes every thread allocate from the main arena. The arenas glibc gives other
     threads hand large freed blocks back (a thread's 24 MB tensor faulted in anew each time), so
     a process that computes in another thread is faster with it (the service's batching thread,
-    fp32: 10-20% more requests/s at batch 1), and training measured 2-3% faster. Without it each
+    fp32: 10-20% more requests/s at batch 1; Ray's caption actors), and training measured 2-3%
+    faster. Without it each
     thread keeps its own arena, so the OpenMP workers that compute a small product with the
     calling thread (fbgemm allocates per call) do not wait on its malloc lock: an int8 decoder
     step of 3 rows took 2x as long with one arena (AMX Xeon), the service 6-14% fewer requests/s
