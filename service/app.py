@@ -80,7 +80,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # Only the batching threads compute in parallel (see batcher.py): loading the models and the
     # request threads' preprocessing run on one thread each.
     torch.set_num_threads(1)
-    keep_freed_memory(one_arena=True)  # the batching thread's large tensors reuse freed pages too
+    keep_freed_memory(one_arena=True)  # the batching thread's large tensors usually reuse freed pages too
     metrics = Metrics()
     if settings.access_log:
         access.configure()

@@ -66,7 +66,6 @@ def capabilities() -> dict[str, Any]:
     }
 
 
-@functools.lru_cache(maxsize=1)
 def keep_freed_memory(one_arena: bool = False) -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of handing it back to the system.
 
@@ -76,20 +75,19 @@ def keep_freed_memory(one_arena: bool = False) -> bool:
     in anew every step, and the encoder its 25 MB activations every batch. On 2 AVX2 cores
     `torch.exp` of such a tensor takes 92 ms into fresh pages and 28 ms into reused ones, and the
     encoder at batch 16 30 to 35 ms per photo against 19 to 20. After this call the main arena
-    serves all blocks and is never trimmed, so the process keeps its peak memory (as a GPU
-    caching allocator does).
+    serves blocks of every size and is never trimmed, so the process keeps its peak memory (as a
+    GPU caching allocator does).
 
-    `one_arena` makes every thread allocate from the main arena. The arenas glibc gives other
-    threads hand large freed blocks back (a thread's 24 MB tensor faulted in anew each time), so
-    a process that computes in another thread is faster with it (the service's batching thread,
-    fp32: 10-20% more requests/s at batch 1; Ray's caption actors), and training measured 2-3%
-    faster. Without it each
-    thread keeps its own arena, so the OpenMP workers that compute a small product with the
-    calling thread (fbgemm allocates per call) do not wait on its malloc lock: an int8 decoder
-    step of 3 rows took 2x as long with one arena (AMX Xeon), the service 6-14% fewer requests/s
-    on int8. Called once per process, before it starts threads (glibc reads the limit when a
-    thread first needs an arena), by the processes that compute: the CLI, the service, Ray's
-    caption actors, training. Returns whether it applied (glibc only)."""
+    The arenas glibc gives other threads hand large freed blocks back (a thread's 24 MB tensor
+    faulted in anew each time). With `one_arena`, threads that first allocate after this call
+    share the main arena, which usually avoids that: for processes that compute in a thread other
+    than their main one (the service's batching thread: on fp32, 11-25% more requests/s one photo
+    at a time; Ray's caption actors, not measured) and for training (2-3% faster). Without it each
+    thread has its own arena, so the OpenMP workers that compute a small product with the calling
+    thread (fbgemm allocates per call) do not wait on its malloc lock: with one arena an int8
+    decoder step of 3 rows took 2x as long (AMX Xeon) and the service served 6-11% fewer requests
+    on int8. The settings are process-wide and `one_arena` cannot be undone: call this once, at
+    the start of a process that computes. Returns whether it applied (glibc only)."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library the process already runs on
     if mallopt is None:  # not glibc (macOS): nothing to set
         return False
