@@ -138,6 +138,15 @@ def test_tags_respect_threshold_and_max_tags():
         tagger.tags(pooled, threshold=1.5)
 
 
+def test_tied_tags_keep_the_words_order_and_an_empty_batch_has_none():
+    tagger = toy_tagger()
+    pooled = pooled_for(0.1, 0.1, 0.4, 0.4)  # cat 0.2, dog 0.4, bus 0.4
+    assert tagger.words == ["bus", "cat", "dog"]
+    assert [t.word for t in tagger.tags(pooled, threshold=0.3)[0]] == ["bus", "dog"]
+    assert [t.word for t in tagger.tags(pooled, threshold=0.3, max_tags=1)[0]] == ["bus"]
+    assert tagger.tags(pooled[:0], threshold=0.0) == []
+
+
 def test_tags_keep_only_words_and_forms_in_the_vocabulary():
     tagger = toy_tagger()
     pooled = pooled_for(0.3, 0.3, 0.25, 0.15)
