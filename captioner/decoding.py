@@ -486,39 +486,49 @@ class BeamState:
         if trace:
             self.steps.append(trace)
 
+    def ranked(self, image: int) -> bool:
+        """Whether the image (its position among the active) has no required words: its
+        candidates come ranked and the best K that do not end go on, as in plain beam search."""
+        return self.required is None or not self.goal[image]
+
     def select(self, logp: torch.Tensor) -> list[list[_Candidate]]:
-        """logp (N, V) of the next word -> each image's candidates from its live rows: the best
-        2K of their best words, ranked, without required words; with them, the best 2K of each
-        row besides its required words (so each bank has its own candidates) and every row's
+        """logp (N, V) of the next word -> each image's candidates from its live rows. A step
+        continues at most `width` beams from a row and ends at most one, so a row's best width + 1
+        words are all it can offer (K + 1 where no image has required words). An image without
+        required words takes its rows' best, ranked, the best 2K of them; one with required words
+        each row's best besides them (so each bank has its own candidates) and every row's
         required words, in row order. One top-k pass over (N, V); the rest on a few numbers per
         row. Rows that hold no beam (-inf) offer none."""
         b, r, k2 = self.images, self.r, 2 * self.k
         if self.required is None:
-            word_logp, word = logp.topk(min(k2, logp.shape[1]), dim=1)  # (N, 2K)
-        else:  # each row's best 2K + W + 1 words hold its best 2K that are neither required nor a
-            # forbidden <eos>; its required words after them
-            word_logp, word = logp.topk(min(k2 + self.said_rows.shape[1] + 1, logp.shape[1]), dim=1)
-            word_logp = torch.cat([word_logp, logp.gather(1, self.said_rows)], dim=1)  # (N, 2K + 2W + 1)
+            best = self.k + 1
+            word_logp, word = logp.topk(min(best, logp.shape[1]), dim=1)  # (N, K + 1)
+        else:  # each row's best width + 1 + W + 1 words hold its best width + 1 that are neither
+            # required nor a forbidden <eos>; its required words after them
+            best = self.width + 1
+            word_logp, word = logp.topk(min(best + self.said_rows.shape[1] + 1, logp.shape[1]), dim=1)
+            word_logp = torch.cat([word_logp, logp.gather(1, self.said_rows)], dim=1)  # (N, width + 2W + 2)
         cum, word_logp, word = (self.beam_logp[:, None] + word_logp).tolist(), word_logp.tolist(), word.tolist()
         candidates = []
         for image in range(b):
             each = []
+            ranked = self.ranked(image)
             for n in range(image * r, image * r + r):
                 beam = self.beams[n]
                 if beam.logp == NEG_INF:
                     continue
                 row, met, row_cum, row_logp = n - image * r, beam.met, cum[n], word_logp[n]
-                if self.required is None:
-                    each += [(c, row, w, lp, met) for c, w, lp in zip(row_cum, word[n], row_logp)]
+                if ranked:
+                    each += [(c, row, w, lp, met) for c, w, lp in zip(row_cum[:best], word[n][:best], row_logp)]
                     continue
                 # only a row that met every required word may end
                 skip = self.required[image][met != self.goal[image]]
                 plain = word[n]
-                each += [(c, row, w, lp, met) for c, w, lp in zip(row_cum, plain, row_logp) if w not in skip][:k2]
+                each += [(c, row, w, lp, met) for c, w, lp in zip(row_cum, plain, row_logp) if w not in skip][:best]
                 said = len(plain)
                 each += [(c, row, w, lp, met | bits)
                          for c, lp, (w, bits) in zip(row_cum[said:], row_logp[said:], self.said[image])]
-            if self.required is None:
+            if ranked:
                 each.sort(key=_by_logp, reverse=True)  # stable: on ties, the earlier row (then top-k's order)
                 del each[k2:]
             candidates.append(each)
@@ -529,7 +539,7 @@ class BeamState:
         -> whether any did."""
         ended, k, r, penalty = False, self.k, self.r, self.config.length_penalty
         for image, top in enumerate(candidates):
-            if self.required is None:  # ranked, and every one is at the goal
+            if self.ranked(image):  # every one is at the goal
                 ends = [c for c in top[:k] if c[_WORD] == eos and c[_LOGP] > NEG_INF]
             else:  # among the K best of the candidates at the goal
                 if not any(c[_WORD] == eos for c in top):
@@ -554,7 +564,7 @@ class BeamState:
         for image, top in enumerate(candidates):
             first = image * r
             going = [NEG_INF if c[_WORD] == eos else c[_LOGP] for c in top]
-            if self.required is None:  # ranked: the first K that do not end
+            if self.ranked(image):  # the first K that do not end
                 live = [q for q, logp in enumerate(going) if logp > NEG_INF][:self.k]
             else:
                 live = _allocate(going, [c[_MET].bit_count() for c in top], self.quota[image], width)

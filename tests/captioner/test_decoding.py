@@ -258,6 +258,62 @@ def test_constrained_batch_equals_one_by_one(decoder):
         assert [h.tokens for h in alone[0]] == [h.tokens for h in batch[i]]
 
 
+def _every_word_beam_search(decoder, regions, pooled, k, max_new_tokens):
+    """Plain beam search as Hugging Face's `generate` defines it, written out over every word:
+    each step ranks all R x V extensions of an image's R rows, an <eos> among the first K ends a
+    hypothesis, the best K others go on; an image stops once K have ended (early stopping), or
+    after `max_new_tokens` its live beams compete unfinished. -> per image, (tokens, log-prob)
+    of its K best, best first."""
+    eos, vocab = SPECIAL["eos_id"], decoder.config.vocab_size
+    results = []
+    for i in range(regions.shape[0]):
+        with torch.inference_mode():
+            state = decoder.init_state(regions[i:i + 1], pooled[i:i + 1])
+        beams, tokens, ended = [(0.0, [])], torch.tensor([SPECIAL["bos_id"]]), []
+        for step in range(max_new_tokens):
+            with torch.inference_mode():
+                logits, state, _ = decoder.step(tokens, state)
+            logp = logits.float().log_softmax(dim=-1)
+            logp[:, list(SPECIAL["banned_ids"])] = float("-inf")
+            cumulative = torch.tensor([logp_sum for logp_sum, _ in beams])[:, None] + logp  # (R, V), fp32
+            values, flat = cumulative.flatten().topk(2 * k)
+            going = []
+            for rank, (value, index) in enumerate(zip(values.tolist(), flat.tolist())):
+                row, word = divmod(index, vocab)
+                if word == eos:
+                    if rank < k:
+                        ended.append((value / (step + 1), beams[row][1], value))
+                elif len(going) < k:
+                    going.append((value, beams[row][1] + [word], row))
+            if len(ended) >= k:
+                break
+            beams = [(value, words) for value, words, _ in going]
+            tokens = torch.tensor([words[-1] for _, words in beams])
+            state = state.reorder(torch.tensor([row for _, _, row in going]))
+        else:
+            ended += [(value / max_new_tokens, words, value) for value, words in beams]
+        ended.sort(key=lambda e: -e[0])  # stable: the earlier on equal scores
+        results.append([(words, value) for _, words, value in ended[:k]])
+    return results
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_beam_search_finds_what_ranking_every_word_finds(decoder, k):
+    """Each row offers only its best K + 1 words (more cannot continue or end), yet plain beam
+    search keeps the hypotheses a search over every word keeps, alone and in a batch with
+    required words for other images."""
+    regions, pooled = _images(6, seed=23)
+    config = DecodeConfig(num_beams=k, num_return_sequences=k, min_new_tokens=0, no_repeat_ngram_size=0,
+                          max_new_tokens=8)
+    expected = _every_word_beam_search(decoder, regions, pooled, k, config.max_new_tokens)
+    plain = generate(decoder, regions, pooled, config, **SPECIAL)
+    mixed = generate(decoder, regions, pooled, config, constraints=[[], [(5,)], [], [(6,), (7,)], [], []], **SPECIAL)
+    for image, want in enumerate(expected):
+        for results in [plain] + ([mixed] if image in (0, 2, 4, 5) else []):
+            assert [h.tokens for h in results[image]] == [words for words, _ in want]
+            assert [h.log_prob for h in results[image]] == pytest.approx([logp for _, logp in want], abs=1e-4)
+
+
 def test_required_word_with_one_beam_and_with_attention(decoder):
     regions, pooled = _images(3, seed=13)
     results = generate(decoder, regions, pooled, DecodeConfig(num_beams=1, return_attention=True),
