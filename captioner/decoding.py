@@ -446,13 +446,12 @@ class BeamState:
         self.said_ids: torch.Tensor | None = None  # (B, W) the same words, padded
         budget = [self.k] * images  # rows each image uses
         self.quota = [[self.k] for _ in range(images)]  # rows guaranteed to each bank
-        if guide is not None and bool((guide.goal > 0).any()):
-            self.goal = guide.goal.tolist()
-            self.said_ids, bits = guide.required_words()
-            self.said = [[(i, b) for i, b in zip(row_ids, row_bits) if b]
-                         for row_ids, row_bits in zip(self.said_ids.tolist(), bits.tolist())]
+        if guide is not None and any(guide.goal):
+            self.goal, self.said = list(guide.goal), guide.said
             self.required = [({i for i, _ in said}, {i for i, _ in said} | {eos}) for said in self.said]
-            self.said_ids = self.said_ids.to(device)
+            w = max(len(said) for said in self.said)
+            self.said_ids = _tensor([i for said in self.said for i in [word for word, _ in said] + [0] * (w - len(said))],
+                                    torch.long, device).view(images, w)  # padded with word 0
             for image, goal in enumerate(self.goal):
                 banks = goal.bit_count() + 1  # one per number of required words met
                 budget[image] = max(self.k, banks)
@@ -692,12 +691,13 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, eos: int, rule
 @dataclass
 class _Constraints:
     """Required and excluded words of a batch: image b must say, for each of its constraints, one
-    of that constraint's word ids, and none of its excluded ids. word_bits (B, V): bit c set where
-    a word meets constraint c; goal (B,): the bits of all of an image's constraints; excluded[b]
-    (or None for no exclusions): the ids image b must not say."""
+    of that constraint's word ids, and none of its excluded ids. said[b]: (word id, bits) of each
+    word that meets some constraint of image b, bit c set where it meets constraint c, in the
+    order given; goal[b]: the bits of all of its constraints; excluded[b] (or None for no
+    exclusions): the ids image b must not say. Plain numbers: a handful per image."""
 
-    word_bits: torch.Tensor
-    goal: torch.Tensor
+    said: list[list[tuple[int, int]]]
+    goal: list[int]
     excluded: list[list[int]] | None = None
 
     @classmethod
@@ -709,29 +709,25 @@ class _Constraints:
         if most > MAX_CONSTRAINTS:
             raise ValueError(f"at most {MAX_CONSTRAINTS} required words per image, got {most}")
         check = lambda i: int(i) if 0 <= int(i) < vocab_size else _outside(i)  # noqa: E731
-        bits = torch.zeros(len(constraints), vocab_size, dtype=torch.long)
-        goal = torch.zeros(len(constraints), dtype=torch.long)
-        for image, required in enumerate(constraints):
+        said = []
+        for required in constraints:
+            bits: dict[int, int] = {}
             for c, ids in enumerate(required):
                 for i in ids:
-                    bits[image, check(i)] |= 1 << c
-                goal[image] |= 1 << c
+                    word = check(i)
+                    bits[word] = bits.get(word, 0) | 1 << c
+            said.append(list(bits.items()))
+        goal = [(1 << len(required)) - 1 for required in constraints]
         if excluded is not None and any(excluded):
             excluded = [[check(i) for i in ids] for ids in excluded]
-            for required, ids in zip(constraints, excluded):
-                if {int(i) for forms in required for i in forms} & set(ids):
+            for words, ids in zip(said, excluded):
+                if {word for word, _ in words} & set(ids):
                     raise ValueError("a word cannot be both required and excluded")
         else:
             excluded = None
         if most == 0 and excluded is None:
             return None
-        return cls(bits, goal, excluded)
-
-    def required_words(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> ids and bits (B, W) of the words that meet some constraint, per image, padded with
-        bits 0 (W = the most of any image)."""
-        bits, ids = self.word_bits.topk(max(1, int((self.word_bits > 0).sum(dim=1).max())), dim=1)  # padding last
-        return ids, bits
+        return cls(said, goal, excluded)
 
 
 def _outside(i) -> int:
