@@ -490,21 +490,24 @@ class BeamState:
         candidates come ranked and the best K that do not end go on, as in plain beam search."""
         return self.required is None or not self.goal[image]
 
+    def offered(self) -> int:
+        """How many words a row offers besides required ones: a step continues at most `width`
+        beams from a row and ends at most one, so its best width + 1 are all that can be chosen
+        (up to the order top-k gives tied words)."""
+        return self.width + 1
+
     def select(self, logp: torch.Tensor) -> list[list[_Candidate]]:
-        """logp (N, V) of the next word -> each image's candidates from its live rows. A step
-        continues at most `width` beams from a row and ends at most one, so a row's best width + 1
-        words are all it can offer (K + 1 where no image has required words). An image without
-        required words takes its rows' best, ranked, the best 2K of them; one with required words
-        each row's best besides them (so each bank has its own candidates) and every row's
-        required words, in row order. One top-k pass over (N, V); the rest on a few numbers per
-        row. Rows that hold no beam (-inf) offer none."""
+        """logp (N, V) of the next word -> each image's candidates from its live rows, each row's
+        `offered()` best words: an image without required words takes them ranked, the best 2K;
+        one with required words each row's best besides them (so each bank has its own
+        candidates) and every row's required words, in row order. One top-k pass over (N, V); the
+        rest on a few numbers per row. Rows that hold no beam (-inf) offer none."""
         b, r, k2 = self.images, self.r, 2 * self.k
+        best = self.offered()
         if self.required is None:
-            best = self.k + 1
-            word_logp, word = logp.topk(min(best, logp.shape[1]), dim=1)  # (N, K + 1)
+            word_logp, word = logp.topk(min(best, logp.shape[1]), dim=1)  # (N, width + 1)
         else:  # each row's best width + 1 + W + 1 words hold its best width + 1 that are neither
             # required nor a forbidden <eos>; its required words after them
-            best = self.width + 1
             word_logp, word = logp.topk(min(best + self.said_rows.shape[1] + 1, logp.shape[1]), dim=1)
             word_logp = torch.cat([word_logp, logp.gather(1, self.said_rows)], dim=1)  # (N, width + 2W + 2)
         cum, word_logp, word = (self.beam_logp[:, None] + word_logp).tolist(), word_logp.tolist(), word.tolist()
@@ -518,7 +521,7 @@ class BeamState:
                     continue
                 row, met, row_cum, row_logp = n - image * r, beam.met, cum[n], word_logp[n]
                 if ranked:
-                    each += [(c, row, w, lp, met) for c, w, lp in zip(row_cum[:best], word[n][:best], row_logp)]
+                    each += [(c, row, w, lp, met) for c, w, lp in zip(row_cum[:best], word[n][:best], row_logp[:best])]
                     continue
                 # only a row that met every required word may end
                 skip = self.required[image][met != self.goal[image]]
@@ -658,10 +661,10 @@ def _allocate(logp: list[float], bank: list[int], quota: list[int], r: int) -> l
 def _beam_search(decoder: Decoder, state: DecoderState, bos: int, eos: int, rules: list[TokenRule],
                  config: DecodeConfig, guide: "_Constraints | None" = None) -> list[list[Hypothesis]]:
     """Vectorised beam search with a pool of finished hypotheses per image, as in Hugging Face
-    `generate`: each step takes the top 2K candidates; an <eos> among the first K enters the
-    pool, the best K others continue (`BeamState` says how required words divide the rows). An
-    image is done when its pool is full (and, without `early_stopping`, no live beam can beat the
-    pool's worst). After `max_new_tokens` the live beams join the pool unfinished, so every image
+    `generate`: each step ranks the best 2K candidates (of each row's best K + 1 words: no others
+    could be chosen); an <eos> among the first K enters the pool, the best K others continue
+    (`BeamState` says how required words divide the rows). An image is done when its pool is full
+    (and, without `early_stopping`, no live beam can beat the pool's worst). After `max_new_tokens` the live beams join the pool unfinished, so every image
     gets a caption even when no beam finished."""
     b = state.image_gates.shape[0]
     device = state.h.device

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from captioner.decoder import Decoder
-from captioner.decoding import DecodeConfig, generate
+from captioner.decoding import BeamState, DecodeConfig, generate
 from tests.conftest import tiny_decoder_config
 
 P, E, V = 5, 24, 20
@@ -297,21 +297,51 @@ def _every_word_beam_search(decoder, regions, pooled, k, max_new_tokens):
     return results
 
 
+@pytest.fixture(scope="module", params=[0.0, 0.4])
+def unbiased_decoder(request) -> Decoder:
+    """The same decoder with less push towards <eos> (none, or a fifth): captions run longer, some
+    to the limit, and <eos> comes at every rank."""
+    torch.manual_seed(3)
+    model = Decoder(tiny_decoder_config(V)).eval()
+    with torch.no_grad():
+        model.output_bias[2] += request.param
+    return model
+
+
 @pytest.mark.parametrize("k", [2, 3, 5])
-def test_beam_search_finds_what_ranking_every_word_finds(decoder, k):
-    """Each row offers only its best K + 1 words (more cannot continue or end), yet plain beam
-    search keeps the hypotheses a search over every word keeps, alone and in a batch with
+def test_beam_search_finds_what_ranking_every_word_finds(unbiased_decoder, k):
+    """Each row offers only its best K + 1 words (no others could continue or end), yet plain
+    beam search keeps the hypotheses a search over every word keeps, alone and in a batch with
     required words for other images."""
-    regions, pooled = _images(6, seed=23)
+    regions, pooled = _images(16, seed=23)
     config = DecodeConfig(num_beams=k, num_return_sequences=k, min_new_tokens=0, no_repeat_ngram_size=0,
                           max_new_tokens=8)
-    expected = _every_word_beam_search(decoder, regions, pooled, k, config.max_new_tokens)
-    plain = generate(decoder, regions, pooled, config, **SPECIAL)
-    mixed = generate(decoder, regions, pooled, config, constraints=[[], [(5,)], [], [(6,), (7,)], [], []], **SPECIAL)
+    expected = _every_word_beam_search(unbiased_decoder, regions, pooled, k, config.max_new_tokens)
+    assert {len(words) for want in expected for words, _ in want} >= {config.max_new_tokens}  # some reach the limit
+    plain = generate(unbiased_decoder, regions, pooled, config, **SPECIAL)
+    constraints = [[(5,)] if image % 3 == 1 else [] for image in range(16)]
+    mixed = generate(unbiased_decoder, regions, pooled, config, constraints=constraints, **SPECIAL)
     for image, want in enumerate(expected):
-        for results in [plain] + ([mixed] if image in (0, 2, 4, 5) else []):
+        for results in [plain] + ([mixed] if not constraints[image] else []):
             assert [h.tokens for h in results[image]] == [words for words, _ in want]
             assert [h.log_prob for h in results[image]] == pytest.approx([logp for _, logp in want], abs=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("early_stopping", [True, False])
+def test_rows_offering_every_word_change_no_hypothesis(unbiased_decoder, k, early_stopping):
+    """Guided search offers each row's best width + 1 words besides the required ones; offering
+    every word chooses the same, also with more required words than beams (one beam and three
+    words: the first step's single row must fill four rows)."""
+    regions, pooled = _images(8, seed=1)
+    constraints = [[(5,), (5, 6)], [(6,), (6,)], [], [(7,), (8,), (9,)], [(5, 11)], [], [(12,), (13,)],
+                   [(4,), (14,), (15,)]]
+    config = DecodeConfig(num_beams=k, num_return_sequences=k, max_new_tokens=8, early_stopping=early_stopping,
+                          no_repeat_ngram_size=0, min_new_tokens=0)
+    offered = generate(unbiased_decoder, regions, pooled, config, constraints=constraints, **SPECIAL)
+    with mock.patch.object(BeamState, "offered", lambda self: V):
+        every = generate(unbiased_decoder, regions, pooled, config, constraints=constraints, **SPECIAL)
+    assert [[(h.tokens, h.log_prob) for h in r] for r in offered] == [[(h.tokens, h.log_prob) for h in r] for r in every]
 
 
 def test_required_word_with_one_beam_and_with_attention(decoder):
