@@ -7,11 +7,11 @@ tagger's guidance, per image at batch 1 and 16.
 
 Each phase is timed by wrapping the function that does it (wall clock, so the phases add up to
 the whole less the rest: setting up the search, the loop itself, building the results, reported
-as "other"); best of
-`--repeats` passes over the same photos. One more pass counts the tensor operations that
-decoding dispatches per photo (views included; the encoder's not): on a shared machine, where
-times wander, a figure that does not. Photos: as bench_inference.py. The last line is one JSON
-object with the figures.
+as "other"); best of `--repeats` passes over the same photos. One more pass counts the tensor
+operations that decoding dispatches per photo (views included; the encoder's not), the word
+steps per batch and the rows they decode per photo: on a shared machine, where times wander,
+figures that do not. Photos: as bench_inference.py. The last line is one JSON object with the
+figures.
 """
 
 from __future__ import annotations
@@ -69,6 +69,20 @@ def timed(owner, name: str, totals: dict, key: str) -> None:
     setattr(owner, name, wrapper)
 
 
+def count_steps(decoder) -> dict:
+    """Counts the decoder's word steps ("calls") and the rows they decode ("rows") from here on."""
+    counts = {"calls": 0, "rows": 0}
+    step = decoder.step
+
+    def counting(tokens, state):
+        counts["calls"] += 1
+        counts["rows"] += tokens.shape[0]
+        return step(tokens, state)
+
+    decoder.step = counting
+    return counts
+
+
 def main() -> None:
     cpu.keep_freed_memory()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,6 +101,7 @@ def main() -> None:
     timed(model, "encode", totals, "encoder")
     timed(model.decoder, "init_state", totals, "init")
     timed(model.decoder, "step", totals, "step")
+    steps = count_steps(model.decoder)
     for key, (owner, name) in PHASES.items():
         timed(owner, name, totals, key)
     figures: dict = {"precision": model.inference.precision, "runtime": model.inference.runtime,
@@ -106,18 +121,23 @@ def main() -> None:
                 runs.append({"total": (time.perf_counter() - started) * 1000 / len(pixels),
                              **{k: v * 1000 / len(pixels) for k, v in totals.items()}})
         counter = CountOperations()
+        steps.update(calls=0, rows=0)
         for start in range(0, len(pixels), batch):
             regions, pooled = model.encode(pixels[start:start + batch])
             with counter:
                 model.caption_features(regions, pooled, config)
+        batches = -(-len(pixels) // batch)
         best = min(runs, key=lambda r: r["total"])
         run = {c: best.get(c, 0.0) for c in columns[:-1]}
         run["other"] = best["total"] - sum(run.values())
         share = 1 - run["encoder"] / best["total"]
         print(f"{batch:>6}{best['total']:>8.2f}" + "".join(f"{run[c]:>9.2f}" for c in columns) + f"{share:>10.0%}")
         figures[f"b{batch}"] = {"total_ms": round(best["total"], 3), **{f"{c}_ms": round(run[c], 3) for c in columns},
-                                "decoder_share": round(share, 3), "operations_per_photo": round(counter.count / len(pixels))}
-        print(f"{'':>6}{counter.count / len(pixels):.0f} tensor operations dispatched per photo in decoding")
+                                "decoder_share": round(share, 3), "operations_per_photo": round(counter.count / len(pixels)),
+                                "word_steps_per_batch": round(steps["calls"] / batches, 2),
+                                "rows_per_photo": round(steps["rows"] / len(pixels), 2)}
+        print(f"{'':>6}{counter.count / len(pixels):.0f} tensor operations dispatched per photo in decoding; "
+              f"{steps['calls'] / batches:.1f} word steps a batch, {steps['rows'] / len(pixels):.1f} rows decoded a photo")
     print(json.dumps(figures))
 
 
