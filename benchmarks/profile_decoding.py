@@ -133,11 +133,13 @@ def main() -> None:
         share = 1 - run["encoder"] / best["total"]
         print(f"{batch:>6}{best['total']:>8.2f}" + "".join(f"{run[c]:>9.2f}" for c in columns) + f"{share:>10.0%}")
         figures[f"b{batch}"] = {"total_ms": round(best["total"], 3), **{f"{c}_ms": round(run[c], 3) for c in columns},
-                                "decoder_share": round(share, 3), "operations_per_photo": round(counter.count / len(pixels)),
+                                "decoder_share": round(share, 3),
+                                "operations_per_photo": round(counter.count / len(pixels)),
                                 "word_steps_per_batch": round(steps["calls"] / batches, 2),
                                 "rows_per_photo": round(steps["rows"] / len(pixels), 2)}
         print(f"{'':>6}{counter.count / len(pixels):.0f} tensor operations dispatched per photo in decoding; "
-              f"{steps['calls'] / batches:.1f} word steps a batch, {steps['rows'] / len(pixels):.1f} rows decoded a photo")
+              f"{steps['calls'] / batches:.1f} word steps a batch, "
+              f"{steps['rows'] / len(pixels):.1f} rows decoded a photo")
     print(json.dumps(figures))
 
 

@@ -450,8 +450,8 @@ class BeamState:
             self.goal, self.said = list(guide.goal), guide.said
             self.required = [({i for i, _ in said}, {i for i, _ in said} | {eos}) for said in self.said]
             w = max(len(said) for said in self.said)
-            self.said_ids = _tensor([i for said in self.said for i in [word for word, _ in said] + [0] * (w - len(said))],
-                                    torch.long, device).view(images, w)  # padded with word 0
+            padded = [i for said in self.said for i in [word for word, _ in said] + [0] * (w - len(said))]
+            self.said_ids = _tensor(padded, torch.long, device).view(images, w)  # padded with word 0
             for image, goal in enumerate(self.goal):
                 banks = goal.bit_count() + 1  # one per number of required words met
                 budget[image] = max(self.k, banks)
@@ -664,8 +664,9 @@ def _beam_search(decoder: Decoder, state: DecoderState, bos: int, eos: int, rule
     `generate`: each step ranks the best 2K candidates (of each row's best K + 1 words: no others
     could be chosen); an <eos> among the first K enters the pool, the best K others continue
     (`BeamState` says how required words divide the rows). An image is done when its pool is full
-    (and, without `early_stopping`, no live beam can beat the pool's worst). After `max_new_tokens` the live beams join the pool unfinished, so every image
-    gets a caption even when no beam finished."""
+    (and, without `early_stopping`, no live beam can beat the pool's worst). After
+    `max_new_tokens` the live beams join the pool unfinished, so every image gets a caption even
+    when no beam finished."""
     b = state.image_gates.shape[0]
     device = state.h.device
     beams = BeamState(b, config, bos, eos, guide, device)

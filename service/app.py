@@ -269,11 +269,12 @@ def _caption(state: ServiceState, images: list[bytes], pairs: list[tuple[str, st
                 raise Problem(422, f"output_hidden_states returns thousands of numbers per word: at most "
                                    f"{config.max_hidden_state_words} words per request (images x num_return_sequences "
                                    f"x (max_new_tokens + 1)), this asks for {words}")
-        preprocess_started = time.monotonic()
-        pixels = _preprocess(slot.handler, images)
-        preprocessed_at = time.monotonic()
         try:
-            jobs = slot.batcher.submit(pixels, decode, deadline=deadline, request_key=uuid.uuid4().hex)
+            with slot.batcher.incoming():  # a batch forming now may wait for these images
+                preprocess_started = time.monotonic()
+                pixels = _preprocess(slot.handler, images)
+                preprocessed_at = time.monotonic()
+                jobs = slot.batcher.submit(pixels, decode, deadline=deadline, request_key=uuid.uuid4().hex)
         except QueueFull as error:
             state.metrics.rejected.labels("queue_full").inc()
             raise Problem(503, f"the service is busy ({error}); retry later", headers=retry) from None

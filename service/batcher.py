@@ -3,7 +3,10 @@
 Request threads `submit()` preprocessed images (3, S, S) with their decoding config and wait on
 the returned `Job`s. One batching thread takes the oldest waiting image, waits at most
 `max_wait_ms` for up to `max_batch_size - 1` more images with the same decoding config, runs
-`infer(pixels (B, 3, S, S), config)` once, and hands each result back to its request.
+`infer(pixels (B, 3, S, S), config)` once, and hands each result back to its request. It waits
+only while some request is on its way (`incoming()`: being read and decoded): a lone request,
+the common case at low load, is computed at once instead of waiting for company that is not
+coming.
 
 The queue is bounded: `submit()` raises `QueueFull` at once when the images do not fit (the
 service answers 503 with Retry-After). Every job carries a deadline: a job still waiting when its
@@ -22,6 +25,7 @@ the request threads (loading, warm-up, the pixel copy of preprocessing) had thei
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -79,6 +83,7 @@ class MicroBatcher:
         self.max_queue = max_queue
         self.observe = observe or (lambda name, value: None)
         self._queue: deque[Job] = deque()
+        self._incoming = 0  # requests between `incoming()` and their submit
         self._cond = threading.Condition()
         self._closed = False
         process_wide = torch.get_num_threads()
@@ -109,6 +114,19 @@ class MicroBatcher:
             self.observe("queue_depth", len(self._queue))
             self._cond.notify()
         return jobs
+
+    @contextlib.contextmanager
+    def incoming(self):
+        """Announce a request while it is read and decoded, around its `submit()`: a batch waits
+        (up to `max_wait_ms`) for the images of announced requests, and for no others."""
+        with self._cond:
+            self._incoming += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._incoming -= 1
+                self._cond.notify_all()
 
     @property
     def depth(self) -> int:
@@ -150,9 +168,10 @@ class MicroBatcher:
             if not self._queue:  # closed, and nothing left to drain
                 return None
             first = self._queue[0]
-            # Wait for company only while the batch is not full and the first job can afford it.
+            # Wait for company only while some is on its way, the batch is not full and the first
+            # job can afford it.
             until = min(first.enqueued + self.max_wait, first.deadline)
-            while self.max_batch_size > 1 and not self._closed:
+            while self.max_batch_size > 1 and self._incoming and not self._closed:
                 if sum(1 for j in self._queue if j.key == first.key) >= self.max_batch_size:
                     break
                 remaining = until - time.monotonic()

@@ -341,7 +341,10 @@ def test_rows_offering_every_word_change_no_hypothesis(unbiased_decoder, k, earl
     offered = generate(unbiased_decoder, regions, pooled, config, constraints=constraints, **SPECIAL)
     with mock.patch.object(BeamState, "offered", lambda self: V):
         every = generate(unbiased_decoder, regions, pooled, config, constraints=constraints, **SPECIAL)
-    assert [[(h.tokens, h.log_prob) for h in r] for r in offered] == [[(h.tokens, h.log_prob) for h in r] for r in every]
+    def found(results):
+        return [[(h.tokens, h.log_prob) for h in hypotheses] for hypotheses in results]
+
+    assert found(offered) == found(every)
 
 
 def test_required_word_with_one_beam_and_with_attention(decoder):

@@ -55,9 +55,12 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_results(batcher_fac
     batcher = batcher_factory(model, max_batch_size=8, max_wait_ms=200)
     config = DecodeConfig(num_beams=2)
     results: dict[int, tuple] = {}
+    all_reading = threading.Barrier(8)
 
     def request(i: int) -> None:
-        [job] = batcher.submit([image(i)], config, deadline=later())
+        with batcher.incoming():  # read and decoded together
+            all_reading.wait(10)
+            [job] = batcher.submit([image(i)], config, deadline=later())
         results[i] = job.wait()
 
     threads = [threading.Thread(target=request, args=(i,)) for i in range(8)]
@@ -68,6 +71,24 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_results(batcher_fac
     assert results == {i: (i, 2) for i in range(8)}
     assert max(len(b) for b in model.batches) > 1
     assert sum(len(b) for b in model.batches) == 8
+
+
+def test_a_lone_request_is_computed_at_once_and_one_on_its_way_is_waited_for(batcher_factory):
+    """A batch waits (up to max_wait_ms) only for requests announced as incoming: at low load a
+    request does not pay the wait for company that is not coming."""
+    model = FakeModel()
+    batcher = batcher_factory(model, max_batch_size=8, max_wait_ms=5000)
+    started = time.monotonic()
+    with batcher.incoming():
+        [alone] = batcher.submit([image(1)], DecodeConfig(), deadline=later())
+    assert alone.wait() == (1, 3) and time.monotonic() - started < 2.5
+    with batcher.incoming():  # a second request is being read while the first arrives
+        [first] = batcher.submit([image(2)], DecodeConfig(), deadline=later())
+        time.sleep(0.2)
+        assert not first.done.is_set()
+        [second] = batcher.submit([image(3)], DecodeConfig(), deadline=later())
+    assert (first.wait(), second.wait()) == ((2, 3), (3, 3))
+    assert model.batches == [[1], [2, 3]]
 
 
 def test_batches_never_exceed_the_maximum_and_keep_order(batcher_factory):
@@ -84,10 +105,11 @@ def test_batches_never_exceed_the_maximum_and_keep_order(batcher_factory):
 def test_different_decode_configs_never_share_a_batch(batcher_factory):
     model = FakeModel()
     model.gate.clear()
-    batcher = batcher_factory(model, max_batch_size=16, max_wait_ms=50)
-    a = batcher.submit([image(1), image(2)], DecodeConfig(num_beams=1), deadline=later())
-    b = batcher.submit([image(3)], DecodeConfig(num_beams=3), deadline=later())
-    c = batcher.submit([image(4)], DecodeConfig(num_beams=1), deadline=later())
+    batcher = batcher_factory(model, max_batch_size=16, max_wait_ms=2000)
+    with batcher.incoming():  # the three requests arrive together
+        a = batcher.submit([image(1), image(2)], DecodeConfig(num_beams=1), deadline=later())
+        b = batcher.submit([image(3)], DecodeConfig(num_beams=3), deadline=later())
+        c = batcher.submit([image(4)], DecodeConfig(num_beams=1), deadline=later())
     model.gate.set()
     assert [j.wait() for j in a + b + c] == [(1, 1), (2, 1), (3, 3), (4, 1)]
     assert sorted(model.batches) == [[1, 2, 4], [3]]
@@ -96,10 +118,11 @@ def test_different_decode_configs_never_share_a_batch(batcher_factory):
 def test_seeded_sampling_is_batched_only_within_its_request(batcher_factory):
     model = FakeModel()
     model.gate.clear()
-    batcher = batcher_factory(model, max_batch_size=16, max_wait_ms=50)
+    batcher = batcher_factory(model, max_batch_size=16, max_wait_ms=2000)
     config = DecodeConfig(num_beams=1, do_sample=True, seed=3)
-    first = batcher.submit([image(1), image(2)], config, deadline=later(), request_key="r1")
-    second = batcher.submit([image(3)], config, deadline=later(), request_key="r2")
+    with batcher.incoming():
+        first = batcher.submit([image(1), image(2)], config, deadline=later(), request_key="r1")
+        second = batcher.submit([image(3)], config, deadline=later(), request_key="r2")
     model.gate.set()
     for job in first + second:
         job.wait()
