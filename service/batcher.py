@@ -4,7 +4,7 @@ Request threads `submit()` preprocessed images (3, S, S) with their decoding con
 the returned `Job`s. One batching thread takes the oldest waiting image, waits at most
 `max_wait_ms` for up to `max_batch_size - 1` more images with the same decoding config, runs
 `infer(pixels (B, 3, S, S), config)` once, and hands each result back to its request. It waits
-only while some request is on its way (`incoming()`: being read and decoded): a lone request,
+only while some request is on its way (`incoming()`: its images being decoded): a lone request,
 the common case at low load, is computed at once instead of waiting for company that is not
 coming.
 
@@ -83,7 +83,7 @@ class MicroBatcher:
         self.max_queue = max_queue
         self.observe = observe or (lambda name, value: None)
         self._queue: deque[Job] = deque()
-        self._incoming = 0  # requests between `incoming()` and their submit
+        self._incoming = 0  # requests inside their `incoming()` block (it ends after their submit)
         self._cond = threading.Condition()
         self._closed = False
         process_wide = torch.get_num_threads()
@@ -117,7 +117,7 @@ class MicroBatcher:
 
     @contextlib.contextmanager
     def incoming(self):
-        """Announce a request while it is read and decoded, around its `submit()`: a batch waits
+        """Announce a request while its images are decoded, around its `submit()`: a batch waits
         (up to `max_wait_ms`) for the images of announced requests, and for no others."""
         with self._cond:
             self._incoming += 1

@@ -41,7 +41,7 @@ def register(commands) -> None:
     serve.add_argument("--max-batch-size", type=int, default=None,
                        help="images per micro-batch; 1 turns batching off (default: 16)")
     serve.add_argument("--max-wait-ms", type=float, default=None,
-                       help="how long a batch waits for the images of requests being read and decoded (default: 5)")
+                       help="how long a batch waits for the images of requests being decoded (default: 5)")
     serve.add_argument("--rate-limit", default=None, metavar="RATE[,BURST]",
                        help="requests/second (and burst) per API key, or per client address without keys")
     serve.add_argument("--drain-s", type=float, default=None,

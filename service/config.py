@@ -31,7 +31,7 @@ class ServiceConfig:
 
     # micro-batching
     max_batch_size: int = 16  # images per encoder+decoder batch; 1 turns batching off
-    max_wait_ms: float = 5.0  # how long the first image of a batch waits for requests being read
+    max_wait_ms: float = 5.0  # how long the first image of a batch waits for requests being decoded
     max_queue: int = 64  # images waiting; beyond it new requests get 503 at once
     request_timeout_s: float = 30.0  # per-request deadline (queueing and inference)
     retry_after_s: int = 1
