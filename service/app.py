@@ -51,7 +51,11 @@ STATIC = os.path.join(os.path.dirname(__file__), "static")
 # go of the GIL; a request thread that takes it meanwhile keeps it until Python asks for it back
 # after the switch interval, 5 ms by default, so a batch's word steps queued behind the request
 # threads' Python. At 0.2 ms: 16 clients 1.26x the requests/s (docs/benchmarks.md, HTTP service).
+# A drain puts Python's back: its last accept and the socket's close run in the worker's main
+# thread, and request threads taking the GIL between them widen the moment in which a new
+# connection would be queued and then reset (seen in 2 of 13 loaded drains at 0.2 ms).
 GIL_SWITCH_INTERVAL_S = 0.0002
+PYTHON_SWITCH_INTERVAL_S = sys.getswitchinterval()
 _OPTION_FIELDS = {f.name: f for f in dataclasses.fields(DecodeConfig)}
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
@@ -67,6 +71,7 @@ class ServiceState:
     reload_siblings: Callable[[], None] | None = None  # under gunicorn: tell the other workers
 
     def begin_drain(self) -> None:
+        sys.setswitchinterval(PYTHON_SWITCH_INTERVAL_S)  # see GIL_SWITCH_INTERVAL_S
         self.draining = True
         self.ready = False
         self.metrics.ready.set(0)
