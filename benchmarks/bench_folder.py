@@ -22,7 +22,8 @@
 1,024 photos by default: a short run measures the start more than the steady state (the local
 engine's first batches wait for its decoding workers; Ray's actor loads its model while decoding
 runs a few batches ahead). The local engine measured 0.56x the library with 256 photos (176-211
-images/s) and 0.64-0.77x with 1,024 and 2,048 (186-252; docs/benchmarks.md, Caption-folder).
+images/s) and 0.64-0.77x with 1,024 and 2,048 (186-252), alternating in runs of their own
+(docs/benchmarks.md, Caption-folder).
 
 The model is the bundled default (captioner/weights/default.pt); while it does not exist, a
 checkpoint of the same architecture (training/configs/flickr8k.yaml decoder, 2,600 words) with a

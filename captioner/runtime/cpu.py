@@ -82,11 +82,12 @@ def keep_freed_memory(one_arena: bool = False) -> bool:
     faulted in anew each time). With `one_arena`, threads that first allocate after this call
     share the main arena, which usually avoids that: for processes that compute in a thread other
     than their main one (the service's batching thread where the encoder runs in PyTorch: on fp32,
-    11-25% more requests/s one photo at a time; Ray's caption actors, not measured) and for
-    training (2-3% faster). Without it each thread has its own arena, so the OpenMP workers that
-    compute a small product with the calling thread (fbgemm allocates per call) do not wait on its
-    malloc lock: with one arena an int8 decoder step of 3 rows took 2x as long (AMX Xeon) and the
-    service served 6-11% fewer requests on int8 with ONNX Runtime's encoder. The settings are
+    11-25% more requests/s one photo at a time; Ray's caption actors on every path, since on
+    int8 arenas per thread gave them no more images/s) and for training (2-3% faster). Without
+    it each thread has its own arena, so the OpenMP workers that compute a small product with the
+    calling thread (fbgemm allocates per call) do not wait on its malloc lock: with one arena an
+    int8 decoder step of 3 rows took 2x as long (AMX Xeon) and the service served 6-11% fewer
+    requests on int8 with ONNX Runtime's encoder. The settings are
     process-wide and `one_arena` cannot be undone: call this at the start of a process that
     computes, and with `one_arena` before the threads it concerns first allocate. Returns whether
     it applied (glibc only)."""
