@@ -13,6 +13,11 @@ cannot tell whether it was processed. This worker instead
    those requests like any other (gunicorn's graceful timeout bounds the wait).
 
 A connection that arrives after the socket closed is refused, which a client can safely retry.
+One that completes between the last accept and the close would be queued and then reset, so
+where the socket closes with this worker and its siblings (the master has closed its copy: the
+whole service is stopping), the worker first makes the socket drop new connection requests
+(Linux: a socket filter that keeps no packet): such a client's SYN is retried a second later and
+then refused.
 Under a rolling restart (SIGHUP to the master) the old workers drain while the new ones load.
 
 SIGHUP sent to a worker reloads every model whose checkpoint file changed, in a thread (the
@@ -22,8 +27,12 @@ and sends SIGHUP to the other workers of the same master.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import socket
+import struct
+import sys
 import threading
 import time
 
@@ -74,6 +83,9 @@ class DrainingWorker(ThreadWorker):
         self.set_accept_enabled(False)
         self.listeners_closed = True
         for listener in self.sockets:
+            if closes_with_workers_of(self.ppid, listener):
+                refuse_new_connections(listener)
+                self.log.info("worker %s: the socket closes with the workers; new connections are refused", self.pid)
             while True:  # take every connection the kernel already queued, so none is reset
                 before = self.nr_conns
                 self.accept(listener)
@@ -107,6 +119,55 @@ class DrainingWorker(ThreadWorker):
                     os.kill(pid, signal.SIGHUP)
                 except ProcessLookupError:
                     pass
+
+
+SO_ATTACH_FILTER = 26  # Linux, <asm-generic/socket.h>
+# A classic BPF program of one instruction, BPF_RET | BPF_K with k = 0: keep 0 bytes of every
+# packet, i.e. drop it (struct sock_filter: u16 code, u8 jt, u8 jf, u32 k).
+_DROP_EVERY_PACKET = struct.pack("HBBI", 0x06, 0, 0, 0)
+
+
+def refuse_new_connections(listener: socket.socket) -> None:
+    """Make a listening TCP socket drop connection requests (Linux), so that none is queued
+    after the last accept to be reset by its close; connections already queued stay acceptable."""
+    program = ctypes.create_string_buffer(_DROP_EVERY_PACKET, len(_DROP_EVERY_PACKET))
+    fprog = struct.pack("HP", 1, ctypes.addressof(program))  # struct sock_fprog: length, pointer
+    listener.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+def closes_with_workers_of(master: int, listener: socket.socket) -> bool:
+    """Whether every process that holds the socket open is a child of `master` (Linux, read in
+    /proc), so that it closes, resetting what it queued, when they exit. False where another
+    process holds it: the master itself (a single worker's restart), a new master after
+    gunicorn's USR2 upgrade with its workers; False too where this cannot be read: off Linux,
+    and for a socket another user made (a socket-activating service manager, a master running as
+    root), whose other holders this user may not see."""
+    if sys.platform != "linux" or os.fstat(listener.fileno()).st_uid != os.getuid():
+        return False
+    holders = _holders(listener)
+    return os.getpid() in holders and holders <= set(_children(master))
+
+
+def _holders(listener: socket.socket) -> set[int]:
+    """The processes that have `listener` open, among those whose /proc/PID/fd this user reads
+    (a process of another user holds a socket this user made only if it was handed over)."""
+    link = f"socket:[{os.fstat(listener.fileno()).st_ino}]"
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{entry}/fd/{fd}") == link:
+                    pids.add(int(entry))
+                    break
+            except OSError:
+                continue
+    return pids
 
 
 def _children(parent: int) -> list[int]:

@@ -55,6 +55,7 @@ def test_sigterm_drains_then_closes_without_resetting_a_request(tiny_checkpoint,
         assert served_while_draining == "200" and drain_headers.get("Connection") == "close"
         assert load.failures == 0, (dict(load.outcomes), load.refusals, log.read_text()[-3000:])
         assert load.outcomes["refused"] == CLIENTS  # every client ended on a closed socket, none on a reset
+        assert "new connections are refused" in log.read_text()  # the last close could reset none
         assert DRAIN_S <= stopped_s < DRAIN_S + 20
         assert post(url, photo)[0] == "refused"
 
@@ -93,6 +94,7 @@ def test_rolling_restart_and_model_reload_fail_no_request(tiny_checkpoint, other
                        lambda: f"{report.status_code} {report.text}; {state(load, log)}")
             switched = time.monotonic()
             wait_until(lambda: len(load.answered_since(switched)) >= 4 * CLIENTS, 60, lambda: state(load, log))
+            wait_until(lambda: log.read_text().count("closed its socket") >= len(old_workers), 60, log.read_text)
         print(f"\nrolling restart under {CLIENTS} clients: {restart} ({restarted} by the time the new workers ran); "
               f"reload under load: {dict(load.outcomes)} in total, POST /reload took {reload_s:.2f} s")
         assert report.status_code == 200, report.text
@@ -100,3 +102,5 @@ def test_rolling_restart_and_model_reload_fail_no_request(tiny_checkpoint, other
         assert set(load.outcomes) == {"200"}, (dict(load.outcomes), load.refusals, log.read_text()[-3000:])
         late = load.answered_since(switched)
         assert late and set(late) == {new_sha}  # every request sent after both reloaded: the new version
+        # the old workers closed their copies of a socket the master still holds: left accepting
+        assert "new connections are refused" not in log.read_text()
