@@ -136,16 +136,29 @@ def refuse_new_connections(listener: socket.socket) -> None:
 
 
 def closes_with_workers_of(master: int, listener: socket.socket) -> bool:
-    """Whether every process that holds the socket open is a child of `master` (Linux, read in
-    /proc), so that it closes, resetting what it queued, when they exit. False where another
-    process holds it: the master itself (a single worker's restart), a new master after
-    gunicorn's USR2 upgrade with its workers; False too where this cannot be read: off Linux,
-    and for a socket another user made (a socket-activating service manager, a master running as
-    root), whose other holders this user may not see."""
+    """Whether every process that holds the socket open is a worker of `master`: a child with
+    this process's environment (Linux, read in /proc), so that it closes, resetting what it
+    queued, when they exit. False where another process holds it: the master itself (a single
+    worker's restart), a new master after gunicorn's USR2 upgrade (a child too, whose environment
+    names the sockets it inherited) or its workers; False too where this cannot be read: off
+    Linux, and for a socket another user made (a socket-activating service manager, a master
+    running as root), whose other holders this user may not see."""
     if sys.platform != "linux" or os.fstat(listener.fileno()).st_uid != os.getuid():
         return False
     holders = _holders(listener)
-    return os.getpid() in holders and holders <= set(_children(master))
+    if os.getpid() not in holders or not holders <= set(_children(master)):
+        return False
+    own = _environment(os.getpid())
+    return own is not None and all(_environment(pid) == own for pid in holders)
+
+
+def _environment(pid: int) -> bytes | None:
+    """The environment a process started with (/proc/PID/environ): a fork keeps its parent's."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            return handle.read()
+    except OSError:
+        return None
 
 
 def _holders(listener: socket.socket) -> set[int]:

@@ -8,10 +8,13 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from service.worker import closes_with_workers_of, refuse_new_connections
+from service.worker import refuse_new_connections
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="socket filters and /proc are Linux's")
 
@@ -37,16 +40,47 @@ def test_a_refusing_socket_keeps_what_it_queued_and_then_refuses_rather_than_res
         socket.create_connection(address, timeout=5)
 
 
-def test_a_socket_closes_with_the_workers_only_when_no_other_process_holds_it():
+# A process holding the socket (passed as fd argv[1]); told to on stdin, it says whether the socket
+# closes with the workers of argv[2], its parent.
+HOLDER = """
+import socket, sys
+from service.worker import closes_with_workers_of
+listener = socket.socket(fileno=int(sys.argv[1]))
+sys.stdin.readline()
+print(closes_with_workers_of(int(sys.argv[2]), listener), flush=True)
+sys.stdin.read()
+"""
+
+
+def ask_first(environments: list[dict[str, str]], master_keeps_it: bool) -> bool:
+    """This process as the master: children holding its listening socket, started with these
+    environments; the first answers once the master has (or has not) closed its copy."""
     listener, _ = listening()
-    with listener:
-        # Held by this process alone, a child of its parent: it closes with this "worker".
-        assert closes_with_workers_of(os.getppid(), listener)
-        assert not closes_with_workers_of(os.getpid(), listener)  # not a child of itself
-        holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
-                                  stdin=subprocess.PIPE, pass_fds=[listener.fileno()])
-        try:  # a process of another parent (as a master, or a new one after USR2) holds it too
-            assert not closes_with_workers_of(os.getppid(), listener)
-        finally:
-            holder.communicate(b"")
-        assert closes_with_workers_of(os.getppid(), listener)
+    holders = [subprocess.Popen([sys.executable, "-c", HOLDER, str(listener.fileno()), str(os.getpid())],
+                                cwd=ROOT, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                pass_fds=[listener.fileno()], text=True)
+               for environment in environments]
+    try:
+        if not master_keeps_it:
+            listener.close()
+        holders[0].stdin.write("\n")
+        holders[0].stdin.flush()
+        return {"True": True, "False": False}[holders[0].stdout.readline().strip()]
+    finally:
+        listener.close()
+        for holder in holders:
+            holder.communicate("")
+
+
+def environment_at_start() -> dict[str, str]:
+    """This process's environment as it started (/proc/self/environ), which its forks show too."""
+    items = Path("/proc/self/environ").read_bytes().split(b"\0")
+    return dict(os.fsdecode(item).split("=", 1) for item in items if b"=" in item)
+
+
+def test_a_socket_closes_with_the_workers_only_when_no_other_process_holds_it():
+    worker = environment_at_start()  # as a gunicorn worker's, the same as its master's
+    assert ask_first([worker, worker], master_keeps_it=False)  # SIGTERM: every worker drains
+    assert not ask_first([worker, worker], master_keeps_it=True)  # a rolling restart or one worker's
+    # gunicorn's USR2 upgrade: a new master, a child of this one, holds the sockets it names
+    assert not ask_first([worker, {**worker, "GUNICORN_FD": "3"}], master_keeps_it=False)
