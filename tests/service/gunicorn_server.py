@@ -20,6 +20,11 @@ from typing import Callable, Iterator
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
+# The console script, as the container starts it: a USR2 upgrade re-executes the master's argv,
+# and `python -m gunicorn`'s (gunicorn/__main__.py first) would put gunicorn's own `http` package
+# before the standard library's.
+_SCRIPT = Path(sys.executable).with_name("gunicorn")
+GUNICORN = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "gunicorn"]
 
 
 def free_port() -> int:
@@ -40,7 +45,7 @@ def gunicorn(log: Path, **settings: str) -> Iterator[tuple[str, subprocess.Popen
     env.pop("CAPTIONER_RUNTIME_DIR", None)
     with open(log, "wb") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "service" / "gunicorn.conf.py"), "service:create_app()"],
+            [*GUNICORN, "-c", str(ROOT / "service" / "gunicorn.conf.py"), "service:create_app()"],
             cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

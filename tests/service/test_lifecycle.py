@@ -1,9 +1,11 @@
 """A real gunicorn under a bounded load of concurrent clients: SIGTERM drains (503 from /readyz at
 once, answers for the drain period, then the socket closes), a rolling restart (SIGHUP to the
-master) and a model reload fail no request. Each test prints what its clients got."""
+master) and a model reload fail no request; after an upgrade in place (USR2) the new master
+serves on once the old one stopped. Each test prints what its clients got."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import time
@@ -104,3 +106,43 @@ def test_rolling_restart_and_model_reload_fail_no_request(tiny_checkpoint, other
         assert late and set(late) == {new_sha}  # every request sent after both reloaded: the new version
         # the old workers closed their copies of a socket the master still holds: left accepting
         assert "new connections are refused" not in log.read_text()
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def test_an_upgrade_in_place_serves_on_after_the_old_master_stops(tiny_checkpoint, tmp_path):
+    """gunicorn's USR2: a new master, a child of the old one, starts on the same socket; the old
+    master's workers then drain on TERM and must leave that socket accepting for the new one."""
+    photo = make_photo(seed=23)
+    log = tmp_path / "server.log"
+    with gunicorn(log, CHECKPOINT=tiny_checkpoint, WORKERS="1", THREADS="4", DRAIN_S="0.5") as (url, old):
+        old_workers = workers(old.pid)
+        old.send_signal(signal.SIGUSR2)
+
+        def new_master_ready() -> int | None:
+            for pid in workers(old.pid) - old_workers:
+                new = workers(pid)
+                if new and all(f"worker {w} ready" in log.read_text() for w in new):
+                    return pid
+            return None
+
+        wait_until(new_master_ready, 90, log.read_text)
+        new_master = new_master_ready()
+        try:
+            old.send_signal(signal.SIGTERM)
+            assert old.wait(60) == 0, log.read_text()
+            answers = [post(url, photo)[0] for _ in range(10)]
+            assert answers == ["200"] * 10, (answers, log.read_text()[-3000:])
+            assert "new connections are refused" not in log.read_text()  # the old workers left it alone
+        finally:
+            os.kill(new_master, signal.SIGTERM)
+            wait_until(lambda: not alive(new_master), 60, log.read_text)
+    # the new master's worker was the socket's last holder
+    assert log.read_text().count("new connections are refused") == 1, log.read_text()[-3000:]
+    assert post(url, photo)[0] == "refused"
