@@ -83,9 +83,7 @@ class DrainingWorker(ThreadWorker):
         self.set_accept_enabled(False)
         self.listeners_closed = True
         for listener in self.sockets:
-            if closes_with_workers_of(self.ppid, listener):
-                refuse_new_connections(listener)
-                self.log.info("worker %s: the socket closes with the workers; new connections are refused", self.pid)
+            self._refuse_new_connections_if_last(listener)
             while True:  # take every connection the kernel already queued, so none is reset
                 before = self.nr_conns
                 self.accept(listener)
@@ -93,6 +91,18 @@ class DrainingWorker(ThreadWorker):
                     break
             listener.close()
         self.log.info("worker %s closed its socket; finishing %d connection(s)", self.pid, self.nr_conns)
+
+    def _refuse_new_connections_if_last(self, listener) -> None:
+        """Where the socket closes with this master's workers, stop new connections from queueing
+        (module docstring); where that cannot be known or done, drain as without."""
+        try:
+            if not closes_with_workers_of(self.ppid, listener):
+                return
+            refuse_new_connections(listener)
+        except OSError as error:  # no /proc, or a kernel or sandbox without socket filters
+            self.log.warning("worker %s left its socket unfiltered: %s", self.pid, error)
+            return
+        self.log.info("worker %s: the socket closes with the workers; new connections are refused", self.pid)
 
     # -- SIGHUP: reload models ---------------------------------------------------------------------
 

@@ -4,15 +4,18 @@ a socket another process still holds (the master, a new master) is left as it is
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from service.worker import refuse_new_connections
+import service.worker
+from service.worker import DrainingWorker, refuse_new_connections
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,3 +87,17 @@ def test_a_socket_closes_with_the_workers_only_when_no_other_process_holds_it():
     assert not ask_first([worker, worker], master_keeps_it=True)  # a rolling restart or one worker's
     # gunicorn's USR2 upgrade: a new master, a child of this one, holds the sockets it names
     assert not ask_first([worker, {**worker, "GUNICORN_FD": "3"}], master_keeps_it=False)
+
+
+def test_a_drain_that_cannot_filter_its_socket_drains_as_before(monkeypatch, caplog):
+    def unsupported(listener):
+        raise OSError(92, "Protocol not available")
+
+    monkeypatch.setattr(service.worker, "refuse_new_connections", unsupported)
+    worker = SimpleNamespace(ppid=os.getppid(), pid=os.getpid(), log=logging.getLogger("test.worker"))
+    listener, address = listening()
+    with listener, caplog.at_level(logging.INFO, logger="test.worker"):
+        DrainingWorker._refuse_new_connections_if_last(worker, listener)
+        with socket.create_connection(address, timeout=5):  # still queued, to be accepted
+            listener.accept()[0].close()
+    assert "left its socket unfiltered: [Errno 92] Protocol not available" in caplog.text
