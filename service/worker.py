@@ -14,10 +14,13 @@ cannot tell whether it was processed. This worker instead
 
 A connection that arrives after the socket closed is refused, which a client can safely retry.
 One that completes between the last accept and the close would be queued and then reset, so
-where the socket closes with this worker and its siblings (the master has closed its copy: the
-whole service is stopping), the worker first makes the socket drop new connection requests
-(Linux: a socket filter that keeps no packet): such a client's SYN is retried a second later and
-then refused.
+where the socket closes with this worker and its siblings (`closes_with_workers_of`: the master
+has closed its copy, the whole service is stopping, and no other process holds it), the worker
+first makes the socket drop new connection requests
+(Linux: a socket filter that drops TCP segments without ACK, i.e. SYNs) and goes on accepting
+for `HANDSHAKE_GRACE_S`, so handshakes already under way complete and are served; a client whose
+SYN was dropped retries it (Linux: a second later) and is then refused. A handshake slower than
+the grace can still be reset.
 Under a rolling restart (SIGHUP to the master) the old workers drain while the new ones load.
 
 SIGHUP sent to a worker reloads every model whose checkpoint file changed, in a thread (the
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import socket
 import struct
@@ -83,26 +87,32 @@ class DrainingWorker(ThreadWorker):
         self.set_accept_enabled(False)
         self.listeners_closed = True
         for listener in self.sockets:
-            self._refuse_new_connections_if_last(listener)
-            while True:  # take every connection the kernel already queued, so none is reset
+            grace = HANDSHAKE_GRACE_S if self._refuse_new_connections_if_last(listener) else 0.0
+            until = time.monotonic() + grace
+            while True:  # take every connection the kernel queued, so none is reset
                 before = self.nr_conns
                 self.accept(listener)
                 if self.nr_conns == before:
-                    break
+                    if time.monotonic() >= until:
+                        break
+                    time.sleep(0.01)
             listener.close()
         self.log.info("worker %s closed its socket; finishing %d connection(s)", self.pid, self.nr_conns)
 
-    def _refuse_new_connections_if_last(self, listener) -> None:
+    def _refuse_new_connections_if_last(self, listener) -> bool:
         """Where the socket closes with this master's workers, stop new connections from queueing
-        (module docstring); where that cannot be known or done, drain as without."""
+        (module docstring) -> whether it did; where that cannot be known or done, drain as without."""
+        if any(str(address).startswith("fd://") for address in self.cfg.bind):
+            return False  # handed over by whoever started gunicorn, who may keep it
         try:
             if not closes_with_workers_of(self.ppid, listener):
-                return
+                return False
             refuse_new_connections(listener)
         except OSError as error:  # no /proc, or a kernel or sandbox without socket filters
             self.log.warning("worker %s left its socket unfiltered: %s", self.pid, error)
-            return
+            return False
         self.log.info("worker %s: the socket closes with the workers; new connections are refused", self.pid)
+        return True
 
     # -- SIGHUP: reload models ---------------------------------------------------------------------
 
@@ -132,16 +142,23 @@ class DrainingWorker(ThreadWorker):
 
 
 SO_ATTACH_FILTER = 26  # Linux, <asm-generic/socket.h>
-# A classic BPF program of one instruction, BPF_RET | BPF_K with k = 0: keep 0 bytes of every
-# packet, i.e. drop it (struct sock_filter: u16 code, u8 jt, u8 jf, u32 k).
-_DROP_EVERY_PACKET = struct.pack("HBBI", 0x06, 0, 0, 0)
+# A listening TCP socket's filter reads each segment from its TCP header: byte 13 holds the flags.
+# struct sock_filter: u16 code, u8 jt, u8 jf, u32 k (classic BPF).
+_KEEP_ONLY_ACKS = b"".join(struct.pack("HBBI", *instruction) for instruction in (
+    (0x30, 0, 0, 13),  # BPF_LD | BPF_B | BPF_ABS: A = the flags
+    (0x45, 0, 1, 0x10),  # BPF_JMP | BPF_JSET | BPF_K: ACK set? go on, else skip one
+    (0x06, 0, 0, 0xFFFFFFFF),  # BPF_RET | BPF_K: keep the segment
+    (0x06, 0, 0, 0),  # BPF_RET | BPF_K: drop it (a SYN)
+))
+HANDSHAKE_GRACE_S = 0.25  # accepting on after the filter: handshakes under way complete (an RTT)
 
 
 def refuse_new_connections(listener: socket.socket) -> None:
-    """Make a listening TCP socket drop connection requests (Linux), so that none is queued
-    after the last accept to be reset by its close; connections already queued stay acceptable."""
-    program = ctypes.create_string_buffer(_DROP_EVERY_PACKET, len(_DROP_EVERY_PACKET))
-    fprog = struct.pack("HP", 1, ctypes.addressof(program))  # struct sock_fprog: length, pointer
+    """Make a listening TCP socket (Linux) drop connection requests, SYNs, and keep every segment
+    with ACK: a handshake under way still completes, and connections already queued or accepted
+    (which inherit the filter) work as before."""
+    program = ctypes.create_string_buffer(_KEEP_ONLY_ACKS, len(_KEEP_ONLY_ACKS))
+    fprog = struct.pack("HP", len(_KEEP_ONLY_ACKS) // 8, ctypes.addressof(program))  # struct sock_fprog
     listener.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
@@ -150,16 +167,24 @@ def closes_with_workers_of(master: int, listener: socket.socket) -> bool:
     this process's environment (Linux, read in /proc), so that it closes, resetting what it
     queued, when they exit. False where another process holds it: the master itself (a single
     worker's restart), a new master after gunicorn's USR2 upgrade (a child too, whose environment
-    names the sockets it inherited) or its workers; False too where this cannot be read: off
-    Linux, and for a socket another user made (a socket-activating service manager, a master
-    running as root), whose other holders this user may not see."""
+    names the sockets it inherited) or its workers; False too where this cannot be known: off
+    Linux; for sockets the master was handed (systemd's LISTEN_FDS, a USR2 upgrade's
+    GUNICORN_FD), whose giver may keep them; for a socket another user made (a root master whose
+    workers run as another user); and where the master or a process under it hides its
+    descriptors (not dumpable: file capabilities, an LSM)."""
     if sys.platform != "linux" or os.fstat(listener.fileno()).st_uid != os.getuid():
         return False
-    holders = _holders(listener)
-    if os.getpid() not in holders or not holders <= set(_children(master)):
-        return False
     own = _environment(os.getpid())
-    return own is not None and all(_environment(pid) == own for pid in holders)
+    if own is None or _HANDED_SOCKETS.search(own):
+        return False
+    parents = _parents()
+    holders = _holders(listener, lambda pid: _under(pid, master, parents))
+    if holders is None or os.getpid() not in holders:
+        return False
+    return all(parents.get(pid) == master and _environment(pid) == own for pid in holders)
+
+
+_HANDED_SOCKETS = re.compile(rb"(?:^|\0)(?:LISTEN_FDS|GUNICORN_FD)=")
 
 
 def _environment(pid: int) -> bytes | None:
@@ -171,9 +196,9 @@ def _environment(pid: int) -> bytes | None:
         return None
 
 
-def _holders(listener: socket.socket) -> set[int]:
-    """The processes that have `listener` open, among those whose /proc/PID/fd this user reads
-    (a process of another user holds a socket this user made only if it was handed over)."""
+def _holders(listener: socket.socket, must_read) -> set[int] | None:
+    """The processes that have `listener` open, or None where a process for which
+    `must_read(pid)` holds hides its descriptors; other hidden ones are passed over."""
     link = f"socket:[{os.fstat(listener.fileno()).st_ino}]"
     pids = set()
     for entry in os.listdir("/proc"):
@@ -181,20 +206,41 @@ def _holders(listener: socket.socket) -> set[int]:
             continue
         try:
             fds = os.listdir(f"/proc/{entry}/fd")
-        except OSError:
+        except PermissionError:
+            if must_read(int(entry)):
+                return None
+            continue
+        except OSError:  # it exited
             continue
         for fd in fds:
             try:
-                if os.readlink(f"/proc/{entry}/fd/{fd}") == link:
-                    pids.add(int(entry))
-                    break
-            except OSError:
+                target = os.readlink(f"/proc/{entry}/fd/{fd}")
+            except PermissionError:
+                if must_read(int(entry)):
+                    return None
+                break
+            except OSError:  # that descriptor was closed meanwhile
                 continue
+            if target == link:
+                pids.add(int(entry))
+                break
     return pids
 
 
-def _children(parent: int) -> list[int]:
-    pids = []
+def _under(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
+    """Whether `pid` is `ancestor` or descends from it."""
+    seen = set()
+    while pid not in seen:
+        if pid == ancestor:
+            return True
+        seen.add(pid)
+        pid = parents.get(pid, 0)
+    return False
+
+
+def _parents() -> dict[int, int]:
+    """Every process's parent, from /proc/PID/stat (readable whatever a process's dumpability)."""
+    parents = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -204,6 +250,10 @@ def _children(parent: int) -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
-        if len(fields) > 1 and int(fields[1]) == parent:
-            pids.append(int(entry))
-    return pids
+        if len(fields) > 1:
+            parents[int(entry)] = int(fields[1])
+    return parents
+
+
+def _children(parent: int) -> list[int]:
+    return [pid for pid, ppid in _parents().items() if ppid == parent]

@@ -123,7 +123,6 @@ def test_an_upgrade_in_place_serves_on_after_the_old_master_stops(tiny_checkpoin
     log = tmp_path / "server.log"
     with gunicorn(log, CHECKPOINT=tiny_checkpoint, WORKERS="1", THREADS="4", DRAIN_S="0.5") as (url, old):
         old_workers = workers(old.pid)
-        old.send_signal(signal.SIGUSR2)
 
         def new_master_ready() -> int | None:
             for pid in workers(old.pid) - old_workers:
@@ -132,17 +131,20 @@ def test_an_upgrade_in_place_serves_on_after_the_old_master_stops(tiny_checkpoin
                     return pid
             return None
 
-        wait_until(new_master_ready, 90, log.read_text)
-        new_master = new_master_ready()
+        old.send_signal(signal.SIGUSR2)
+        new_master = None
         try:
+            wait_until(new_master_ready, 90, log.read_text)
+            new_master = new_master_ready()
             old.send_signal(signal.SIGTERM)
             assert old.wait(60) == 0, log.read_text()
             answers = [post(url, photo)[0] for _ in range(10)]
             assert answers == ["200"] * 10, (answers, log.read_text()[-3000:])
             assert "new connections are refused" not in log.read_text()  # the old workers left it alone
-        finally:
-            os.kill(new_master, signal.SIGTERM)
-            wait_until(lambda: not alive(new_master), 60, log.read_text)
-    # the new master's worker was the socket's last holder
-    assert log.read_text().count("new connections are refused") == 1, log.read_text()[-3000:]
+        finally:  # the new master is not this test's child: stop it, or it keeps the port
+            for pid in [new_master] if new_master else workers(old.pid) - old_workers:
+                os.kill(pid, signal.SIGTERM)
+                wait_until(lambda: not alive(pid), 60, log.read_text)
+    # Its sockets came from the old master (GUNICORN_FD), which might have kept them: unfiltered.
+    assert "new connections are refused" not in log.read_text()
     assert post(url, photo)[0] == "refused"

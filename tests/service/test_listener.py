@@ -22,9 +22,11 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="socket filters and /proc are Linux's")
 
 
-def listening() -> tuple[socket.socket, tuple[str, int]]:
-    listener = socket.create_server(("127.0.0.1", 0), backlog=16)
-    return listener, listener.getsockname()
+def listening(host: str = "127.0.0.1") -> tuple[socket.socket, tuple]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, 0), family=family, backlog=16)
+    listener.settimeout(5)
+    return listener, listener.getsockname()[:2]
 
 
 def test_a_refusing_socket_keeps_what_it_queued_and_then_refuses_rather_than_resets():
@@ -41,6 +43,25 @@ def test_a_refusing_socket_keeps_what_it_queued_and_then_refuses_rather_than_res
             assert accepted.recv(4) == b"ping"
     with pytest.raises(ConnectionRefusedError):  # after the close a client is refused
         socket.create_connection(address, timeout=5)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_a_handshake_under_way_when_the_filter_comes_completes_and_is_served(host):
+    """With TCP_DEFER_ACCEPT the server completes a handshake only when the client's first data
+    comes: here after the filter, as a final ACK in flight would."""
+    if host == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    listener, address = listening(host)
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 5)
+    with listener, socket.create_connection(address, timeout=5) as client:
+        refuse_new_connections(listener)
+        client.sendall(b"GET")
+        accepted, _ = listener.accept()
+        with accepted:
+            accepted.settimeout(5)
+            assert accepted.recv(3) == b"GET"
+            accepted.sendall(b"200")  # the accepted connection inherits the filter: its segments pass
+            assert client.recv(3) == b"200"
 
 
 # A process holding the socket (passed as fd argv[1]); told to on stdin, it says whether the socket
@@ -87,6 +108,23 @@ def test_a_socket_closes_with_the_workers_only_when_no_other_process_holds_it():
     assert not ask_first([worker, worker], master_keeps_it=True)  # a rolling restart or one worker's
     # gunicorn's USR2 upgrade: a new master, a child of this one, holds the sockets it names
     assert not ask_first([worker, {**worker, "GUNICORN_FD": "3"}], master_keeps_it=False)
+    handed = {**worker, "LISTEN_FDS": "1"}  # systemd's socket activation: systemd keeps the socket
+    assert not ask_first([handed, handed], master_keeps_it=False)
+
+
+def fake_worker(bind: list[str]) -> SimpleNamespace:
+    """What `DrainingWorker._refuse_new_connections_if_last` reads of its worker, for this process."""
+    return SimpleNamespace(ppid=os.getppid(), pid=os.getpid(), log=logging.getLogger("test.worker"),
+                           cfg=SimpleNamespace(bind=bind))
+
+
+def test_a_socket_gunicorn_was_handed_stays_unfiltered():
+    listener, address = listening()
+    with listener:
+        assert not DrainingWorker._refuse_new_connections_if_last(fake_worker(["fd://3"]), listener)
+        with socket.create_connection(address, timeout=5):  # queued: no filter drops its SYN
+            listener.accept()[0].close()
+        assert DrainingWorker._refuse_new_connections_if_last(fake_worker(["127.0.0.1:0"]), listener)
 
 
 def test_a_drain_that_cannot_filter_its_socket_drains_as_before(monkeypatch, caplog):
@@ -94,10 +132,27 @@ def test_a_drain_that_cannot_filter_its_socket_drains_as_before(monkeypatch, cap
         raise OSError(92, "Protocol not available")
 
     monkeypatch.setattr(service.worker, "refuse_new_connections", unsupported)
-    worker = SimpleNamespace(ppid=os.getppid(), pid=os.getpid(), log=logging.getLogger("test.worker"))
+    worker = fake_worker(["127.0.0.1:0"])
     listener, address = listening()
     with listener, caplog.at_level(logging.INFO, logger="test.worker"):
         DrainingWorker._refuse_new_connections_if_last(worker, listener)
         with socket.create_connection(address, timeout=5):  # still queued, to be accepted
             listener.accept()[0].close()
     assert "left its socket unfiltered: [Errno 92] Protocol not available" in caplog.text
+
+
+def test_a_process_of_this_user_whose_descriptors_cannot_be_read_may_hold_the_socket(monkeypatch):
+    """A master that is not dumpable (file capabilities, an LSM) hides its descriptors: it may
+    still hold the socket, which must then stay unfiltered."""
+    listener, _ = listening()
+    with listener:
+        assert service.worker.closes_with_workers_of(os.getppid(), listener)  # held by this process alone
+        hidden, listdir = f"/proc/{os.getppid()}/fd", os.listdir
+
+        def hiding(path):
+            if path == hidden:
+                raise PermissionError(13, "Permission denied", path)
+            return listdir(path)
+
+        monkeypatch.setattr(service.worker.os, "listdir", hiding)
+        assert not service.worker.closes_with_workers_of(os.getppid(), listener)
