@@ -17,10 +17,11 @@ One that completes between the last accept and the close would be queued and the
 where the socket closes with this worker and its siblings (`closes_with_workers_of`: the master
 has closed its copy, the whole service is stopping, and no other process holds it), the worker
 first makes the socket drop new connection requests
-(Linux: a socket filter that drops TCP segments without ACK, i.e. SYNs) and goes on accepting
+(Linux: a socket filter that drops SYNs without ACK) and goes on accepting
 for `HANDSHAKE_GRACE_S`, so handshakes already under way complete and are served; a client whose
 SYN was dropped retries it (Linux: a second later) and is then refused. A handshake slower than
-the grace can still be reset.
+the grace can still be reset. The socket is shared: the first worker's filter refuses new
+connections for siblings still in their drain (they end within about a second of each other).
 Under a rolling restart (SIGHUP to the master) the old workers drain while the new ones load.
 
 SIGHUP sent to a worker reloads every model whose checkpoint file changed, in a thread (the
@@ -144,21 +145,22 @@ class DrainingWorker(ThreadWorker):
 SO_ATTACH_FILTER = 26  # Linux, <asm-generic/socket.h>
 # A listening TCP socket's filter reads each segment from its TCP header: byte 13 holds the flags.
 # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k (classic BPF).
-_KEEP_ONLY_ACKS = b"".join(struct.pack("HBBI", *instruction) for instruction in (
+_DROP_CONNECTION_REQUESTS = b"".join(struct.pack("HBBI", *instruction) for instruction in (
     (0x30, 0, 0, 13),  # BPF_LD | BPF_B | BPF_ABS: A = the flags
-    (0x45, 0, 1, 0x10),  # BPF_JMP | BPF_JSET | BPF_K: ACK set? go on, else skip one
+    (0x54, 0, 0, 0x12),  # BPF_ALU | BPF_AND | BPF_K: A &= SYN | ACK
+    (0x15, 1, 0, 0x02),  # BPF_JMP | BPF_JEQ | BPF_K: SYN without ACK? skip to the drop
     (0x06, 0, 0, 0xFFFFFFFF),  # BPF_RET | BPF_K: keep the segment
-    (0x06, 0, 0, 0),  # BPF_RET | BPF_K: drop it (a SYN)
+    (0x06, 0, 0, 0),  # BPF_RET | BPF_K: drop it
 ))
 HANDSHAKE_GRACE_S = 0.25  # accepting on after the filter: handshakes under way complete (an RTT)
 
 
 def refuse_new_connections(listener: socket.socket) -> None:
-    """Make a listening TCP socket (Linux) drop connection requests, SYNs, and keep every segment
-    with ACK: a handshake under way still completes, and connections already queued or accepted
-    (which inherit the filter) work as before."""
-    program = ctypes.create_string_buffer(_KEEP_ONLY_ACKS, len(_KEEP_ONLY_ACKS))
-    fprog = struct.pack("HP", len(_KEEP_ONLY_ACKS) // 8, ctypes.addressof(program))  # struct sock_fprog
+    """Make a listening TCP socket (Linux) drop connection requests, SYNs without ACK, and keep
+    every other segment: a handshake under way still completes. Connections whose handshake
+    completes later inherit the filter, which passes all their segments (RSTs too)."""
+    program = ctypes.create_string_buffer(_DROP_CONNECTION_REQUESTS, len(_DROP_CONNECTION_REQUESTS))
+    fprog = struct.pack("HP", len(_DROP_CONNECTION_REQUESTS) // 8, ctypes.addressof(program))  # struct sock_fprog
     listener.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 

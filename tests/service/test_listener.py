@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -62,6 +63,26 @@ def test_a_handshake_under_way_when_the_filter_comes_completes_and_is_served(hos
             assert accepted.recv(3) == b"GET"
             accepted.sendall(b"200")  # the accepted connection inherits the filter: its segments pass
             assert client.recv(3) == b"200"
+
+
+def test_a_connection_accepted_after_the_filter_still_hears_its_client_reset_it():
+    """A client that closed answers the server's next segment with a RST without ACK; the
+    connection inherits the listener's filter, which must let that through (else the server
+    keeps sending into nothing)."""
+    listener, address = listening()
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 5)
+    with listener:
+        client = socket.create_connection(address, timeout=5)
+        refuse_new_connections(listener)
+        client.sendall(b"GET")
+        accepted, _ = listener.accept()
+        with accepted:
+            client.close()
+            accepted.sendall(b"200")  # to a closed socket: the client's stack resets
+            with pytest.raises((BrokenPipeError, ConnectionResetError)):
+                for _ in range(50):
+                    time.sleep(0.02)
+                    accepted.sendall(b"more")
 
 
 # A process holding the socket (passed as fd argv[1]); told to on stdin, it says whether the socket
