@@ -53,7 +53,9 @@ STATIC = os.path.join(os.path.dirname(__file__), "static")
 # threads' Python. At 0.2 ms: 16 clients 1.26x the requests/s (docs/benchmarks.md, HTTP service).
 # A drain puts Python's back: its last accept and the socket's close run in the worker's main
 # thread, and request threads taking the GIL between them widen the moment in which a new
-# connection would be queued and then reset (seen in 2 of 13 loaded drains at 0.2 ms).
+# connection would be queued and then reset (seen in 2 of 13 loaded drains at 0.2 ms). Where the
+# worker can filter its socket first (service/worker.py) none can queue; where it cannot (sockets
+# it was handed, a master it cannot read) this keeps the moment short.
 GIL_SWITCH_INTERVAL_S = 0.0002
 PYTHON_SWITCH_INTERVAL_S = sys.getswitchinterval()
 _OPTION_FIELDS = {f.name: f for f in dataclasses.fields(DecodeConfig)}

@@ -203,30 +203,34 @@ def _holders(listener: socket.socket, must_read) -> set[int] | None:
     `must_read(pid)` holds hides its descriptors; other hidden ones are passed over."""
     link = f"socket:[{os.fstat(listener.fileno()).st_ino}]"
     pids = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in _pids():
         try:
-            fds = os.listdir(f"/proc/{entry}/fd")
-        except PermissionError:
-            if must_read(int(entry)):
+            if link in _descriptors(pid):
+                pids.add(pid)
+        except PermissionError:  # not dumpable
+            if must_read(pid):
                 return None
-            continue
-        except OSError:  # it exited
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{entry}/fd/{fd}")
-            except PermissionError:
-                if must_read(int(entry)):
-                    return None
-                break
-            except OSError:  # that descriptor was closed meanwhile
-                continue
-            if target == link:
-                pids.add(int(entry))
-                break
     return pids
+
+
+def _descriptors(pid: int) -> set[str]:
+    """What the process's open descriptors point to (/proc/PID/fd); PermissionError where it
+    hides them."""
+    targets = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, ProcessLookupError):  # it exited
+        return targets
+    for fd in fds:
+        try:
+            targets.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except (FileNotFoundError, ProcessLookupError):  # closed meanwhile
+            continue
+    return targets
+
+
+def _pids() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
 
 
 def _under(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
@@ -243,17 +247,15 @@ def _under(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
 def _parents() -> dict[int, int]:
     """Every process's parent, from /proc/PID/stat (readable whatever a process's dumpability)."""
     parents = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in _pids():
         try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
                 stat = handle.read()
         except OSError:
             continue
         fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
         if len(fields) > 1:
-            parents[int(entry)] = int(fields[1])
+            parents[pid] = int(fields[1])
     return parents
 
 

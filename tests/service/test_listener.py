@@ -162,7 +162,7 @@ def test_a_drain_that_cannot_filter_its_socket_drains_as_before(monkeypatch, cap
     assert "left its socket unfiltered: [Errno 92] Protocol not available" in caplog.text
 
 
-def test_a_process_of_this_user_whose_descriptors_cannot_be_read_may_hold_the_socket(monkeypatch):
+def test_a_master_whose_descriptors_cannot_be_read_may_hold_the_socket(monkeypatch):
     """A master that is not dumpable (file capabilities, an LSM) hides its descriptors: it may
     still hold the socket, which must then stay unfiltered."""
     listener, _ = listening()
