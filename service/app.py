@@ -3,7 +3,7 @@
     create_app(config=None)   defaults, then CAPTIONER_* environment, then `config` (tests)
 
 The models are loaded and warmed up here, never at import: gunicorn runs `service:create_app()`
-in each worker after the fork (no --preload). HTTP parsing, authentication, rate limits and the
+in each worker after the fork (no --preload; the master imports only the libraries). HTTP parsing, authentication, rate limits and the
 access log live here; the served models and their reload in `models.ModelRegistry`; inference in
 `handler.CaptionHandler`; batching in `batcher.MicroBatcher` (one per model); the SIGTERM drain in
 `worker.DrainingWorker`.

@@ -1,5 +1,5 @@
-"""A real gunicorn process (service/gunicorn.conf.py, no --preload, two workers whose metrics
-/metrics sums) on a free loopback port."""
+"""A real gunicorn process (service/gunicorn.conf.py: two workers forked from a master that
+imports only the libraries, whose metrics /metrics sums) on a free loopback port."""
 
 from __future__ import annotations
 
@@ -21,10 +21,15 @@ CLIENTS = 32
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint: str, tmp_path_factory):
+    """-> (url, process, log, temp): `temp` is the server's TMPDIR, where the configuration makes
+    the folders its workers share."""
     log = tmp_path_factory.mktemp("gunicorn") / "server.log"
-    with gunicorn(log, CHECKPOINT=tiny_checkpoint, WORKERS="2", THREADS=str(CLIENTS), MAX_WAIT_MS="20",
-                  MAX_BATCH_SIZE="16") as (url, process):
-        yield url, process, log
+    temp = tmp_path_factory.mktemp("server-tmp")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(temp))
+        with gunicorn(log, CHECKPOINT=tiny_checkpoint, WORKERS="2", THREADS=str(CLIENTS), MAX_WAIT_MS="20",
+                      MAX_BATCH_SIZE="16") as (url, process):
+            yield url, process, log, temp
 
 
 def batch_histogram(url: str) -> dict[str, float]:
@@ -38,7 +43,7 @@ def batch_histogram(url: str) -> dict[str, float]:
 
 
 def test_32_concurrent_clients_are_answered_correctly_in_shared_batches(server, tiny_captioner):
-    url, _, _ = server
+    url, *_ = server
     before = batch_histogram(url)
     photos = [make_photo(seed=100 + i) for i in range(CLIENTS)]
     expected = [r.text for r in tiny_captioner.caption(photos, num_beams=1, max_new_tokens=8)]
@@ -65,7 +70,7 @@ def test_32_concurrent_clients_are_answered_correctly_in_shared_batches(server, 
 
 
 def test_bad_input_is_answered_and_the_worker_keeps_serving(server):
-    url, process, _ = server
+    url, process, *_ = server
     bad = requests.post(f"{url}/v1/captions", data=b"GIF89a broken", headers={"Content-Type": "image/gif"}, timeout=30)
     assert bad.status_code in (400, 415) and bad.headers["Content-Type"] == "application/problem+json"
     options = requests.post(f"{url}/v1/captions?num_beams=99", data=make_photo(),
@@ -81,9 +86,11 @@ def test_bad_input_is_answered_and_the_worker_keeps_serving(server):
     assert process.poll() is None
 
 
-def test_sigterm_stops_the_server(server):
-    url, process, log = server
+def test_sigterm_stops_the_server_and_removes_its_shared_folders(server):
+    url, process, log, temp = server
+    assert sorted(p.name.rsplit("-", 1)[0] for p in temp.iterdir()) == ["captioner-metrics", "captioner-runtime"]
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0, log.read_text()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/healthz", timeout=2)
+    assert list(temp.iterdir()) == []  # made for this run: none is left in /tmp
