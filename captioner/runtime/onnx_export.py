@@ -124,6 +124,15 @@ def export_encoder(model, target: Path) -> None:
     _export(graph, (pixels,), target, ["pixels"], outputs, {"pixels": {0: "batch"}})
 
 
+def export_decoder_init(decoder: nn.Module, regions: torch.Tensor, pooled: torch.Tensor, target: Path) -> None:
+    """The decoder's per-image start as a graph: regions (B, P, E), pooled (B, E) -> its state
+    (`state_names`), concepts computed from the pooled vector where the decoder takes them. The
+    example inputs only fix the graph's dtypes and non-batch sizes."""
+    with torch.enable_grad():  # the plain init (its packed inference weights do not export)
+        _export(_InitGraph(decoder.cpu().float()), (regions, pooled), target, ["regions", "pooled"],
+                state_names(decoder.config), {"regions": {0: "batch"}, "pooled": {0: "batch"}}, optimize=False)
+
+
 def export(model, target: str | os.PathLike, *, calibration: dict | None = None,
            int8: bool = True) -> dict[str, Path]:
     """Write `model` (a PyTorch `Captioner`) as ONNX graphs: OUT.onnx and its companions (module
@@ -148,8 +157,7 @@ def export(model, target: str | os.PathLike, *, calibration: dict | None = None,
     with torch.enable_grad():  # the decoder's plain step (its packed inference weights do not export)
         with torch.no_grad():
             regions, pooled = encoder(model.preprocessing.normalize(pixels))
-        _export(_InitGraph(decoder), (regions, pooled), files["decoder_init"], ["regions", "pooled"], names,
-                {"regions": {0: "batch"}, "pooled": {0: "batch"}}, optimize=False)
+        export_decoder_init(decoder, regions, pooled, files["decoder_init"])
         with torch.no_grad():
             state = decoder.init_state(regions, pooled, packed=False).repeat(3)  # N = B*K = 6 sequences
         tokens = torch.tensor([1, 5, 6, 7, 8, 9], dtype=torch.long)

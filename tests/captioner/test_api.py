@@ -102,7 +102,10 @@ def test_interrupted_save_leaves_the_old_checkpoint_intact(tiny_captioner, tmp_p
 
 
 @pytest.mark.integration  # the CLI in subprocesses
-def test_cli_caption_and_info(tiny_checkpoint, tmp_path):
+def test_cli_caption_and_info(tiny_checkpoint, tmp_path, capsys):
+    """The console command end to end; `info` and a refused option through its `main`."""
+    from captioner import cli
+
     image = tmp_path / "a.jpg"
     image.write_bytes(make_photo(seed=2))
     broken = tmp_path / "b.jpg"
@@ -114,12 +117,11 @@ def test_cli_caption_and_info(tiny_checkpoint, tmp_path):
     assert "b.jpg" in run.stderr and "not an image" in run.stderr
     record = json.loads(run.stdout.strip())
     assert record["path"] == str(image) and len(record["sequences"]) == 2
-    info = subprocess.run([sys.executable, "-m", "captioner.cli", "info", tiny_checkpoint, "--precision", "fp32", "--json"],
-                          capture_output=True, text=True, timeout=600)
-    assert info.returncode == 0 and json.loads(info.stdout)["vocabulary_size"] == 20
-    bad = subprocess.run([sys.executable, "-m", "captioner.cli", "caption", str(image), "--checkpoint",
-                          tiny_checkpoint, "--top-p", "3"], capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and "top_p" in bad.stderr
+    capsys.readouterr()
+    assert cli.main(["info", tiny_checkpoint, "--precision", "fp32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["vocabulary_size"] == 20
+    assert cli.main(["caption", str(image), "--checkpoint", tiny_checkpoint, "--top-p", "3"]) == 2
+    assert "top_p" in capsys.readouterr().err
 
 
 def test_saved_checkpoints_are_readable_by_other_users(tiny_captioner, tmp_path):
