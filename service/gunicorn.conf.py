@@ -14,7 +14,8 @@ import os
 # predecessor was killed instead of 5.5-6 s, and two workers' memory (PSS, master included) was
 # 1.0 GB instead of 1.35 (the imports' pages are shared; AVX2 EPYC, 2 cores). Imports only: no
 # tensor work runs in the master, so it has no thread pool for the fork to break; our own code
-# (service, captioner) and the model still load in each worker, so SIGHUP picks up new versions.
+# (service, captioner) and the model still load in each worker, so SIGHUP picks up new versions
+# of them. New versions of these libraries need a new master: a restart, or USR2.
 import PIL.Image  # noqa: E402,F401
 import timm  # noqa: E402,F401  (imports torch and torchvision)
 
@@ -52,23 +53,34 @@ forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 os.environ["CAPTIONER_WORKERS"] = str(workers)
 # Folders the workers share: Prometheus metrics summed over the workers (each worker writes its
 # values to files there, set before the workers import prometheus_client; /metrics reads them
-# all), and the rate limits' token buckets. A folder not given is made here, and removed at exit
-# (`on_exit`) by the master that made it or the one a USR2 upgrade handed it to.
+# all), and the rate limits' token buckets. A folder not given is made here and listed in
+# CAPTIONER_MADE_FOLDERS; the last master to use it removes it when it shuts down (`on_exit`).
 SHARED_FOLDERS = (("PROMETHEUS_MULTIPROC_DIR", "captioner-metrics-", ".db"),
                   ("CAPTIONER_RUNTIME_DIR", "captioner-runtime-", ".bin"))
+MADE_FOLDERS = "CAPTIONER_MADE_FOLDERS"
+_shared = {os.environ.get(variable) for variable, _, _ in SHARED_FOLDERS}
+# Inherited entries count only while they are this server's folders (a reload, an upgrade).
+_made = [folder for folder in os.environ.get(MADE_FOLDERS, "").split(os.pathsep) if folder and folder in _shared]
 for variable, prefix, _ in SHARED_FOLDERS:
     if not os.environ.get(variable):
         import tempfile
 
         os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
-        os.environ["CAPTIONER_MADE_FOLDERS"] = os.pathsep.join(
-            filter(None, [os.environ.get("CAPTIONER_MADE_FOLDERS"), os.environ[variable]]))
+        _made.append(os.environ[variable])
+os.environ[MADE_FOLDERS] = os.pathsep.join(_made)
 
 
 def _alone(server) -> bool:
     """No other master of this service runs beside this one: none it started with USR2, nor the
-    one that started it (gunicorn's own rule for removing a Unix socket at exit)."""
-    return server.reexec_pid == server.master_pid == 0
+    one that started it (while it lives, it is this one's parent)."""
+    return server.reexec_pid == 0 and (server.master_pid == 0 or server.master_pid != os.getppid())
+
+
+def pre_exec(server):
+    # A USR2 upgrade starts the new master with gunicorn's start environment, which lacks the
+    # folders made above (until a SIGHUP re-reads this file): hand it the same ones.
+    for variable in (*(variable for variable, _, _ in SHARED_FOLDERS), MADE_FOLDERS):
+        server.cfg.env_orig[variable] = os.environ[variable]
 
 
 def on_starting(server):

@@ -41,8 +41,8 @@ def gunicorn(log: Path, **settings: str) -> Iterator[tuple[str, subprocess.Popen
     env = {**os.environ, "CAPTIONER_BIND": f"127.0.0.1:{port}", "CAPTIONER_ACCESS_LOG": "false",
            "CAPTIONER_TORCH_THREADS": "1", "CAPTIONER_PRECISION": "fp32",
            **{f"CAPTIONER_{k}": v for k, v in settings.items()}}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    env.pop("CAPTIONER_RUNTIME_DIR", None)
+    for made_by_the_configuration in ("PROMETHEUS_MULTIPROC_DIR", "CAPTIONER_RUNTIME_DIR", "CAPTIONER_MADE_FOLDERS"):
+        env.pop(made_by_the_configuration, None)
     with open(log, "wb") as output:
         process = subprocess.Popen(
             [*GUNICORN, "-c", str(ROOT / "service" / "gunicorn.conf.py"), "service:create_app()"],

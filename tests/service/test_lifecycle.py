@@ -117,12 +117,18 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_an_upgrade_in_place_serves_on_after_the_old_master_stops(tiny_checkpoint, tmp_path):
+def test_an_upgrade_in_place_serves_on_after_the_old_master_stops(tiny_checkpoint, tmp_path, monkeypatch):
     """gunicorn's USR2: a new master, a child of the old one, starts on the same socket; the old
-    master's workers then drain on TERM and must leave that socket accepting for the new one."""
+    master's workers then drain on TERM and must leave that socket accepting for the new one. The
+    new master takes over the folders the old one made, and removes them when it stops."""
     photo = make_photo(seed=23)
     log = tmp_path / "server.log"
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
     with gunicorn(log, CHECKPOINT=tiny_checkpoint, WORKERS="1", THREADS="4", DRAIN_S="0.5") as (url, old):
+        folders = sorted(temp.iterdir())
+        assert len(folders) == 2  # metrics and rate limits
         old_workers = workers(old.pid)
 
         def new_master_ready() -> int | None:
@@ -142,6 +148,7 @@ def test_an_upgrade_in_place_serves_on_after_the_old_master_stops(tiny_checkpoin
             answers = [post(url, photo)[0] for _ in range(10)]
             assert answers == ["200"] * 10, (answers, log.read_text()[-3000:])
             assert "new connections are refused" not in log.read_text()  # the old workers left it alone
+            assert sorted(temp.iterdir()) == folders  # the same ones, kept for the new master
         finally:  # the new master is not this test's child: stop it, or it keeps the port
             for pid in [new_master] if new_master else workers(old.pid) - old_workers:
                 os.kill(pid, signal.SIGTERM)
@@ -149,3 +156,4 @@ def test_an_upgrade_in_place_serves_on_after_the_old_master_stops(tiny_checkpoin
     # Its sockets came from the old master (GUNICORN_FD), which might have kept them: unfiltered.
     assert "new connections are refused" not in log.read_text()
     assert post(url, photo)[0] == "refused"
+    assert list(temp.iterdir()) == []
