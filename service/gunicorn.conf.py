@@ -10,9 +10,10 @@ CAPTIONER_TORCH_THREADS says otherwise.
 import os
 
 # The heavy libraries are imported once, here in the master, so every worker (at start, after a
-# crash, in a rolling restart) forks with them: a replacement worker served 1.1 s after its
-# predecessor was killed instead of 5.5-6 s, and two workers' memory (PSS, master included) was
-# 1.0 GB instead of 1.35 (the imports' pages are shared; AVX2 EPYC, 2 cores). Imports only: no
+# crash, in a rolling restart) forks with them: a replacement worker served 0.8-1.2 s after its
+# predecessor was killed instead of 5.9-6.1 s, and two workers' memory (PSS, master included) was
+# 0.9 GB instead of 1.3 (the imports' pages are shared; benchmarks/bench_service_start.py, AVX2
+# EPYC, 2 cores). Imports only: no
 # tensor work runs in the master, so it has no thread pool for the fork to break; our own code
 # (service, captioner) and the model still load in each worker, so SIGHUP picks up new versions
 # of them. New versions of these libraries need a new master: a restart, or USR2.
