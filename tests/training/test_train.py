@@ -78,21 +78,26 @@ def test_killed_run_resumes_to_the_same_weights(flickr_dir, tmp_path):
     text.write_text("image,caption\nx.jpg,A giraffe eats leaves\ny.jpg,A cat on the sofa\n")
     overrides = tiny_train_overrides(flickr_dir, tmp_path / "x", **{"optim.batch_images": 2, "data.cache_views": 2,
                                                                   "data.text": f"[{text}]", "optim.text_batch": 3})
-    straight = tmp_path / "straight"
-    subprocess.run(_train_command(*overrides, f"--run.out_dir={straight}"), check=True, env=_env(),
-                   capture_output=True, timeout=300, cwd=ROOT)
-
-    killed = tmp_path / "killed"
-    process = subprocess.Popen(_train_command(*overrides, f"--run.out_dir={killed}"), env=_env(), cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    # The uninterrupted run goes on beside the others (the same arithmetic, only sooner).
+    reference = subprocess.Popen(_train_command(*overrides, f"--run.out_dir={straight}"), env=_env(), cwd=ROOT,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        progress = _wait_for_mid_epoch_checkpoint(killed / "last.pt", min_step=5, timeout=240)
+        process = subprocess.Popen(_train_command(*overrides, f"--run.out_dir={killed}"), env=_env(), cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            progress = _wait_for_mid_epoch_checkpoint(killed / "last.pt", min_step=5, timeout=240)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        assert progress["batches_done"] > 0  # killed in the middle of an epoch
+        subprocess.run(_train_command(*overrides, f"--run.out_dir={killed}", "--resume"), check=True, env=_env(),
+                       capture_output=True, timeout=300, cwd=ROOT)
+        _, errors = reference.communicate(timeout=300)
+        assert reference.returncode == 0, errors.decode()[-3000:]
     finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    assert progress["batches_done"] > 0  # killed in the middle of an epoch
-    subprocess.run(_train_command(*overrides, f"--run.out_dir={killed}", "--resume"), check=True, env=_env(),
-                   capture_output=True, timeout=300, cwd=ROOT)
+        reference.kill()
+        reference.wait()
 
     a = torch.load(straight / "last.pt", weights_only=True)
     b = torch.load(killed / "last.pt", weights_only=True)
@@ -121,11 +126,18 @@ def _wait_for_mid_epoch_checkpoint(path: Path, min_step: int, timeout: float) ->
 def test_two_process_data_parallel_training_tracks_one_process(flickr_dir, tmp_path):
     overrides = tiny_train_overrides(flickr_dir, tmp_path / "x", **{"optim.epochs": 3, "model.decoder.dropout": 0.0})
     single, double = tmp_path / "single", tmp_path / "double"
-    subprocess.run(_train_command(*overrides, f"--run.out_dir={single}"), check=True, env=_env(),
-                   capture_output=True, timeout=300, cwd=ROOT)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "training.train", *overrides, f"--run.out_dir={double}", "--run.device=cpu"],
-                         env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    # Both at once: their start-up (imports) is most of their time on a small machine.
+    reference = subprocess.Popen(_train_command(*overrides, f"--run.out_dir={single}"), env=_env(), cwd=ROOT,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "training.train", *overrides, f"--run.out_dir={double}", "--run.device=cpu"],
+                             env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+        _, errors = reference.communicate(timeout=300)
+    finally:
+        reference.kill()
+        reference.wait()
+    assert reference.returncode == 0, errors.decode()[-3000:]
     assert run.returncode == 0, run.stderr[-3000:]
     one = [json.loads(line)["train_ce"] for line in (single / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(line)["train_ce"] for line in (double / "metrics.jsonl").read_text().splitlines()]
