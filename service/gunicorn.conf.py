@@ -13,12 +13,12 @@ import os
 # crash, in a rolling restart) forks with them: a replacement worker served 0.8-1.2 s after its
 # predecessor was killed instead of 5.9-6.1 s, and two workers' memory (PSS, master included) was
 # 0.9 GB instead of 1.3 (the imports' pages are shared; benchmarks/bench_service_start.py, AVX2
-# EPYC, 2 cores). Imports only: no
-# tensor work runs in the master, so it has no thread pool for the fork to break; our own code
-# (service, captioner) and the model still load in each worker, so SIGHUP picks up new versions
-# of them. New versions of these libraries need a new master: a restart, or USR2.
-import PIL.Image  # noqa: E402,F401
-import timm  # noqa: E402,F401  (imports torch and torchvision)
+# EPYC, 2 cores). Imports only: no tensor work runs in the master, so it has no thread pool for
+# the fork to break; our own code (service, captioner) and the model still load in each worker,
+# so SIGHUP picks up new versions of them. New versions of these libraries need a new master: a
+# restart, or USR2.
+import PIL.Image  # noqa: F401
+import timm  # noqa: F401  (imports torch and torchvision)
 
 bind = os.environ.get("CAPTIONER_BIND", "{}:{}".format(os.environ.get("CAPTIONER_HOST", "127.0.0.1"),
                                                        os.environ.get("CAPTIONER_PORT", "8000")))
@@ -98,7 +98,7 @@ def on_exit(server):
     if _alone(server):
         import shutil
 
-        for folder in filter(None, os.environ.get("CAPTIONER_MADE_FOLDERS", "").split(os.pathsep)):
+        for folder in filter(None, os.environ.get(MADE_FOLDERS, "").split(os.pathsep)):
             shutil.rmtree(folder, ignore_errors=True)
 
 

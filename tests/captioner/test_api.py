@@ -101,7 +101,7 @@ def test_interrupted_save_leaves_the_old_checkpoint_intact(tiny_captioner, tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary left behind
 
 
-@pytest.mark.integration  # the CLI in subprocesses
+@pytest.mark.integration  # the CLI in a subprocess
 def test_cli_caption_and_info(tiny_checkpoint, tmp_path, capsys):
     """The console command end to end; `info` and a refused option through its `main`."""
     from captioner import cli

@@ -84,7 +84,7 @@ def test_explicit_precisions_run_or_say_what_is_missing(measured):
     assert "emulates" in _choose("bf16").reason
 
 
-@pytest.mark.integration  # the CLI in subprocesses
+@pytest.mark.integration  # `auto` may build an int8 encoder (an ONNX export) where the CPU runs int8
 def test_describe_and_info_say_which_path_runs_and_why(tiny_checkpoint, capsys):
     from captioner import cli
 
