@@ -53,22 +53,12 @@ forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 # Read by create_app in each worker: torch threads share the cores among workers.
 os.environ["CAPTIONER_WORKERS"] = str(workers)
 # Folders the workers share: Prometheus metrics summed over the workers (each worker writes its
-# values to files there, set before the workers import prometheus_client; /metrics reads them
-# all), and the rate limits' token buckets. A folder not given is made here and listed in
-# CAPTIONER_MADE_FOLDERS; the last master to use it removes it when it shuts down (`on_exit`).
+# values to files there; /metrics reads them all), and the rate limits' token buckets. A folder
+# not given is made in `when_ready` and listed in CAPTIONER_MADE_FOLDERS; the last master to use
+# it removes it when it shuts down (`on_exit`).
 SHARED_FOLDERS = (("PROMETHEUS_MULTIPROC_DIR", "captioner-metrics-", ".db"),
                   ("CAPTIONER_RUNTIME_DIR", "captioner-runtime-", ".bin"))
 MADE_FOLDERS = "CAPTIONER_MADE_FOLDERS"
-_shared = {os.environ.get(variable) for variable, _, _ in SHARED_FOLDERS}
-# Inherited entries count only while they are this server's folders (a reload, an upgrade).
-_made = [folder for folder in os.environ.get(MADE_FOLDERS, "").split(os.pathsep) if folder and folder in _shared]
-for variable, prefix, _ in SHARED_FOLDERS:
-    if not os.environ.get(variable):
-        import tempfile
-
-        os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
-        _made.append(os.environ[variable])
-os.environ[MADE_FOLDERS] = os.pathsep.join(_made)
 
 
 def _alone(server) -> bool:
@@ -77,21 +67,33 @@ def _alone(server) -> bool:
     return server.reexec_pid == 0 and (server.master_pid == 0 or server.master_pid != os.getppid())
 
 
-def pre_exec(server):
-    # A USR2 upgrade starts the new master with gunicorn's start environment, which lacks the
-    # folders made above (until a SIGHUP re-reads this file): hand it the same ones.
-    for variable in (*(variable for variable, _, _ in SHARED_FOLDERS), MADE_FOLDERS):
-        server.cfg.env_orig[variable] = os.environ[variable]
+def when_ready(server):
+    # Once the sockets are bound (a start that fails, a busy port, makes nothing), before the
+    # workers fork and import prometheus_client, which reads its folder at import.
+    given = {os.environ.get(variable) for variable, _, _ in SHARED_FOLDERS}
+    # Inherited entries count only while they are this server's folders (an upgrade's master).
+    made = [folder for folder in os.environ.get(MADE_FOLDERS, "").split(os.pathsep) if folder and folder in given]
+    for variable, prefix, suffix in SHARED_FOLDERS:
+        folder = os.environ.get(variable)
+        if not folder:
+            import tempfile
 
-
-def on_starting(server):
-    for variable, _, suffix in SHARED_FOLDERS:
-        folder = os.environ[variable]
+            os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+            made.append(os.environ[variable])
+            continue
         os.makedirs(folder, exist_ok=True)
         if _alone(server):  # after USR2 the old master's workers still write theirs
             for name in os.listdir(folder):  # values of an earlier run
                 if name.endswith(suffix):
                     os.remove(os.path.join(folder, name))
+    os.environ[MADE_FOLDERS] = os.pathsep.join(made)
+
+
+def pre_exec(server):
+    # A USR2 upgrade starts the new master with gunicorn's start environment, which lacks the
+    # folders made above (until a SIGHUP re-reads this file): hand it the same ones.
+    for variable in (*(variable for variable, _, _ in SHARED_FOLDERS), MADE_FOLDERS):
+        server.cfg.env_orig[variable] = os.environ[variable]
 
 
 def on_exit(server):
