@@ -71,8 +71,10 @@ def when_ready(server):
     # Once the sockets are bound (a start that fails, a busy port, makes nothing), before the
     # workers fork and import prometheus_client, which reads its folder at import.
     given = {os.environ.get(variable) for variable, _, _ in SHARED_FOLDERS}
-    # Inherited entries count only while they are this server's folders (an upgrade's master).
-    made = [folder for folder in os.environ.get(MADE_FOLDERS, "").split(os.pathsep) if folder and folder in given]
+    # Only a USR2 upgrade's master, started by the one that made them, inherits folders to remove
+    # (an environment copied from a running server lists that server's).
+    inherited = os.environ.get(MADE_FOLDERS, "").split(os.pathsep) if server.master_pid else []
+    made = [folder for folder in inherited if folder and folder in given]
     for variable, prefix, suffix in SHARED_FOLDERS:
         folder = os.environ.get(variable)
         if not folder:
