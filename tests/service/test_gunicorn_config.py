@@ -18,8 +18,9 @@ VARIABLES = ("PROMETHEUS_MULTIPROC_DIR", "CAPTIONER_RUNTIME_DIR", "CAPTIONER_MAD
 @pytest.fixture
 def temp(tmp_path, monkeypatch) -> Path:
     """TMPDIR for the configuration; its variables unset, and restored afterwards."""
-    for name in VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+    for name in VARIABLES:  # the hooks set them: monkeypatch restores what it has recorded
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr("tempfile.tempdir", None)  # tempfile caches the folder it chose
     return tmp_path
