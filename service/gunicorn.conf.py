@@ -67,14 +67,17 @@ def _alone(server) -> bool:
     return server.reexec_pid == 0 and (server.master_pid == 0 or server.master_pid != os.getppid())
 
 
+def _made_folders() -> list[str]:
+    return [folder for folder in os.environ.get(MADE_FOLDERS, "").split(os.pathsep) if folder]
+
+
 def when_ready(server):
     # Once the sockets are bound (a start that fails, a busy port, makes nothing), before the
     # workers fork and import prometheus_client, which reads its folder at import.
     given = {os.environ.get(variable) for variable, _, _ in SHARED_FOLDERS}
     # Only a USR2 upgrade's master, started by the one that made them, inherits folders to remove
     # (an environment copied from a running server lists that server's).
-    inherited = os.environ.get(MADE_FOLDERS, "").split(os.pathsep) if server.master_pid else []
-    made = [folder for folder in inherited if folder and folder in given]
+    made = [folder for folder in _made_folders() if folder in given] if server.master_pid else []
     for variable, prefix, suffix in SHARED_FOLDERS:
         folder = os.environ.get(variable)
         if not folder:
@@ -102,7 +105,7 @@ def on_exit(server):
     if _alone(server):
         import shutil
 
-        for folder in filter(None, os.environ.get(MADE_FOLDERS, "").split(os.pathsep)):
+        for folder in _made_folders():
             shutil.rmtree(folder, ignore_errors=True)
 
 
