@@ -139,7 +139,20 @@ def fake_worker(bind: list[str]) -> SimpleNamespace:
                            cfg=SimpleNamespace(bind=bind))
 
 
+def as_a_worker(scenario: str) -> None:
+    """Run `scenario`, a function of this module, in a child of this process, which plays its
+    master: whoever started pytest (PID 1 in a container, or nothing after nohup) may hide its
+    descriptors or have none to read."""
+    done = subprocess.run([sys.executable, "-c", f"from tests.service.test_listener import {scenario}; {scenario}()"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
 def test_a_socket_gunicorn_was_handed_stays_unfiltered():
+    as_a_worker("handed_socket_stays_unfiltered")
+
+
+def handed_socket_stays_unfiltered():
     listener, address = listening()
     with listener:
         assert not DrainingWorker._refuse_new_connections_if_last(fake_worker(["fd://3"]), listener)
@@ -148,23 +161,35 @@ def test_a_socket_gunicorn_was_handed_stays_unfiltered():
         assert DrainingWorker._refuse_new_connections_if_last(fake_worker(["127.0.0.1:0"]), listener)
 
 
-def test_a_drain_that_cannot_filter_its_socket_drains_as_before(monkeypatch, caplog):
+def test_a_drain_that_cannot_filter_its_socket_drains_as_before():
+    as_a_worker("unfiltered_drain")
+
+
+def unfiltered_drain():
     def unsupported(listener):
         raise OSError(92, "Protocol not available")
 
-    monkeypatch.setattr(service.worker, "refuse_new_connections", unsupported)
+    service.worker.refuse_new_connections = unsupported  # a child of its own: nothing to restore
     worker = fake_worker(["127.0.0.1:0"])
+    said = []
+    worker.log.addHandler(logging.Handler())
+    worker.log.handlers[-1].emit = lambda record: said.append(record.getMessage())
+    worker.log.setLevel(logging.INFO)
     listener, address = listening()
-    with listener, caplog.at_level(logging.INFO, logger="test.worker"):
+    with listener:
         DrainingWorker._refuse_new_connections_if_last(worker, listener)
         with socket.create_connection(address, timeout=5):  # still queued, to be accepted
             listener.accept()[0].close()
-    assert "left its socket unfiltered: [Errno 92] Protocol not available" in caplog.text
+    assert any("left its socket unfiltered: [Errno 92] Protocol not available" in line for line in said), said
 
 
-def test_a_master_whose_descriptors_cannot_be_read_may_hold_the_socket(monkeypatch):
+def test_a_master_whose_descriptors_cannot_be_read_may_hold_the_socket():
     """A master that is not dumpable (file capabilities, an LSM) hides its descriptors: it may
     still hold the socket, which must then stay unfiltered."""
+    as_a_worker("hidden_master")
+
+
+def hidden_master():
     listener, _ = listening()
     with listener:
         assert service.worker.closes_with_workers_of(os.getppid(), listener)  # held by this process alone
@@ -175,5 +200,5 @@ def test_a_master_whose_descriptors_cannot_be_read_may_hold_the_socket(monkeypat
                 raise PermissionError(13, "Permission denied", path)
             return listdir(path)
 
-        monkeypatch.setattr(service.worker.os, "listdir", hiding)
+        service.worker.os.listdir = hiding
         assert not service.worker.closes_with_workers_of(os.getppid(), listener)
