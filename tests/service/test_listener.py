@@ -17,6 +17,7 @@ import pytest
 
 import service.worker
 from service.worker import DrainingWorker, refuse_new_connections
+from tests.service.gunicorn_server import needs_socket_filters
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,6 +31,7 @@ def listening(host: str = "127.0.0.1") -> tuple[socket.socket, tuple]:
     return listener, listener.getsockname()[:2]
 
 
+@needs_socket_filters
 def test_a_refusing_socket_keeps_what_it_queued_and_then_refuses_rather_than_resets():
     listener, address = listening()
     with listener, socket.create_connection(address, timeout=5) as queued:
@@ -46,6 +48,7 @@ def test_a_refusing_socket_keeps_what_it_queued_and_then_refuses_rather_than_res
         socket.create_connection(address, timeout=5)
 
 
+@needs_socket_filters
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_a_handshake_under_way_when_the_filter_comes_completes_and_is_served(host):
     """With TCP_DEFER_ACCEPT the server completes a handshake only when the client's first data
@@ -65,6 +68,7 @@ def test_a_handshake_under_way_when_the_filter_comes_completes_and_is_served(hos
             assert client.recv(3) == b"200"
 
 
+@needs_socket_filters
 def test_a_connection_accepted_after_the_filter_still_hears_its_client_reset_it():
     """A client that closed answers the server's next segment with a RST without ACK; the
     connection inherits the listener's filter, which must let that through (else the server
@@ -148,6 +152,7 @@ def as_a_worker(scenario: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
+@needs_socket_filters
 def test_a_socket_gunicorn_was_handed_stays_unfiltered():
     as_a_worker("handed_socket_stays_unfiltered")
 
