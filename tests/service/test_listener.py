@@ -5,6 +5,7 @@ a socket another process still holds (the master, a new master) is left as it is
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import socket
 import subprocess
@@ -176,16 +177,16 @@ def unfiltered_drain():
 
     service.worker.refuse_new_connections = unsupported  # a child of its own: nothing to restore
     worker = fake_worker(["127.0.0.1:0"])
-    said = []
-    worker.log.addHandler(logging.Handler())
-    worker.log.handlers[-1].emit = lambda record: said.append(record.getMessage())
+    said = logging.handlers.BufferingHandler(capacity=100)
+    worker.log.addHandler(said)
     worker.log.setLevel(logging.INFO)
     listener, address = listening()
     with listener:
         DrainingWorker._refuse_new_connections_if_last(worker, listener)
         with socket.create_connection(address, timeout=5):  # still queued, to be accepted
             listener.accept()[0].close()
-    assert any("left its socket unfiltered: [Errno 92] Protocol not available" in line for line in said), said
+    lines = [record.getMessage() for record in said.buffer]
+    assert any("left its socket unfiltered: [Errno 92] Protocol not available" in line for line in lines), lines
 
 
 def test_a_master_whose_descriptors_cannot_be_read_may_hold_the_socket():
