@@ -1,6 +1,7 @@
 """Start a real gunicorn (service/gunicorn.conf.py) on a free loopback port, and drive load at it
 with plain HTTP/1.1 connections whose failures are told apart: refused (the socket was closed,
-safe to retry) against reset or dropped (the client cannot know whether it was processed)."""
+safe to retry) against reset or dropped (the client cannot know whether it was processed). Also
+`needs_socket_filters`, for the tests of the drain's last step, which some sandboxes refuse."""
 
 from __future__ import annotations
 
